@@ -1,0 +1,220 @@
+"""The keystore rule: which of an identity's certificates to present.
+
+Among the candidates of one identity, a candidate is usable when the certificate parses,
+the key matches it, `notBefore <= now < notAfter`, its key usage and extended key usage
+allow TLS client authentication, and (when the identity names an issuer) it chains to that
+issuer. Among the usable ones the latest `notBefore` wins; ties go to the later `notAfter`,
+then the higher serial. Everything here but `read_identity_folder` is pure and takes `now`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from sidecar.credentials import Candidate, Secrets, candidates_from_files
+from sidecar.units import human_duration
+
+log = logging.getLogger("sidecar.keystore")
+
+_MAX_FILE_BYTES = 1 << 20  # credential files are a few KiB; refuse to slurp anything huge
+_MAX_CHAIN_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Rejected:
+    candidate: Candidate
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of the keystore rule for one identity at one moment."""
+
+    identity: str
+    selected: Candidate | None
+    rejected: tuple[Rejected, ...]
+    evaluated_at: datetime
+
+    @property
+    def usable(self) -> bool:
+        return self.selected is not None
+
+    def next_boundary(self) -> datetime | None:
+        """The next moment the clock alone may change this selection (a notBefore or notAfter)."""
+        moments = [
+            moment
+            for candidate in (self.selected, *(r.candidate for r in self.rejected))
+            if candidate is not None and candidate.cert is not None
+            for moment in (candidate.cert.not_valid_before_utc, candidate.cert.not_valid_after_utc)
+            if moment > self.evaluated_at
+        ]
+        return min(moments, default=None)
+
+    def why_unusable(self) -> str:
+        """One line for logs and refusals when nothing can be presented."""
+        if self.selected is not None:
+            return ""
+        if not self.rejected:
+            return f"identity {self.identity!r} has no certificates in its keystore folder"
+        reasons = "; ".join(f"{Path(r.candidate.file).name}: {r.reason}" for r in self.rejected)
+        return f"identity {self.identity!r} has no usable certificate ({reasons})"
+
+
+def evaluate(
+    candidate: Candidate, now: datetime, anchors: Sequence[x509.Certificate] = ()
+) -> str | None:
+    """Return why `candidate` is not usable at `now`, or None when it is."""
+    if candidate.problem is not None:
+        return candidate.problem
+    cert, key = candidate.cert, candidate.key
+    if cert is None or key is None:
+        return "incomplete credential"
+    if not _key_matches(cert, key):
+        return "key does not match certificate"
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < not_before:
+        return f"not valid until {_when(not_before)} (in {human_duration(not_before - now)})"
+    if now >= not_after:
+        return f"expired {human_duration(now - not_after)} ago ({_when(not_after)})"
+    usage_problem = _client_auth_problem(cert)
+    if usage_problem:
+        return usage_problem
+    if anchors and not chains_to(cert, candidate.chain, anchors):
+        names = ", ".join(a.subject.rfc4514_string() for a in anchors)
+        return f"does not chain to the identity's issuer ({names})"
+    return None
+
+
+def select(
+    identity: str,
+    candidates: Sequence[Candidate],
+    now: datetime,
+    anchors: Sequence[x509.Certificate] = (),
+) -> Selection:
+    """Apply the keystore rule: the usable candidate with the latest notBefore wins."""
+    usable: list[Candidate] = []
+    rejected: list[Rejected] = []
+    for candidate in candidates:
+        reason = evaluate(candidate, now, anchors)
+        if reason is None:
+            usable.append(candidate)
+        else:
+            rejected.append(Rejected(candidate, reason))
+    winner = max(usable, key=_newest_first_key, default=None)
+    return Selection(identity, winner, tuple(rejected), now)
+
+
+def _newest_first_key(candidate: Candidate) -> tuple[datetime, datetime, int]:
+    assert candidate.cert is not None
+    cert = candidate.cert
+    return (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+
+
+def _key_matches(cert: x509.Certificate, key: object) -> bool:
+    public_key = getattr(key, "public_key", None)
+    if public_key is None:
+        return False
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        return bool(public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki))
+    except Exception:  # an exotic certificate key type we cannot even serialise
+        return False
+
+
+def _client_auth_problem(cert: x509.Certificate) -> str | None:
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and not (
+        ExtendedKeyUsageOID.CLIENT_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+    ):
+        return "no clientAuth in extendedKeyUsage"
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not ku.digital_signature:
+        return "keyUsage does not allow digitalSignature (needed to sign the TLS handshake)"
+    return None
+
+
+def chains_to(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+) -> bool:
+    """True when signatures lead from `leaf` through `intermediates` to one of `anchors`."""
+    current = leaf
+    pool = list(intermediates)
+    for _ in range(_MAX_CHAIN_DEPTH):
+        for anchor in anchors:
+            if _issued_by(current, anchor):
+                return True
+        parent = next((c for c in pool if _issued_by(current, c)), None)
+        if parent is None:
+            return False
+        pool.remove(parent)
+        current = parent
+    return False
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:
+        return False
+    return True
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# I/O: the only part of this module that touches the disk.
+
+
+def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
+    """Read every credential-looking file of one identity folder into candidates.
+
+    A missing folder is an identity with no certificates, not an error.
+    """
+    files: dict[str, bytes] = {}
+    unreadable: list[Candidate] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=True):
+            continue
+        try:
+            if entry.stat().st_size > _MAX_FILE_BYTES:
+                unreadable.append(Candidate(file=entry.path, problem="file is too large to be a credential"))
+                continue
+            with open(entry.path, "rb") as fh:
+                files[entry.name] = fh.read()
+        except OSError as exc:
+            unreadable.append(Candidate(file=entry.path, problem=f"cannot read file: {exc.strerror}"))
+    parsed = candidates_from_files(files, secrets)
+    located = [
+        replace(c, file=str(folder / c.file), key_file=str(folder / c.key_file) if c.key_file else None)
+        for c in parsed
+    ]
+    return located + unreadable
+
+
+def load_anchor_file(path: Path) -> list[x509.Certificate]:
+    """Certificates from a PEM bundle (an identity's issuer_ca_file)."""
+    return x509.load_pem_x509_certificates(path.read_bytes())
