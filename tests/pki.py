@@ -41,7 +41,9 @@ class Leaf:
 
     @property
     def serial_hex(self) -> str:
-        return f"{self.cert.serial_number:X}"
+        """The serial as OpenSSL (and nginx's $ssl_client_serial) prints it: DER bytes in hex."""
+        n = self.cert.serial_number
+        return n.to_bytes((n.bit_length() + 7) // 8, "big").hex().upper()
 
     def chain_pem(self) -> bytes:
         return b"".join(pem(c) for c in [self.cert, *self.chain])

@@ -1,0 +1,171 @@
+"""`mtls-sidecar` command line. `main(argv)` is the only place errors become exit codes.
+
+Exit codes: 0 success; 1 a runtime failure (could not start, remote refused); 2 bad usage or
+bad configuration (the message names the file, line and field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sidecar import __version__
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.paths import Places, resolve_places
+
+log = logging.getLogger("sidecar.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+EPILOG = """exit codes: 0 success; 1 runtime failure; 2 bad usage or configuration.
+environment: MTLS_SIDECAR_HOME (everything under one folder), MTLS_SIDECAR_CONFIG (config file)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtls-sidecar",
+        description="Plaintext localhost ports tunnelled to mutual-TLS services.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mtls-sidecar {__version__}")
+    parser.add_argument("--home", help="keep config, keystore, CA, logs and socket under this folder")
+    parser.add_argument("--config", help="config file (default: in the config folder)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("run", help="run the daemon in the foreground", epilog=EPILOG)
+
+    tunnel = commands.add_parser(
+        "tunnel", help="one tunnel in the foreground, no config file (ghostunnel-style flags)"
+    )
+    tunnel.add_argument("--listen", required=True, help="local address, 127.0.0.1:PORT or unix:/path")
+    tunnel.add_argument("--target", required=True, help="remote HOST:PORT speaking TLS")
+    tunnel.add_argument("--cert", help="client certificate (PEM, chain allowed)")
+    tunnel.add_argument("--key", help="private key of --cert (PEM)")
+    tunnel.add_argument(
+        "--keystore",
+        help="a keystore folder (newest usable certificate wins), or one PEM bundle / PKCS#12 file",
+    )
+    tunnel.add_argument("--storepass-env", metavar="VAR",
+                        help="environment variable holding the PKCS#12 or key password")
+    tunnel.add_argument("--cacert", help="CA bundle to verify the server (default: system trust)")
+    tunnel.add_argument("--server-name", "--override-server-name", dest="server_name",
+                        help="name sent as SNI and checked in the server certificate")
+    tunnel.add_argument("--alpn", action="append", default=[], help="ALPN protocol (repeatable)")
+    tunnel.add_argument("--connect-timeout", default="10s", help="e.g. 10s")
+    tunnel.add_argument("--unsafe-listen", action="store_true",
+                        help="allow a non-loopback listen address (other machines can use your identity)")
+
+    ca = commands.add_parser("ca", help="the embedded development CA")
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
+    ca_commands.add_parser("export", help="print the dev CA certificate (PEM) for test servers to trust")
+
+    identity = commands.add_parser("identity", help="identities in the keystore")
+    identity_commands = identity.add_subparsers(dest="identity_command", metavar="IDENTITY_COMMAND",
+                                                required=True)
+    new = identity_commands.add_parser("new", help="issue a certificate from the dev CA into the keystore")
+    new.add_argument("name")
+    new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
+    new.add_argument("--subject", help='RFC 4514 subject (default: the identity\'s, else "CN=NAME")')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    places = resolve_places(home=args.home, config=args.config)
+    try:
+        if args.command == "run":
+            return _cmd_run(places, args)
+        if args.command == "tunnel":
+            from sidecar.single import run_tunnel
+
+            return run_tunnel(args)
+        if args.command == "ca":
+            return _cmd_ca_export(places)
+        if args.command == "identity":
+            return _cmd_identity_new(places, args)
+    except ConfigError as exc:
+        print(f"mtls-sidecar: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SidecarError as exc:
+        print(f"mtls-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE  # not reached: parser.error exits
+
+
+def _cmd_run(places: Places, args: argparse.Namespace) -> int:
+    from sidecar import logsetup
+    from sidecar.daemon import Daemon, log_file_path
+    from sidecar.firstrun import load_or_create_config
+
+    logsetup.configure(args.log_level or "info", log_file_path(places))
+    config, created = load_or_create_config(places)
+    if args.log_level is None:
+        logging.getLogger("sidecar").setLevel(config.log_level.upper())
+    log.info("mtls-sidecar %s: config %s, keystore %s", __version__, places.config_file,
+             config.keystore_dir or places.keystore)
+
+    async def serve() -> None:
+        daemon = Daemon(config, places)
+        await daemon.start()
+        demo = daemon.listeners.get("demo")
+        if demo is not None and demo.is_running and demo.bound is not None:
+            log.info("try it: curl http://%s/", demo.bound)
+        await daemon.run_until_stopped()
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+def _cmd_ca_export(places: Places) -> int:
+    from sidecar.devca import load_or_create_ca
+
+    ca = load_or_create_ca(places.ca, datetime.now(UTC))
+    sys.stdout.write(ca.cert_pem.decode())
+    return EXIT_OK
+
+
+def _cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
+    from sidecar.config import DEFAULT_LIFETIME, load_config
+    from sidecar.devca import load_or_create_ca, write_credential
+    from sidecar.units import parse_duration
+
+    spec = None
+    if places.config_file.exists():
+        spec = load_config(places.config_file).identities.get(args.name)
+    try:
+        lifetime = parse_duration(args.lifetime) if args.lifetime else (
+            spec.lifetime if spec else DEFAULT_LIFETIME
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="command line", field="--lifetime", value=args.lifetime) from exc
+    subject = args.subject or (spec.subject if spec else f"CN={args.name}")
+    now = datetime.now(UTC)
+    ca = load_or_create_ca(places.ca, now)
+    issued = ca.issue_client(subject, timedelta(seconds=lifetime), now)
+    keystore = places.keystore
+    if places.config_file.exists():
+        keystore = load_config(places.config_file).keystore_dir or keystore
+    path = write_credential(keystore / args.name, issued, now)
+    print(f"issued {subject} serial {issued.cert.serial_number:x}, expires "
+          f"{issued.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"wrote {path} (key beside it, mode 0600)")
+    if spec is None:
+        print(f"note: identity {args.name!r} is not in {places.config_file}; add an "
+              f"[identities.{args.name}] section to use it in routes")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

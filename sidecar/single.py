@@ -1,0 +1,130 @@
+"""`mtls-sidecar tunnel`: one route from flags, no config file, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sidecar import logsetup
+from sidecar.config import DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
+from sidecar.credentials import Secrets, candidates_from_files
+from sidecar.errors import ConfigError
+from sidecar.keystore import Selection, read_identity_folder, select
+from sidecar.tlsctx import ContextCache
+from sidecar.tunnel import RouteListener
+from sidecar.units import parse_duration
+from sidecar.watch import FolderWatch
+
+log = logging.getLogger("sidecar.tunnel")
+
+SOURCE = "command line"
+SHUTDOWN_GRACE = 5.0
+
+
+class FlagCredentials:
+    """The identity behind `--cert/--key` or `--keystore`, re-read when its folder changes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        password = os.environ.get(args.storepass_env).encode() if args.storepass_env and \
+            os.environ.get(args.storepass_env) is not None else None
+        source = f"environment variable {args.storepass_env}" if args.storepass_env else "--storepass-env"
+        self.secrets = Secrets(password, password, source, source)
+        self.folder: Path | None = None
+        self.files: dict[str, bytes] = {}
+        if args.keystore and (args.cert or args.key):
+            raise ConfigError("use either --keystore or --cert/--key, not both", source=SOURCE,
+                              field="--keystore", value=args.keystore)
+        if args.keystore:
+            path = Path(args.keystore).expanduser()
+            if path.is_dir():
+                self.folder = path
+            else:
+                self.files = {path.name: _read(path, "--keystore")}
+        elif args.cert and args.key:
+            # One bundle: candidates_from_files pairs a certificate with a key in the same file.
+            cert, key = Path(args.cert).expanduser(), Path(args.key).expanduser()
+            self.files = {cert.stem + ".pem": _read(cert, "--cert") + b"\n" + _read(key, "--key")}
+        else:
+            raise ConfigError("a client certificate is required", source=SOURCE, field="--cert",
+                              hint="give --cert FILE --key FILE, or --keystore PATH")
+        self.current = self.refresh()
+
+    def refresh(self) -> Selection:
+        now = datetime.now(UTC)
+        if self.folder is not None:
+            candidates = read_identity_folder(self.folder, self.secrets)
+        else:
+            candidates = candidates_from_files(self.files, self.secrets)
+        self.current = select("tunnel", candidates, now)
+        if self.current.selected is None:
+            log.warning("%s", self.current.why_unusable())
+        return self.current
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag,
+                          value=str(path)) from exc
+
+
+def route_from_flags(args: argparse.Namespace) -> RouteSpec:
+    listen = parse_listen(args.listen, field="--listen", source=SOURCE)
+    if not listen.is_loopback and not args.unsafe_listen:
+        raise ConfigError(
+            "not a loopback address", source=SOURCE, field="--listen", value=args.listen,
+            hint="use 127.0.0.1:PORT, [::1]:PORT or unix:/path, or pass --unsafe-listen",
+        )
+    host, port = parse_target(args.target, field="--target", source=SOURCE)
+    try:
+        timeout = parse_duration(args.connect_timeout) if args.connect_timeout else DEFAULT_CONNECT_TIMEOUT
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=SOURCE, field="--connect-timeout",
+                          value=args.connect_timeout) from exc
+    return RouteSpec(
+        name="tunnel",
+        listen=listen,
+        target_host=host,
+        target_port=port,
+        server_name=args.server_name or host,
+        ca_file=Path(args.cacert).expanduser().absolute() if args.cacert else None,
+        alpn=tuple(args.alpn),
+        connect_timeout=timeout,
+        unsafe_listen=bool(args.unsafe_listen),
+    )
+
+
+def run_tunnel(args: argparse.Namespace) -> int:
+    logsetup.configure(args.log_level or "info")
+    route = route_from_flags(args)
+    credentials = FlagCredentials(args)
+    asyncio.run(_serve(route, credentials))
+    return 0
+
+
+async def _serve(route: RouteSpec, credentials: FlagCredentials) -> None:
+    loop = asyncio.get_running_loop()
+    listener = RouteListener(route, lambda: credentials.current, ContextCache())
+    await listener.start()
+    watch = None
+    if credentials.folder is not None:
+        watch = FolderWatch(credentials.folder, loop, credentials.refresh)
+        watch.start()
+    selected = credentials.current.selected
+    who = (f"serial {selected.cert.serial_number:x}, expires {selected.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+           if selected and selected.cert else "no usable certificate: connections are refused")
+    log.info("listening on %s → %s (%s)", listener.bound, listener.target, who)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: open connections have %.0fs to finish", SHUTDOWN_GRACE)
+    if watch is not None:
+        watch.stop()
+    await listener.stop(SHUTDOWN_GRACE)

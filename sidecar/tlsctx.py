@@ -1,0 +1,147 @@
+"""A selected credential plus a route's server policy → `ssl.SSLContext`, cached.
+
+Building a context (parsing the trust store, loading the key) costs milliseconds; a route
+makes one per credential and reuses it for every connection until the selection changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import ssl
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from sidecar.config import RouteSpec
+from sidecar.credentials import Candidate
+from sidecar.errors import ConfigError
+
+log = logging.getLogger("sidecar.tlsctx")
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """How a route checks the server: trust, ALPN, and the loudly named escape hatch."""
+
+    ca_file: Path | None = None
+    ca_dir: Path | None = None
+    alpn: tuple[str, ...] = ()
+    skip_verify: bool = False
+
+    @classmethod
+    def for_route(cls, route: RouteSpec) -> ServerPolicy:
+        return cls(route.ca_file, route.ca_dir, route.alpn, route.unsafe_skip_verify)
+
+    def describe_trust(self) -> str:
+        if self.ca_file:
+            return f"ca_file {self.ca_file}"
+        if self.ca_dir:
+            return f"ca_dir {self.ca_dir}"
+        return "the system trust store"
+
+
+def build_client_context(credential: Candidate | None, policy: ServerPolicy) -> ssl.SSLContext:
+    """A TLS ≥ 1.2 client context that verifies servers strictly (RFC 6125, never the CN)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if policy.skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        # OpenSSL otherwise falls back to the subject CN when a certificate has no DNS SAN.
+        ctx.hostname_checks_common_name = False
+        _load_trust(ctx, policy)
+    if policy.alpn:
+        ctx.set_alpn_protocols(list(policy.alpn))
+    if credential is not None:
+        load_credential(ctx, credential)
+    return ctx
+
+
+def _load_trust(ctx: ssl.SSLContext, policy: ServerPolicy) -> None:
+    if policy.ca_file is None and policy.ca_dir is None:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        return
+    try:
+        ctx.load_verify_locations(
+            cafile=str(policy.ca_file) if policy.ca_file else None,
+            capath=str(policy.ca_dir) if policy.ca_dir else None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        where = policy.ca_file or policy.ca_dir
+        field = "ca_file" if policy.ca_file else "ca_dir"
+        raise ConfigError(
+            f"cannot load trusted CA certificates: {getattr(exc, 'strerror', None) or exc}",
+            source=str(where),
+            field=field,
+            hint="point it at a PEM file (or folder) of CA certificates",
+        ) from exc
+
+
+def load_credential(ctx: ssl.SSLContext, credential: Candidate) -> None:
+    """Load certificate, chain and key into `ctx` without the clear key touching the disk.
+
+    `ssl` loads keys only from files. The key is re-encrypted with a one-time password
+    and handed over through an anonymous memory file where the OS has one.
+    """
+    assert credential.cert is not None and credential.key is not None
+    password = secrets.token_bytes(32)
+    chain_pem = b"".join(
+        c.public_bytes(serialization.Encoding.PEM) for c in (credential.cert, *credential.chain)
+    )
+    key_pem = credential.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+    with _transient_file(chain_pem + key_pem) as path:
+        ctx.load_cert_chain(path, password=password)
+
+
+@contextmanager
+def _transient_file(data: bytes) -> Iterator[str]:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("mtls-sidecar-credential", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="mtls-sidecar-") as folder:
+        path = os.path.join(folder, "credential.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        yield path
+
+
+class ContextCache:
+    """One context per (credential, policy); a small LRU so renewals don't accumulate."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._size = size
+        self._contexts: OrderedDict[tuple[str, ServerPolicy], ssl.SSLContext] = OrderedDict()
+        self.builds = 0
+
+    def get(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext:
+        key = (credential.fingerprint, policy)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = build_client_context(credential, policy)
+            self.builds += 1
+            self._contexts[key] = ctx
+            while len(self._contexts) > self._size:
+                self._contexts.popitem(last=False)
+        else:
+            self._contexts.move_to_end(key)
+        return ctx

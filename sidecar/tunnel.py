@@ -1,0 +1,455 @@
+"""Listeners on loopback that tunnel each plaintext connection to a remote over mutual TLS.
+
+Each accepted connection is a pair of protocols: `_PlainSide` faces the local client,
+`_TLSSide` faces the remote service and runs TLS itself over memory BIOs. asyncio's own
+SSL transport cannot half-close (no `write_eof`), and a tunnel must pass a client's EOF on
+as TLS close_notify while still reading the server's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar import failures
+from sidecar.config import ListenAddress, RouteSpec
+from sidecar.errors import LocalSetupError
+from sidecar.keystore import Selection
+from sidecar.tlsctx import ContextCache, ServerPolicy
+
+log = logging.getLogger("sidecar.tunnel")
+
+READ_CHUNK = 64 * 1024
+# Fires when a side of the pair has more than this waiting to be written.
+HIGH_WATER = 256 * 1024
+
+
+@dataclass
+class RouteCounters:
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0  # remote service → local clients
+    bytes_out: int = 0  # local clients → remote service
+    failures: Counter[str] = field(default_factory=Counter)
+    last_error: str | None = None
+
+    def fail(self, failure: failures.Failure) -> None:
+        self.failures[failure.reason] += 1
+        self.last_error = failure.message
+
+
+SelectionSource = Callable[[], Selection]
+
+
+class RouteListener:
+    """One route's listener: start(), stop(), is_running, last_error, counters."""
+
+    def __init__(
+        self,
+        route: RouteSpec,
+        selection: SelectionSource,
+        contexts: ContextCache,
+    ) -> None:
+        self.route = route
+        self.selection = selection
+        self.contexts = contexts
+        self.policy = ServerPolicy.for_route(route)
+        self.counters = RouteCounters()
+        self.last_error: str | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_PlainSide] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.bound: ListenAddress | None = None
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def target(self) -> str:
+        host = self.route.target_host
+        return f"[{host}]:{self.route.target_port}" if ":" in host else f"{host}:{self.route.target_port}"
+
+    async def start(self) -> None:
+        """Bind and start accepting; raises LocalSetupError with a message naming the route."""
+        loop = asyncio.get_running_loop()
+        listen = self.route.listen
+        try:
+            if listen.kind == "unix":
+                self._server = await loop.create_unix_server(self._new_connection, listen.path)
+                os.chmod(listen.path, 0o600)
+                self.bound = listen
+            else:
+                self._server = await loop.create_server(
+                    self._new_connection, listen.host, listen.port, reuse_address=True
+                )
+                port = self._server.sockets[0].getsockname()[1]
+                self.bound = ListenAddress("tcp", listen.host, port)
+        except OSError as exc:
+            self.last_error = _listen_error(self.route, exc)
+            raise LocalSetupError(self.last_error) from exc
+        self.last_error = None
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let open connections finish for up to `grace` seconds, then cut them."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            if self.route.listen.kind == "unix":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.route.listen.path)
+        if self._connections:
+            log.info("route %s: waiting up to %.0fs for %d connection(s) to finish",
+                     self.name, grace, len(self._connections))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+        for conn in list(self._connections):
+            conn.abort()
+
+    def _new_connection(self) -> _PlainSide:
+        return _PlainSide(self)
+
+    def _opened(self, conn: _PlainSide) -> None:
+        self._connections.add(conn)
+        self._drained.clear()
+        self.counters.active += 1
+        self.counters.total += 1
+
+    def _closed(self, conn: _PlainSide) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self.counters.active -= 1
+        if not self._connections:
+            self._drained.set()
+
+    def _record_failure(self, failure: failures.Failure) -> None:
+        self.counters.fail(failure)
+        log.warning("route %s: %s", self.name, failure.message)
+
+
+def _listen_error(route: RouteSpec, exc: OSError) -> str:
+    where = str(route.listen)
+    field_name = f"routes.{route.name}.listen"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"route {route.name}: cannot listen on {where}: address already in use; another "
+            f"program holds it (see `ss -ltnp`), or choose another port in {field_name}"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"route {route.name}: cannot listen on {where}: permission denied; ports below 1024 "
+            f"need privileges, choose another port in {field_name}"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"route {route.name}: cannot listen on {where}: no such local address ({field_name})"
+    return f"route {route.name}: cannot listen on {where}: {exc.strerror or exc} ({field_name})"
+
+
+class _PlainSide(asyncio.Protocol):
+    """The local client's connection. Reading stays paused until the TLS side is ready."""
+
+    def __init__(self, listener: RouteListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.remote: _TLSSide | None = None
+        self.eof = False
+        self.closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.listener._opened(self)
+        self._task = asyncio.get_running_loop().create_task(
+            self._open_remote(), name=f"route {self.listener.name}: open remote"
+        )
+
+    async def _open_remote(self) -> None:
+        listener = self.listener
+        route = listener.route
+        selection = listener.selection()
+        if selection.selected is None:
+            listener._record_failure(
+                failures.Failure(failures.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")
+            )
+            self.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = listener.contexts.get(selection.selected, listener.policy)
+        except Exception as exc:
+            listener._record_failure(failures.Failure(failures.ROUTE_ERROR, f"cannot build TLS context: {exc}"))
+            self.close()
+            return
+        remote: _TLSSide | None = None
+        try:
+            async with asyncio.timeout(route.connect_timeout):
+                _, remote = await loop.create_connection(
+                    lambda: _TLSSide(self, ctx, route.server_name),
+                    route.target_host,
+                    route.target_port,
+                )
+                await remote.handshake_done
+        except asyncio.CancelledError:  # the local client went away while we connected
+            if remote is not None:
+                remote.abort()
+            raise
+        except Exception as exc:
+            if remote is not None:
+                remote.abort()
+            failure = failures.classify(
+                exc, target=listener.target, server_name=route.server_name,
+                trust=listener.policy.describe_trust(),
+            )
+            listener._record_failure(failure)
+            self.close()
+            return
+        if self.closed:  # the local client gave up while we were connecting
+            remote.close()
+            return
+        self.remote = remote
+        log.debug("route %s: connected to %s as serial %x", listener.name, listener.target,
+                  selection.selected.cert.serial_number if selection.selected.cert else 0)
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.listener.counters.bytes_out += len(data)
+        if self.remote is not None:
+            self.remote.send(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.remote is not None:
+            self.remote.send_eof()
+            if self.remote.eof:
+                self.close()
+        return True  # keep our write side open for the server's remaining answer
+
+    def pause_writing(self) -> None:
+        if self.remote is not None:
+            self.remote.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.remote is not None:
+            self.remote.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        self.listener.counters.bytes_in += len(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write_eof()
+        if self.eof:
+            self.close()
+
+    def close(self) -> None:
+        """Flush what is buffered, then close both sides."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self.remote is not None:
+            self.remote.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self.remote is not None:
+            self.remote.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.close()
+        self.listener._closed(self)
+
+
+class _TLSSide(asyncio.Protocol):
+    """TLS to the remote service over memory BIOs, feeding plaintext to `_PlainSide`."""
+
+    def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext, server_name: str) -> None:
+        self.peer = peer
+        self.ctx = ctx
+        self.server_name = server_name
+        self.transport: asyncio.Transport | None = None
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls: ssl.SSLObject | None = None
+        self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.eof = False
+        self._sent_eof = False
+        self._closing = False
+
+    # --- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.tls = self.ctx.wrap_bio(
+            self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name
+        )
+        self._advance_handshake()
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if not self.handshake_done.done():
+            self._advance_handshake()
+        if self.handshake_done.done() and not self.handshake_done.exception():
+            self._read_plaintext()
+
+    def eof_received(self) -> bool:
+        self.incoming.write_eof()
+        if not self.handshake_done.done():
+            self._advance_handshake()  # surfaces the alert, if the server sent one first
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(
+                    ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
+                )
+            return False
+        self._read_plaintext()
+        self._remote_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(
+                exc or ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
+            )
+        elif self.peer.remote is self:
+            self.peer.close()
+
+    def pause_writing(self) -> None:
+        if self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer.transport is not None and not self.peer.closed:
+            self.peer.transport.resume_reading()
+
+    # --- called by the plaintext side
+
+    def send(self, data: bytes) -> None:
+        if self.tls is None or self._sent_eof or self._closing:
+            return
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            self._fail_established(exc)
+            return
+        self._flush()
+
+    def send_eof(self) -> None:
+        """Pass the client's EOF on: close_notify, then TCP half-close, and keep reading."""
+        if self.tls is None or self._sent_eof or self._closing:
+            return
+        self._sent_eof = True
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        self._flush()
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.tls is not None and not self._sent_eof and self.handshake_done.done():
+            self._sent_eof = True
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.unwrap()
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.handshake_done.done() and not self.handshake_done.cancelled():
+            self.handshake_done.exception()  # mark it seen: the caller already handled it
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- internals
+
+    def _advance_handshake(self) -> None:
+        assert self.tls is not None
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(exc)
+            return
+        self._flush()
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(None)
+
+    def _read_plaintext(self) -> None:
+        assert self.tls is not None
+        while True:
+            try:
+                chunk = self.tls.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the server's close_notify
+                self._remote_eof()
+                break
+            except ssl.SSLEOFError:  # TCP closed without close_notify: common, and just an EOF
+                self._remote_eof()
+                break
+            except ssl.SSLError as exc:
+                self._fail_established(exc)
+                return
+            if not chunk:
+                self._remote_eof()
+                break
+            self.peer.write(chunk)
+        self._flush()  # TLS 1.3 key updates and the like are answered from inside read()
+
+    def _remote_eof(self) -> None:
+        if self.eof:
+            return
+        self.eof = True
+        self.peer.write_eof()
+
+    def _fail_established(self, exc: ssl.SSLError) -> None:
+        """An error after the handshake; with TLS 1.3 this is how a server rejects our certificate."""
+        listener = self.peer.listener
+        failure = failures.classify_ssl_error(exc, target=listener.target)
+        listener._record_failure(failure)
+        self.abort()
+        self.peer.close()
+
+    def _flush(self) -> None:
+        if self.outgoing.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.outgoing.read())

@@ -1,0 +1,73 @@
+"""Run a real `Daemon` on its own event loop thread, and talk to it from the test thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidecar.config import Config, load_config
+from sidecar.daemon import Daemon
+from sidecar.paths import Places, resolve_places
+
+T = TypeVar("T")
+
+
+class DaemonThread:
+    def __init__(self, config: Config | Path, places: Places | None = None) -> None:
+        self.places = places or resolve_places()
+        self.config = load_config(config) if isinstance(config, Path) else config
+        self.loop = asyncio.new_event_loop()
+        self.daemon: Daemon | None = None
+        self._started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._main, name="daemon-under-test", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self.daemon = Daemon(self.config, self.places)
+        try:
+            await self.daemon.start()
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        await self.daemon.run_until_stopped()
+
+    def __enter__(self) -> DaemonThread:
+        self._thread.start()
+        self._started.result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.daemon is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.daemon.request_stop)
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "daemon thread did not stop within 30 s"
+
+    def call(self, fn: Callable[[Daemon], T]) -> T:
+        """Run `fn(daemon)` on the daemon's loop and return its result."""
+        assert self.daemon is not None
+        daemon = self.daemon
+
+        async def run() -> T:
+            return fn(daemon)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        return self.call(lambda d: d.status())
+
+    def port(self, route: str) -> int:
+        bound = self.call(lambda d: d.listeners[route].bound)
+        assert bound is not None, f"route {route} is not listening"
+        return bound.port
+
