@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", help="run the daemon in the foreground", epilog=EPILOG)
 
-    tunnel = commands.add_parser(
-        "tunnel", help="one tunnel in the foreground, no config file (ghostunnel-style flags)"
-    )
+    tunnel = commands.add_parser("tunnel", help="one tunnel in the foreground, no config file (ghostunnel-style flags)")
     tunnel.add_argument("--listen", required=True, help="local address, 127.0.0.1:PORT or unix:/path")
     tunnel.add_argument("--target", required=True, help="remote HOST:PORT speaking TLS")
     tunnel.add_argument("--cert", help="client certificate (PEM, chain allowed)")
@@ -53,23 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--keystore",
         help="a keystore folder (newest usable certificate wins), or one PEM bundle / PKCS#12 file",
     )
-    tunnel.add_argument("--storepass-env", metavar="VAR",
-                        help="environment variable holding the PKCS#12 or key password")
+    tunnel.add_argument(
+        "--storepass-env", metavar="VAR", help="environment variable holding the PKCS#12 or key password"
+    )
     tunnel.add_argument("--cacert", help="CA bundle to verify the server (default: system trust)")
-    tunnel.add_argument("--server-name", "--override-server-name", dest="server_name",
-                        help="name sent as SNI and checked in the server certificate")
+    tunnel.add_argument(
+        "--server-name",
+        "--override-server-name",
+        dest="server_name",
+        help="name sent as SNI and checked in the server certificate",
+    )
     tunnel.add_argument("--alpn", action="append", default=[], help="ALPN protocol (repeatable)")
     tunnel.add_argument("--connect-timeout", default="10s", help="e.g. 10s")
-    tunnel.add_argument("--unsafe-listen", action="store_true",
-                        help="allow a non-loopback listen address (other machines can use your identity)")
+    tunnel.add_argument(
+        "--unsafe-listen",
+        action="store_true",
+        help="allow a non-loopback listen address (other machines can use your identity)",
+    )
 
     ca = commands.add_parser("ca", help="the embedded development CA")
     ca_commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
     ca_commands.add_parser("export", help="print the dev CA certificate (PEM) for test servers to trust")
 
     identity = commands.add_parser("identity", help="identities in the keystore")
-    identity_commands = identity.add_subparsers(dest="identity_command", metavar="IDENTITY_COMMAND",
-                                                required=True)
+    identity_commands = identity.add_subparsers(dest="identity_command", metavar="IDENTITY_COMMAND", required=True)
     new = identity_commands.add_parser("new", help="issue a certificate from the dev CA into the keystore")
     new.add_argument("name")
     new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
@@ -110,11 +115,15 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
     from sidecar.firstrun import load_or_create_config
 
     logsetup.configure(args.log_level or "info", log_file_path(places))
-    config, created = load_or_create_config(places)
+    config, _ = load_or_create_config(places)
     if args.log_level is None:
         logging.getLogger("sidecar").setLevel(config.log_level.upper())
-    log.info("mtls-sidecar %s: config %s, keystore %s", __version__, places.config_file,
-             config.keystore_dir or places.keystore)
+    log.info(
+        "mtls-sidecar %s: config %s, keystore %s",
+        __version__,
+        places.config_file,
+        config.keystore_dir or places.keystore,
+    )
 
     async def serve() -> None:
         daemon = Daemon(config, places)
@@ -145,9 +154,7 @@ def _cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
     if places.config_file.exists():
         spec = load_config(places.config_file).identities.get(args.name)
     try:
-        lifetime = parse_duration(args.lifetime) if args.lifetime else (
-            spec.lifetime if spec else DEFAULT_LIFETIME
-        )
+        lifetime = parse_duration(args.lifetime) if args.lifetime else (spec.lifetime if spec else DEFAULT_LIFETIME)
     except ValueError as exc:
         raise ConfigError(str(exc), source="command line", field="--lifetime", value=args.lifetime) from exc
     subject = args.subject or (spec.subject if spec else f"CN={args.name}")
@@ -158,12 +165,16 @@ def _cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
     if places.config_file.exists():
         keystore = load_config(places.config_file).keystore_dir or keystore
     path = write_credential(keystore / args.name, issued, now)
-    print(f"issued {subject} serial {issued.cert.serial_number:x}, expires "
-          f"{issued.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    print(
+        f"issued {subject} serial {issued.cert.serial_number:x}, expires "
+        f"{issued.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+    )
     print(f"wrote {path} (key beside it, mode 0600)")
     if spec is None:
-        print(f"note: identity {args.name!r} is not in {places.config_file}; add an "
-              f"[identities.{args.name}] section to use it in routes")
+        print(
+            f"note: identity {args.name!r} is not in {places.config_file}; add an "
+            f"[identities.{args.name}] section to use it in routes"
+        )
     return EXIT_OK
 
 

@@ -30,9 +30,7 @@ CERT_SUFFIXES = (".crt", ".pem", ".cer")
 KEY_SUFFIXES = (".key",)
 PKCS12_SUFFIXES = (".p12", ".pfx")
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL
-)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
 _KEY_LABELS = {b"PRIVATE KEY", b"ENCRYPTED PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"}
 
 
@@ -77,9 +75,7 @@ def candidates_from_files(files: Mapping[str, bytes], secrets: Secrets) -> list[
     like credentials (README, hidden and temporary files) are ignored.
     """
     names = sorted(name for name in files if _is_credential_name(name))
-    keys_by_stem = {
-        PurePath(n).stem: n for n in names if PurePath(n).suffix.lower() in KEY_SUFFIXES
-    }
+    keys_by_stem = {PurePath(n).stem: n for n in names if PurePath(n).suffix.lower() in KEY_SUFFIXES}
     used_keys: set[str] = set()
     candidates: list[Candidate] = []
     for name in names:
@@ -99,8 +95,7 @@ def candidates_from_files(files: Mapping[str, bytes], secrets: Secrets) -> list[
             candidates.append(
                 Candidate(
                     file=key_name,
-                    problem=f"private key with no certificate (expected {stem}.crt or "
-                    f"{stem}.pem beside it)",
+                    problem=f"private key with no certificate (expected {stem}.crt or {stem}.pem beside it)",
                 )
             )
     return candidates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from datetime import UTC, datetime, timedelta
@@ -49,9 +50,7 @@ class Daemon:
 
     async def start(self) -> None:
         now = datetime.now(UTC)
-        if self.config.demo_service.enabled or any(
-            s.renew == "local-ca" for s in self.config.identities.values()
-        ):
+        if self.config.demo_service.enabled or any(s.renew == "local-ca" for s in self.config.identities.values()):
             self.ca = load_or_create_ca(self.places.ca, now)
         self.book.refresh(now)
         self._enroll_missing(now)
@@ -68,16 +67,14 @@ class Daemon:
         """Serve until SIGINT/SIGTERM (or `request_stop()`), then shut down in stages."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # Not possible off the main thread (tests) or on Windows: then request_stop() it is.
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-                pass
         await self._stop.wait()
         await self.shutdown()
 
     def request_stop(self) -> None:
-        log.info("stopping: no new connections; open ones have %.0fs to finish",
-                 self.config.shutdown_grace)
+        log.info("stopping: no new connections; open ones have %.0fs to finish", self.config.shutdown_grace)
         self._stop.set()
 
     async def shutdown(self) -> None:
@@ -86,9 +83,7 @@ class Daemon:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        await asyncio.gather(
-            *(listener.stop(self.config.shutdown_grace) for listener in self.listeners.values())
-        )
+        await asyncio.gather(*(listener.stop(self.config.shutdown_grace) for listener in self.listeners.values()))
         if self.demo is not None:
             await self.demo.stop()
         log.info("stopped")
@@ -130,8 +125,10 @@ class Daemon:
         identity = self.identity_for(listener.route)
         selected = self.book.selection(identity).selected
         if selected is not None and selected.cert is not None:
-            as_who = (f"as {identity} (serial {selected.cert.serial_number:x}, expires "
-                      f"{selected.cert.not_valid_after_utc.strftime('%Y-%m-%d %H:%M UTC')})")
+            as_who = (
+                f"as {identity} (serial {selected.cert.serial_number:x}, expires "
+                f"{selected.cert.not_valid_after_utc.strftime('%Y-%m-%d %H:%M UTC')})"
+            )
         else:
             as_who = f"as {identity} (no usable certificate yet: connections are refused)"
         text = f"listening on {listener.bound} → {listener.target} {as_who}"
@@ -189,17 +186,20 @@ class Daemon:
     def _identity_status(self, name: str) -> dict[str, Any]:
         selection = self.book.selection(name)
         spec = self.config.identities[name]
-        candidates = [
-            {"file": r.candidate.file, "usable": False, "reason": r.reason} for r in selection.rejected
-        ]
+        candidates = [{"file": r.candidate.file, "usable": False, "reason": r.reason} for r in selection.rejected]
         if selection.selected is not None:
             candidates.insert(0, {"file": selection.selected.file, "usable": True, "reason": None})
         return {
             "selected": describe_certificate(selection.selected),
             "candidates": candidates,
             "folder": str(self.book.folder(name)),
-            "renewal": {"provider": spec.renew, "state": None, "next_renewal_at": None,
-                        "last_renewed_at": None, "last_error": None},
+            "renewal": {
+                "provider": spec.renew,
+                "state": None,
+                "next_renewal_at": None,
+                "last_renewed_at": None,
+                "last_error": None,
+            },
             "problem": selection.why_unusable() or None,
         }
 

@@ -18,10 +18,10 @@ import h11
 from cryptography import x509
 
 from sidecar.config import ListenAddress
+from sidecar.credentials import Candidate
 from sidecar.devca import DevCA
 from sidecar.errors import LocalSetupError
 from sidecar.tlsctx import load_credential
-from sidecar.credentials import Candidate
 
 log = logging.getLogger("sidecar.demo")
 
@@ -63,17 +63,14 @@ class DemoService:
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(
-                self._serve, self.listen.host, self.listen.port, ssl=self.ctx
-            )
+            self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port, ssl=self.ctx)
         except OSError as exc:
             raise LocalSetupError(
                 f"demo service: cannot listen on {self.listen}: {exc.strerror or exc}; "
                 "change demo_service.listen in the config or set demo_service.enabled = false"
             ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("demo mTLS service listening on %s:%d (client certificate required)",
-                 self.listen.host, self.port)
+        log.info("demo mTLS service listening on %s:%d (client certificate required)", self.listen.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:

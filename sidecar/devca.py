@@ -58,9 +58,7 @@ class DevCA:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue_client(
-        self, subject: str, lifetime: timedelta, now: datetime, key: PrivateKey | None = None
-    ) -> Issued:
+    def issue_client(self, subject: str, lifetime: timedelta, now: datetime, key: PrivateKey | None = None) -> Issued:
         """A client certificate (clientAuth) for `subject`, an RFC 4514 string like "CN=dev"."""
         name = parse_subject(subject)
         leaf_key = key_or_new(key)
@@ -111,15 +109,19 @@ def _leaf_builder(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     return builder
@@ -130,11 +132,10 @@ def parse_subject(subject: str) -> x509.Name:
         name = x509.Name.from_rfc4514_string(subject)
     except ValueError as exc:
         raise KeystoreError(
-            f"subject {subject!r} is not an RFC 4514 name ({exc}); write for example \"CN=dev\" "
-            "or \"CN=dev,O=Example\""
+            f'subject {subject!r} is not an RFC 4514 name ({exc}); write for example "CN=dev" or "CN=dev,O=Example"'
         ) from exc
     if not list(name):
-        raise KeystoreError(f"subject {subject!r} is empty; write for example \"CN=dev\"")
+        raise KeystoreError(f'subject {subject!r} is empty; write for example "CN=dev"')
     return name
 
 
@@ -158,9 +159,15 @@ def create_ca(now: datetime) -> DevCA:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -199,9 +206,7 @@ def load_ca(ca_dir: Path) -> DevCA:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise KeystoreError(
-            f"the dev CA is missing {exc.filename}; run `mtls-sidecar run` once to create it"
-        ) from exc
+        raise KeystoreError(f"the dev CA is missing {exc.filename}; run `mtls-sidecar run` once to create it") from exc
     except ValueError as exc:
         raise KeystoreError(
             f"the dev CA in {ca_dir} is unreadable ({exc}); move the folder away to start a new CA"

@@ -81,9 +81,7 @@ def classify_ssl_error(exc: ssl.SSLError, *, target: str) -> Failure:
     return Failure(TLS_ERROR, f"TLS error with {target}: {exc.reason or exc}")
 
 
-def _verification_failure(
-    exc: ssl.SSLCertVerificationError, *, target: str, server_name: str, trust: str
-) -> Failure:
+def _verification_failure(exc: ssl.SSLCertVerificationError, *, target: str, server_name: str, trust: str) -> Failure:
     code = exc.verify_code
     detail = exc.verify_message or str(exc)
     if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):

@@ -101,11 +101,17 @@ def _fingerprint(candidate: Candidate | None) -> str:
 def _log_change(name: str, old: Candidate | None, after: Selection) -> None:
     new = after.selected
     if new is None:
-        log.warning("identity %s: no usable certificate; its routes refuse new connections: %s",
-                    name, after.why_unusable())
+        log.warning(
+            "identity %s: no usable certificate; its routes refuse new connections: %s", name, after.why_unusable()
+        )
         return
     assert new.cert is not None
-    log.info("identity %s now presents %s (serial %x, expires %s) from %s%s",
-             name, new.cert.subject.rfc4514_string(), new.cert.serial_number,
-             new.cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC"), new.file,
-             f", replacing serial {old.cert.serial_number:x}" if old and old.cert else "")
+    log.info(
+        "identity %s now presents %s (serial %x, expires %s) from %s%s",
+        name,
+        new.cert.subject.rfc4514_string(),
+        new.cert.serial_number,
+        new.cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC"),
+        new.file,
+        f", replacing serial {old.cert.serial_number:x}" if old and old.cert else "",
+    )

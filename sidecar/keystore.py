@@ -69,9 +69,7 @@ class Selection:
         return f"identity {self.identity!r} has no usable certificate ({reasons})"
 
 
-def evaluate(
-    candidate: Candidate, now: datetime, anchors: Sequence[x509.Certificate] = ()
-) -> str | None:
+def evaluate(candidate: Candidate, now: datetime, anchors: Sequence[x509.Certificate] = ()) -> str | None:
     """Return why `candidate` is not usable at `now`, or None when it is."""
     if candidate.problem is not None:
         return candidate.problem
@@ -209,8 +207,7 @@ def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
             unreadable.append(Candidate(file=entry.path, problem=f"cannot read file: {exc.strerror}"))
     parsed = candidates_from_files(files, secrets)
     located = [
-        replace(c, file=str(folder / c.file), key_file=str(folder / c.key_file) if c.key_file else None)
-        for c in parsed
+        replace(c, file=str(folder / c.file), key_file=str(folder / c.key_file) if c.key_file else None) for c in parsed
     ]
     return located + unreadable
 

@@ -22,9 +22,7 @@ def configure(level: str = "info", log_file: Path | None = None) -> None:
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(
-                log_file, maxBytes=1 << 20, backupCount=3, encoding="utf-8"
-            )
+            handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20, backupCount=3, encoding="utf-8")
         except OSError as exc:
             root.warning("cannot write the log file %s (%s); logging to stderr only", log_file, exc)
         else:

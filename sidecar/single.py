@@ -30,15 +30,19 @@ class FlagCredentials:
     """The identity behind `--cert/--key` or `--keystore`, re-read when its folder changes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        password = os.environ.get(args.storepass_env).encode() if args.storepass_env and \
-            os.environ.get(args.storepass_env) is not None else None
+        password_text = os.environ.get(args.storepass_env) if args.storepass_env else None
+        password = password_text.encode() if password_text is not None else None
         source = f"environment variable {args.storepass_env}" if args.storepass_env else "--storepass-env"
         self.secrets = Secrets(password, password, source, source)
         self.folder: Path | None = None
         self.files: dict[str, bytes] = {}
         if args.keystore and (args.cert or args.key):
-            raise ConfigError("use either --keystore or --cert/--key, not both", source=SOURCE,
-                              field="--keystore", value=args.keystore)
+            raise ConfigError(
+                "use either --keystore or --cert/--key, not both",
+                source=SOURCE,
+                field="--keystore",
+                value=args.keystore,
+            )
         if args.keystore:
             path = Path(args.keystore).expanduser()
             if path.is_dir():
@@ -50,11 +54,16 @@ class FlagCredentials:
             cert, key = Path(args.cert).expanduser(), Path(args.key).expanduser()
             self.files = {cert.stem + ".pem": _read(cert, "--cert") + b"\n" + _read(key, "--key")}
         else:
-            raise ConfigError("a client certificate is required", source=SOURCE, field="--cert",
-                              hint="give --cert FILE --key FILE, or --keystore PATH")
-        self.current = self.refresh()
+            raise ConfigError(
+                "a client certificate is required",
+                source=SOURCE,
+                field="--cert",
+                hint="give --cert FILE --key FILE, or --keystore PATH",
+            )
+        self.current = Selection("tunnel", None, (), datetime.now(UTC))
+        self.refresh()
 
-    def refresh(self) -> Selection:
+    def refresh(self) -> None:
         now = datetime.now(UTC)
         if self.folder is not None:
             candidates = read_identity_folder(self.folder, self.secrets)
@@ -63,30 +72,30 @@ class FlagCredentials:
         self.current = select("tunnel", candidates, now)
         if self.current.selected is None:
             log.warning("%s", self.current.why_unusable())
-        return self.current
 
 
 def _read(path: Path, flag: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag,
-                          value=str(path)) from exc
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag, value=str(path)) from exc
 
 
 def route_from_flags(args: argparse.Namespace) -> RouteSpec:
     listen = parse_listen(args.listen, field="--listen", source=SOURCE)
     if not listen.is_loopback and not args.unsafe_listen:
         raise ConfigError(
-            "not a loopback address", source=SOURCE, field="--listen", value=args.listen,
+            "not a loopback address",
+            source=SOURCE,
+            field="--listen",
+            value=args.listen,
             hint="use 127.0.0.1:PORT, [::1]:PORT or unix:/path, or pass --unsafe-listen",
         )
     host, port = parse_target(args.target, field="--target", source=SOURCE)
     try:
         timeout = parse_duration(args.connect_timeout) if args.connect_timeout else DEFAULT_CONNECT_TIMEOUT
     except ValueError as exc:
-        raise ConfigError(str(exc), source=SOURCE, field="--connect-timeout",
-                          value=args.connect_timeout) from exc
+        raise ConfigError(str(exc), source=SOURCE, field="--connect-timeout", value=args.connect_timeout) from exc
     return RouteSpec(
         name="tunnel",
         listen=listen,
@@ -117,8 +126,11 @@ async def _serve(route: RouteSpec, credentials: FlagCredentials) -> None:
         watch = FolderWatch(credentials.folder, loop, credentials.refresh)
         watch.start()
     selected = credentials.current.selected
-    who = (f"serial {selected.cert.serial_number:x}, expires {selected.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-           if selected and selected.cert else "no usable certificate: connections are refused")
+    who = (
+        f"serial {selected.cert.serial_number:x}, expires {selected.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        if selected and selected.cert
+        else "no usable certificate: connections are refused"
+    )
     log.info("listening on %s → %s (%s)", listener.bound, listener.target, who)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

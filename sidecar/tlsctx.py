@@ -95,9 +95,7 @@ def load_credential(ctx: ssl.SSLContext, credential: Candidate) -> None:
     """
     assert credential.cert is not None and credential.key is not None
     password = secrets.token_bytes(32)
-    chain_pem = b"".join(
-        c.public_bytes(serialization.Encoding.PEM) for c in (credential.cert, *credential.chain)
-    )
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (credential.cert, *credential.chain))
     key_pem = credential.key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from sidecar import failures
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import LocalSetupError
+from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.tlsctx import ContextCache, ServerPolicy
 
@@ -40,7 +41,7 @@ class RouteCounters:
     failures: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
 
-    def fail(self, failure: failures.Failure) -> None:
+    def fail(self, failure: Failure) -> None:
         self.failures[failure.reason] += 1
         self.last_error = failure.message
 
@@ -111,8 +112,9 @@ class RouteListener:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.route.listen.path)
         if self._connections:
-            log.info("route %s: waiting up to %.0fs for %d connection(s) to finish",
-                     self.name, grace, len(self._connections))
+            log.info(
+                "route %s: waiting up to %.0fs for %d connection(s) to finish", self.name, grace, len(self._connections)
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
         for conn in list(self._connections):
@@ -212,7 +214,9 @@ class _PlainSide(asyncio.Protocol):
             if remote is not None:
                 remote.abort()
             failure = failures.classify(
-                exc, target=listener.target, server_name=route.server_name,
+                exc,
+                target=listener.target,
+                server_name=route.server_name,
                 trust=listener.policy.describe_trust(),
             )
             listener._record_failure(failure)
@@ -222,8 +226,12 @@ class _PlainSide(asyncio.Protocol):
             remote.close()
             return
         self.remote = remote
-        log.debug("route %s: connected to %s as serial %x", listener.name, listener.target,
-                  selection.selected.cert.serial_number if selection.selected.cert else 0)
+        log.debug(
+            "route %s: connected to %s as serial %x",
+            listener.name,
+            listener.target,
+            selection.selected.cert.serial_number if selection.selected.cert else 0,
+        )
         assert self.transport is not None
         self.transport.resume_reading()
 
@@ -305,9 +313,7 @@ class _TLSSide(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.tls = self.ctx.wrap_bio(
-            self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name
-        )
+        self.tls = self.ctx.wrap_bio(self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name)
         self._advance_handshake()
 
     def data_received(self, data: bytes) -> None:

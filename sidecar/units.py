@@ -15,14 +15,14 @@ def parse_duration(text: str | int | float) -> float:
     Raises ValueError with a message that says what would be valid.
     """
     if isinstance(text, bool):
-        raise ValueError("expected a duration such as \"10s\", \"2m\" or \"7d\", not a boolean")
+        raise ValueError('expected a duration such as "10s", "2m" or "7d", not a boolean')
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError("a duration cannot be negative")
         return float(text)
     compact = text.strip().replace(" ", "")
     if not compact:
-        raise ValueError("empty duration; write for example \"10s\", \"2m\" or \"7d\"")
+        raise ValueError('empty duration; write for example "10s", "2m" or "7d"')
     pos = 0
     total = 0.0
     for match in _PART.finditer(compact):
@@ -33,7 +33,7 @@ def parse_duration(text: str | int | float) -> float:
     if pos != len(compact):
         raise ValueError(
             f"{text!r} is not a duration; write a number and a unit "
-            "(ms, s, m, h, d, w), for example \"10s\", \"2m\", \"1h30m\" or \"7d\""
+            '(ms, s, m, h, d, w), for example "10s", "2m", "1h30m" or "7d"'
         )
     return total
 

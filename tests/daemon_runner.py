@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -66,8 +67,11 @@ class DaemonThread:
     def status(self) -> dict[str, Any]:
         return self.call(lambda d: d.status())
 
+    def connect(self, route: str, timeout: float = 10) -> socket.socket:
+        """A plain TCP client connection to a route's local listener."""
+        return socket.create_connection(("127.0.0.1", self.port(route)), timeout=timeout)
+
     def port(self, route: str) -> int:
         bound = self.call(lambda d: d.listeners[route].bound)
         assert bound is not None, f"route {route} is not listening"
         return bound.port
-

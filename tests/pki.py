@@ -66,7 +66,10 @@ class Leaf:
     def write_p12(self, folder: Path, name: str, password: bytes) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         data = pkcs12.serialize_key_and_certificates(
-            b"test", self.key, self.cert, self.chain or None,
+            b"test",
+            self.key,
+            self.cert,
+            self.chain or None,
             serialization.BestAvailableEncryption(password),
         )
         path = folder / name
@@ -104,9 +107,7 @@ class CA:
             .not_valid_before(start)
             .not_valid_after(start + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(signer, hashes.SHA256())
         )
@@ -136,7 +137,8 @@ class CA:
         digital_signature: bool = True,
     ) -> Leaf:
         leaf_key: Key = key or (
-            rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_key
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if rsa_key
             else ec.generate_private_key(ec.SECP256R1())
         )
         start = not_before or now() - timedelta(minutes=5)
@@ -151,8 +153,9 @@ class CA:
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature, False, not digital_signature, False, False, False,
-                              False, False, False),
+                x509.KeyUsage(
+                    digital_signature, False, not digital_signature, False, False, False, False, False, False
+                ),
                 critical=True,
             )
         )
@@ -171,8 +174,9 @@ class CA:
         """A server leaf for DNS names and IP addresses (serverAuth)."""
         dns = [n for n in names if not _is_ip(n)]
         ips = [n for n in names if _is_ip(n)]
-        return self.issue(names[0] if names else "server", dns=dns, ips=ips,
-                          eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **kwargs)  # type: ignore[arg-type]
+        return self.issue(
+            names[0] if names else "server", dns=dns, ips=ips, eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **kwargs
+        )  # type: ignore[arg-type]
 
     def client(self, cn: str, **kwargs: object) -> Leaf:
         return self.issue(cn, **kwargs)  # type: ignore[arg-type]

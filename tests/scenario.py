@@ -71,7 +71,9 @@ def write_config(
 def curl(port: int, path: str = "/", *extra: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["curl", "-sS", "--max-time", str(timeout), *extra, f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=timeout + 5,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 5,
     )
 
 

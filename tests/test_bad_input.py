@@ -31,16 +31,22 @@ def test_broken_toml_stops_run_with_file_and_line(isolated_home: Path, capsys: p
 
 
 def test_unknown_identity_named_by_a_route(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                 routes={"api": {"listen": "127.0.0.1:0", "target": "example.test:443", "identity": "prod"}})
+    write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"api": {"listen": "127.0.0.1:0", "target": "example.test:443", "identity": "prod"}},
+    )
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert "routes.api.identity" in err and "'prod'" in err and "dev" in err
 
 
 def test_bad_listen_address_names_the_field(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                 routes={"api": {"listen": "0.0.0.0:8443", "target": "example.test:443"}})
+    write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"api": {"listen": "0.0.0.0:8443", "target": "example.test:443"}},
+    )
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert "routes.api.listen" in err and "0.0.0.0:8443" in err and "unsafe_listen" in err
@@ -50,23 +56,28 @@ def test_a_port_already_taken_fails_that_route_only(
     pki: Pki, isolated_home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with socket.socket() as squatter, ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
-        require_client_cert=True, mode="echo",
-    ) as server:
+    with (
+        socket.socket() as squatter,
+        ScriptedTLSServer(
+            cert=pki.server_cert,
+            key=pki.server_key,
+            client_ca=pki.client_ca_file,
+            require_client_cert=True,
+            mode="echo",
+        ) as server,
+    ):
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        target = {"target": f"127.0.0.1:{server.port}", "server_name": "localhost",
-                  "ca_file": str(pki.server_ca_file)}
+        target = {"target": f"127.0.0.1:{server.port}", "server_name": "localhost", "ca_file": str(pki.server_ca_file)}
         config = write_config(
-            isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-            routes={"blocked": {"listen": f"127.0.0.1:{taken}", **target},
-                    "fine": {"listen": "127.0.0.1:0", **target}},
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"blocked": {"listen": f"127.0.0.1:{taken}", **target}, "fine": {"listen": "127.0.0.1:0", **target}},
         )
         with caplog.at_level(logging.ERROR, logger="sidecar"), DaemonThread(config) as daemon:
             status = daemon.status()["routes"]
-            with socket.create_connection(("127.0.0.1", daemon.port("fine")), timeout=10) as sock:
+            with daemon.connect("fine", timeout=10) as sock:
                 sock.sendall(b"still serving\n")
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == b"still serving\n"
@@ -83,16 +94,28 @@ def test_identity_with_only_malformed_or_expired_files_refuses_connections(
     folder = isolated_home / "keystore" / "dev"
     folder.mkdir(parents=True)
     (folder / "broken.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n")
-    pki.enroll(isolated_home / "keystore", "dev", "old", not_before=now() - timedelta(days=9),
-               not_after=now() - timedelta(days=2))
+    pki.enroll(
+        isolated_home / "keystore",
+        "dev",
+        "old",
+        not_before=now() - timedelta(days=9),
+        not_after=now() - timedelta(days=2),
+    )
     with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, mode="echo") as server:
         config = write_config(
-            isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-            routes={"api": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}",
-                            "server_name": "localhost", "ca_file": str(pki.server_ca_file)}},
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "api": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
         )
         with caplog.at_level(logging.WARNING, logger="sidecar"), DaemonThread(config) as daemon:
-            with socket.create_connection(("127.0.0.1", daemon.port("api")), timeout=10) as sock:
+            with daemon.connect("api", timeout=10) as sock:
                 assert recv_all(sock) == b""
             status = daemon.status()
         assert server.connections == 0  # refused before any connection to the server
@@ -109,12 +132,20 @@ def test_identity_with_only_malformed_or_expired_files_refuses_connections(
 def test_a_half_written_certificate_never_replaces_a_usable_one(pki: Pki, isolated_home: Path) -> None:
     keystore = isolated_home / "keystore"
     good = pki.enroll(keystore, "dev", "good")
-    with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
-                           require_client_cert=True, mode="echo") as server:
+    with ScriptedTLSServer(
+        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
+    ) as server:
         config = write_config(
-            isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-            routes={"api": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}",
-                            "server_name": "localhost", "ca_file": str(pki.server_ca_file)}},
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "api": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
         )
         with DaemonThread(config) as daemon:
             newer = pki.client_ca.client("dev", not_before=now())
@@ -123,7 +154,7 @@ def test_a_half_written_certificate_never_replaces_a_usable_one(pki: Pki, isolat
             (keystore / "dev" / "nokey.crt").write_bytes(newer.chain_pem())
             daemon.call(lambda d: d.keystore_changed())
             status = daemon.status()
-            with socket.create_connection(("127.0.0.1", daemon.port("api")), timeout=10) as sock:
+            with daemon.connect("api", timeout=10) as sock:
                 sock.sendall(b"x")
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == b"x"

@@ -56,10 +56,15 @@ class LogFollower:
 
 
 @contextmanager
-def sidecar_process(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], LogFollower]]:
+def sidecar_process(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], LogFollower]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     follower = LogFollower(proc)
     try:
@@ -138,14 +143,27 @@ def test_tunnel_command_with_cert_and_key_flags(isolated_home: Path, tmp_path: P
     pki = Pki.create(tmp_path / "pki")
     leaf = pki.client_ca.client("tunnel-user")
     cert, key = leaf.write_pair(tmp_path / "client", "me")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file) as nginx:
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
         from tests.realservers import free_port
 
         port = free_port()
-        args = ["tunnel", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{nginx.port}",
-                "--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file),
-                "--server-name", "localhost"]
+        args = [
+            "tunnel",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            f"127.0.0.1:{nginx.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--server-name",
+            "localhost",
+        ]
         with sidecar_process(*args) as (proc, log):
             log.wait_for(rf"listening on 127\.0\.0\.1:{port} → 127\.0\.0\.1:{nginx.port}")
             result = curl(port)
@@ -157,13 +175,23 @@ def test_tunnel_command_with_cert_and_key_flags(isolated_home: Path, tmp_path: P
 def test_tunnel_command_with_a_keystore_folder(isolated_home: Path, tmp_path: Path) -> None:
     pki = Pki.create(tmp_path / "pki")
     leaf = pki.enroll(tmp_path / "ks", "me", "one")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file) as nginx:
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
         from tests.realservers import free_port
 
         port = free_port()
-        args = ["tunnel", "--listen", f"127.0.0.1:{port}", "--target", f"localhost:{nginx.port}",
-                "--keystore", str(tmp_path / "ks" / "me"), "--cacert", str(pki.server_ca_file)]
+        args = [
+            "tunnel",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            f"localhost:{nginx.port}",
+            "--keystore",
+            str(tmp_path / "ks" / "me"),
+            "--cacert",
+            str(pki.server_ca_file),
+        ]
         with sidecar_process(*args) as (proc, log):
             log.wait_for(r"listening on")
             assert f"serial={leaf.serial_hex} " in curl(port).stdout
@@ -172,16 +200,26 @@ def test_tunnel_command_with_a_keystore_folder(isolated_home: Path, tmp_path: Pa
 
 
 def test_tunnel_command_refuses_a_non_loopback_listen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = main(["tunnel", "--listen", "0.0.0.0:9999", "--target", "example.test:443",
-                 "--cert", "c", "--key", "k"])
+    code = main(["tunnel", "--listen", "0.0.0.0:9999", "--target", "example.test:443", "--cert", "c", "--key", "k"])
     assert code == 2
     err = capsys.readouterr().err
     assert "--listen" in err and "0.0.0.0:9999" in err and "--unsafe-listen" in err
 
 
 def test_tunnel_command_names_an_unreadable_cert_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = main(["tunnel", "--listen", "127.0.0.1:0", "--target", "example.test:443",
-                 "--cert", str(tmp_path / "missing.crt"), "--key", str(tmp_path / "missing.key")])
+    code = main(
+        [
+            "tunnel",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "example.test:443",
+            "--cert",
+            str(tmp_path / "missing.crt"),
+            "--key",
+            str(tmp_path / "missing.key"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "missing.crt" in err and "--cert" in err

@@ -23,16 +23,25 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def route_to(port: int, pki: Pki, **extra: object) -> dict[str, object]:
-    return {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{port}", "server_name": "localhost",
-            "ca_file": str(pki.server_ca_file), **extra}
+    return {
+        "listen": "127.0.0.1:0",
+        "target": f"127.0.0.1:{port}",
+        "server_name": "localhost",
+        "ca_file": str(pki.server_ca_file),
+        **extra,
+    }
 
 
 def test_curl_through_a_route_reaches_nginx_with_our_certificate(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
     leaf = pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file) as nginx:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                              routes={"api": route_to(nginx.port, pki)})
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"api": route_to(nginx.port, pki)},
+        )
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("api"))
             assert result.returncode == 0, result.stderr
@@ -48,10 +57,18 @@ def test_curl_through_a_route_reaches_nginx_with_our_certificate(pki: Pki, isola
 
 def test_http2_through_a_route_with_alpn(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file, http2=True) as nginx:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                              routes={"h2": route_to(nginx.port, pki, alpn=["h2"])})
+    with nginx_mtls(
+        tmp_path / "nginx",
+        server_cert=pki.server_cert,
+        server_key=pki.server_key,
+        client_ca=pki.client_ca_file,
+        http2=True,
+    ) as nginx:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"h2": route_to(nginx.port, pki, alpn=["h2"])},
+        )
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("h2"), "/", "--http2-prior-knowledge")
     assert result.returncode == 0, result.stderr
@@ -63,10 +80,14 @@ def test_http2_through_a_route_with_alpn(pki: Pki, isolated_home: Path, tmp_path
 def test_redis_cli_ping_through_a_route(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
     redis_cli = require_binary("redis-cli")
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with redis_tls(tmp_path / "redis", server_cert=pki.server_cert, server_key=pki.server_key,
-                   client_ca=pki.client_ca_file) as redis:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                              routes={"cache": route_to(redis.port, pki)})
+    with redis_tls(
+        tmp_path / "redis", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as redis:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"cache": route_to(redis.port, pki)},
+        )
         with DaemonThread(config) as daemon:
             port = daemon.port("cache")
             ping = subprocess.run([redis_cli, "-p", str(port), "PING"], capture_output=True, text=True, timeout=20)
@@ -77,7 +98,9 @@ def test_redis_cli_ping_through_a_route(pki: Pki, isolated_home: Path, tmp_path:
             assert got.stdout.strip() == big
 
 
-def test_selection_at_the_server_newest_valid_certificate_among_many(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
+def test_selection_at_the_server_newest_valid_certificate_among_many(
+    pki: Pki, isolated_home: Path, tmp_path: Path
+) -> None:
     """Six and more candidates; nginx must see the newest valid one."""
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -85,16 +108,21 @@ def test_selection_at_the_server_newest_valid_certificate_among_many(pki: Pki, i
     t = now()
     pki.enroll(keystore, "dev", "older", not_before=t - timedelta(days=2), lifetime=timedelta(days=10))
     newest = pki.enroll(keystore, "dev", "newest", not_before=t - timedelta(hours=1), lifetime=timedelta(days=10))
-    pki.enroll(keystore, "dev", "newer-expired", not_before=t - timedelta(minutes=30), not_after=t - timedelta(minutes=2))
+    pki.enroll(
+        keystore, "dev", "newer-expired", not_before=t - timedelta(minutes=30), not_after=t - timedelta(minutes=2)
+    )
     pki.enroll(keystore, "dev", "not-yet-valid", not_before=t + timedelta(days=1), lifetime=timedelta(days=10))
-    pki.enroll(keystore, "dev", "server-only", not_before=t - timedelta(minutes=5), eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    pki.enroll(
+        keystore, "dev", "server-only", not_before=t - timedelta(minutes=5), eku=(ExtendedKeyUsageOID.SERVER_AUTH,)
+    )
     pki.enroll(keystore, "dev", "mismatch", not_before=t - timedelta(minutes=4))
     other = pki.client_ca.client("dev")
     (keystore / "dev" / "mismatch.key").write_bytes(key_pem(other.key))
     (keystore / "dev" / "corrupt.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n")
     pki.client_ca.client("dev", not_before=t - timedelta(minutes=3)).write_p12(keystore / "dev", "bundle.p12", b"right")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file) as nginx:
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none", "pkcs12_password_env": "TEST_P12_PASSWORD_UNSET"}},
@@ -120,10 +148,14 @@ def test_live_keystore_new_certificate_for_new_connections_old_connection_keeps_
 ) -> None:
     keystore = isolated_home / "keystore"
     first = pki.enroll(keystore, "dev", "first", not_before=now() - timedelta(hours=2))
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=pki.client_ca_file) as nginx:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                              routes={"api": route_to(nginx.port, pki)})
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"api": route_to(nginx.port, pki)},
+        )
         with DaemonThread(config) as daemon:
             port = daemon.port("api")
             with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
@@ -131,8 +163,11 @@ def test_live_keystore_new_certificate_for_new_connections_old_connection_keeps_
 
                 second = pki.enroll(keystore, "dev", "second", not_before=now() - timedelta(minutes=1))
                 wanted = f"{second.cert.serial_number:x}"
-                wait_until(lambda: daemon.status()["identities"]["dev"]["selected"]["serial"] == wanted,
-                           timeout=5, what="the daemon to select the new certificate")
+                wait_until(
+                    lambda: daemon.status()["identities"]["dev"]["selected"]["serial"] == wanted,
+                    timeout=5,
+                    what="the daemon to select the new certificate",
+                )
                 fresh = curl(port)
                 assert f"serial={second.serial_hex} " in fresh.stdout, fresh.stdout
                 # the connection opened before keeps its TLS session and its certificate
@@ -145,11 +180,15 @@ def test_large_transfer_is_intact_both_ways(pki: Pki, isolated_home: Path) -> No
 
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     payload = hashlib.sha256(b"seed").digest() * (32 * 1024 * 1024 // 32)
-    with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
-                           require_client_cert=True, mode="echo") as server:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-                              routes={"echo": route_to(server.port, pki)})
-        with DaemonThread(config) as daemon, socket.create_connection(("127.0.0.1", daemon.port("echo")), timeout=30) as sock:
+    with ScriptedTLSServer(
+        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
+    ) as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"echo": route_to(server.port, pki)},
+        )
+        with DaemonThread(config) as daemon, daemon.connect("echo", timeout=30) as sock:
             import threading
 
             received = bytearray()

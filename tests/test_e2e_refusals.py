@@ -6,6 +6,7 @@ server's application (nor its socket in plaintext), the reason is counted and lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -28,20 +29,27 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def run_refusal(
-    isolated_home: Path, pki: Pki, server: ScriptedTLSServer, server_name: str = "localhost",
+    isolated_home: Path,
+    pki: Pki,
+    server: ScriptedTLSServer,
+    server_name: str = "localhost",
 ) -> tuple[bytes, dict[str, Any]]:
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     config = write_config(
         isolated_home / "config.toml",
         identities={"dev": {"renew": "none"}},
-        routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}",
-                        "server_name": server_name, "ca_file": str(pki.server_ca_file)}},
+        routes={
+            "svc": {
+                "listen": "127.0.0.1:0",
+                "target": f"127.0.0.1:{server.port}",
+                "server_name": server_name,
+                "ca_file": str(pki.server_ca_file),
+            }
+        },
     )
-    with DaemonThread(config) as daemon, socket.create_connection(("127.0.0.1", daemon.port("svc")), timeout=10) as sock:
-        try:
+    with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the tunnel may already have closed us: also a refusal
             sock.sendall(SECRET)
-        except OSError:
-            pass  # the tunnel may already have closed us: also a refusal
         answer = recv_all(sock)
         status = daemon.status()["routes"]["svc"]
     assert SECRET not in server.raw_received
@@ -54,8 +62,9 @@ def serve(pki: Pki, leaf_paths: tuple[Path, Path], **kwargs: Any) -> ScriptedTLS
     return ScriptedTLSServer(cert=cert, key=key, mode="echo", **kwargs)
 
 
-def test_server_with_an_untrusted_ca_is_refused(pki: Pki, isolated_home: Path, tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_server_with_an_untrusted_ca_is_refused(
+    pki: Pki, isolated_home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rogue = CA("Rogue CA").server("localhost", "127.0.0.1").write_pair(tmp_path / "rogue", "s")
     with caplog.at_level(logging.WARNING, logger="sidecar"), serve(pki, rogue) as server:
         answer, status = run_refusal(isolated_home, pki, server)
@@ -68,17 +77,22 @@ def test_server_with_an_untrusted_ca_is_refused(pki: Pki, isolated_home: Path, t
 @pytest.mark.parametrize(
     ("names", "cn", "server_name"),
     [
-        (("other.example.test",), None, "localhost"),            # SAN lacks the name
-        ((), "localhost", "localhost"),                           # CN only: the CN is never used
-        (("*.example.test",), None, "a.b.example.test"),          # wildcard covers one label only
-        (("*.example.test",), None, "example.test"),              # nor the bare domain
-        (("api*.example.test",), None, "api1.example.test"),      # partial-label wildcards are refused
-        (("127.0.0.2",), None, "127.0.0.1"),                      # IP SAN must match the IP target
+        (("other.example.test",), None, "localhost"),  # SAN lacks the name
+        ((), "localhost", "localhost"),  # CN only: the CN is never used
+        (("*.example.test",), None, "a.b.example.test"),  # wildcard covers one label only
+        (("*.example.test",), None, "example.test"),  # nor the bare domain
+        (("api*.example.test",), None, "api1.example.test"),  # partial-label wildcards are refused
+        (("127.0.0.2",), None, "127.0.0.1"),  # IP SAN must match the IP target
     ],
     ids=["wrong-san", "cn-only", "wildcard-two-labels", "wildcard-bare-domain", "partial-wildcard", "wrong-ip"],
 )
 def test_server_certificate_without_our_name_is_refused(
-    pki: Pki, isolated_home: Path, tmp_path: Path, names: tuple[str, ...], cn: str | None, server_name: str,
+    pki: Pki,
+    isolated_home: Path,
+    tmp_path: Path,
+    names: tuple[str, ...],
+    cn: str | None,
+    server_name: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ips = [n for n in names if n[0].isdigit()]
@@ -99,11 +113,18 @@ def test_wildcard_matching_one_label_is_accepted(pki: Pki, isolated_home: Path, 
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     with serve(pki, paths) as server:
         config = write_config(
-            isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-            routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}",
-                            "server_name": "api.example.test", "ca_file": str(pki.server_ca_file)}},
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "svc": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "api.example.test",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
         )
-        with DaemonThread(config) as daemon, socket.create_connection(("127.0.0.1", daemon.port("svc")), timeout=10) as sock:
+        with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
             sock.sendall(b"ping\n")
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == b"ping\n"
@@ -111,15 +132,26 @@ def test_wildcard_matching_one_label_is_accepted(pki: Pki, isolated_home: Path, 
 
 @pytest.mark.parametrize("tls_version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls13", "tls12"])
 def test_server_that_demands_a_certificate_we_do_not_have(
-    pki: Pki, isolated_home: Path, tls_version: ssl.TLSVersion, caplog: pytest.LogCaptureFixture,
+    pki: Pki,
+    isolated_home: Path,
+    tls_version: ssl.TLSVersion,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The server trusts another client CA. With TLS 1.3 its refusal arrives after our side of
     the handshake has completed, as an alert: it must be reported, not be a silent close."""
     stranger = CA("Stranger Client CA").write_root(pki.folder / "stranger.pem")
-    with caplog.at_level(logging.WARNING, logger="sidecar"), ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=stranger, require_client_cert=True,
-        mode="hello", min_version=tls_version, max_version=tls_version,
-    ) as server:
+    with (
+        caplog.at_level(logging.WARNING, logger="sidecar"),
+        ScriptedTLSServer(
+            cert=pki.server_cert,
+            key=pki.server_key,
+            client_ca=stranger,
+            require_client_cert=True,
+            mode="hello",
+            min_version=tls_version,
+            max_version=tls_version,
+        ) as server,
+    ):
         answer, status = run_refusal(isolated_home, pki, server)
     assert answer == b""
     assert status["failures"] == {"server_rejected_certificate": 1}
@@ -133,11 +165,13 @@ def test_target_refusing_connections_is_counted_as_connect(pki: Pki, isolated_ho
         closed_port = probe.getsockname()[1]
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     config = write_config(
-        isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-        routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{closed_port}",
-                        "ca_file": str(pki.server_ca_file)}},
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={
+            "svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{closed_port}", "ca_file": str(pki.server_ca_file)}
+        },
     )
-    with DaemonThread(config) as daemon, socket.create_connection(("127.0.0.1", daemon.port("svc")), timeout=10) as sock:
+    with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
         assert recv_all(sock) == b""
         status = daemon.status()["routes"]["svc"]
     assert status["failures"] == {"connect": 1}
@@ -155,14 +189,78 @@ def test_plaintext_server_is_not_tls(pki: Pki, isolated_home: Path) -> None:
 def test_half_close_reaches_the_server_and_its_answer_comes_back(pki: Pki, isolated_home: Path) -> None:
     """Client EOF becomes TLS close_notify; the tunnel keeps reading the server's answer."""
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
-                           require_client_cert=True, mode="halfclose") as server:
+    with ScriptedTLSServer(
+        cert=pki.server_cert,
+        key=pki.server_key,
+        client_ca=pki.client_ca_file,
+        require_client_cert=True,
+        mode="halfclose",
+    ) as server:
         config = write_config(
-            isolated_home / "config.toml", identities={"dev": {"renew": "none"}},
-            routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}",
-                            "server_name": "localhost", "ca_file": str(pki.server_ca_file)}},
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "svc": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
         )
-        with DaemonThread(config) as daemon, socket.create_connection(("127.0.0.1", daemon.port("svc")), timeout=10) as sock:
+        with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
             sock.sendall(b"x" * 1000)
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == b"got 1000 bytes\n"
+
+
+def test_server_that_never_answers_the_handshake_times_out(pki: Pki, isolated_home: Path) -> None:
+    """The kernel accepts the TCP connection; nobody ever speaks TLS on it."""
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "svc": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{silent.getsockname()[1]}",
+                    "connect_timeout": "500ms",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
+        )
+        with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
+            assert recv_all(sock) == b""
+            status = daemon.status()["routes"]["svc"]
+    assert status["failures"] == {"timeout": 1}
+    assert "timed out" in status["last_error"]
+
+
+def test_one_tls_context_per_credential_not_per_connection(pki: Pki, isolated_home: Path) -> None:
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with ScriptedTLSServer(
+        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
+    ) as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "svc": {
+                    "listen": "127.0.0.1:0",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                }
+            },
+        )
+        with DaemonThread(config) as daemon:
+            for i in range(5):
+                with daemon.connect("svc", timeout=10) as sock:
+                    sock.sendall(b"%d" % i)
+                    sock.shutdown(socket.SHUT_WR)
+                    assert recv_all(sock) == b"%d" % i
+            assert daemon.call(lambda d: d.contexts.builds) == 1
+            assert daemon.status()["routes"]["svc"]["total_connections"] == 5

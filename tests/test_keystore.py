@@ -30,8 +30,7 @@ def test_newest_valid_wins_and_every_rejection_has_a_reason(ca: CA) -> None:
     expired = ca.client("dev", not_before=t - timedelta(minutes=30), not_after=t - timedelta(minutes=1))
     future = ca.client("dev", not_before=t + timedelta(days=2), lifetime=timedelta(days=10))
     mismatch = ca.client("dev", not_before=t - timedelta(minutes=10))
-    no_client_auth = ca.client("dev", not_before=t - timedelta(minutes=5),
-                               eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    no_client_auth = ca.client("dev", not_before=t - timedelta(minutes=5), eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
     p12 = ca.client("dev", not_before=t - timedelta(minutes=2))
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
@@ -59,8 +58,14 @@ def test_newest_valid_wins_and_every_rejection_has_a_reason(ca: CA) -> None:
     assert selection.selected.cert == newest.cert
     assert selection.selected.key_file == "b-newest.key"
     why = reasons(selection)
-    assert set(why) == {"c-expired.pem", "d-future.pem", "e-mismatch.pem",
-                        "f-server-only.pem", "g-corrupt.pem", "h-wrongpass.p12"}
+    assert set(why) == {
+        "c-expired.pem",
+        "d-future.pem",
+        "e-mismatch.pem",
+        "f-server-only.pem",
+        "g-corrupt.pem",
+        "h-wrongpass.p12",
+    }
     assert why["c-expired.pem"].startswith("expired 1 minute ago")
     assert why["d-future.pem"].startswith("not valid until ")
     assert "UTC" in why["d-future.pem"]
@@ -78,10 +83,7 @@ def test_ties_break_on_not_after_then_serial(ca: CA) -> None:
     short = ca.client("dev", not_before=start, lifetime=timedelta(days=1), serial=900)
     long = ca.client("dev", not_before=start, lifetime=timedelta(days=2), serial=100)
     long_higher = ca.client("dev", not_before=start, lifetime=timedelta(days=2), serial=200)
-    files = {
-        f"{i}.pem": leaf.chain_pem() + key_pem(leaf.key)
-        for i, leaf in enumerate([short, long_higher, long])
-    }
+    files = {f"{i}.pem": leaf.chain_pem() + key_pem(leaf.key) for i, leaf in enumerate([short, long_higher, long])}
     selection = select("dev", candidates_from_files(files, Secrets()), t)
     assert selection.selected is not None
     assert selection.selected.cert.serial_number == 200
@@ -90,8 +92,9 @@ def test_ties_break_on_not_after_then_serial(ca: CA) -> None:
 def test_no_usable_candidate_fails_closed_with_reasons(ca: CA) -> None:
     t = now()
     expired = ca.client("dev", not_before=t - timedelta(days=3), not_after=t - timedelta(days=2))
-    selection = select("dev", candidates_from_files(
-        {"old.pem": expired.chain_pem() + key_pem(expired.key)}, Secrets()), t)
+    selection = select(
+        "dev", candidates_from_files({"old.pem": expired.chain_pem() + key_pem(expired.key)}, Secrets()), t
+    )
     assert selection.selected is None
     assert "expired 2 days ago" in selection.why_unusable()
     assert "old.pem" in selection.why_unusable()
@@ -102,10 +105,13 @@ def test_selection_is_a_function_of_now(ca: CA) -> None:
     t = now()
     current = ca.client("dev", not_before=t - timedelta(days=1), lifetime=timedelta(days=10))
     upcoming = ca.client("dev", not_before=t + timedelta(hours=1), lifetime=timedelta(days=10))
-    candidates = candidates_from_files({
-        "current.pem": current.chain_pem() + key_pem(current.key),
-        "upcoming.pem": upcoming.chain_pem() + key_pem(upcoming.key),
-    }, Secrets())
+    candidates = candidates_from_files(
+        {
+            "current.pem": current.chain_pem() + key_pem(current.key),
+            "upcoming.pem": upcoming.chain_pem() + key_pem(upcoming.key),
+        },
+        Secrets(),
+    )
     assert select("dev", candidates, t).selected.cert == current.cert  # type: ignore[union-attr]
     later = select("dev", candidates, t + timedelta(hours=2))
     assert later.selected is not None and later.selected.cert == upcoming.cert
