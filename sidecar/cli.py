@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sidecar import __version__
 from sidecar.errors import ConfigError, SidecarError
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     ca = commands.add_parser("ca", help="the embedded development CA")
     ca_commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
     ca_commands.add_parser("export", help="print the dev CA certificate (PEM) for test servers to trust")
+    server = ca_commands.add_parser(
+        "server", help="issue a server certificate for a local test service (NAME.crt, NAME.key)"
+    )
+    server.add_argument(
+        "names", nargs="+", metavar="NAME", help="DNS names or IP addresses (the first names the files)"
+    )
+    server.add_argument("--out", default=".", help="folder to write into (default: the current folder)")
+    server.add_argument("--lifetime", default="30d", help="e.g. 30d (default)")
 
     identity = commands.add_parser("identity", help="identities in the keystore")
     identity_commands = identity.add_subparsers(dest="identity_command", metavar="IDENTITY_COMMAND", required=True)
@@ -93,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.single import run_tunnel
 
             return run_tunnel(args)
+        if args.command == "ca" and args.ca_command == "server":
+            return _cmd_ca_server(places, args)
         if args.command == "ca":
             return _cmd_ca_export(places)
         if args.command == "identity":
@@ -142,6 +153,27 @@ def _cmd_ca_export(places: Places) -> int:
 
     ca = load_or_create_ca(places.ca, datetime.now(UTC))
     sys.stdout.write(ca.cert_pem.decode())
+    return EXIT_OK
+
+
+def _cmd_ca_server(places: Places, args: argparse.Namespace) -> int:
+    from sidecar.devca import load_or_create_ca
+    from sidecar.files import PRIVATE_FILE_MODE, atomic_write
+    from sidecar.units import parse_duration
+
+    try:
+        lifetime = parse_duration(args.lifetime)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="command line", field="--lifetime", value=args.lifetime) from exc
+    now = datetime.now(UTC)
+    issued = load_or_create_ca(places.ca, now).issue_server(args.names, timedelta(seconds=lifetime), now)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.names[0].replace("*", "wildcard").replace(":", "_")
+    atomic_write(out / f"{stem}.key", issued.key_pem(), PRIVATE_FILE_MODE)
+    atomic_write(out / f"{stem}.crt", issued.cert_pem(), 0o644)
+    print(f"wrote {out / (stem + '.crt')} (certificate and dev CA chain) and {out / (stem + '.key')} (mode 0600)")
+    print("clients verify it with the dev CA: mtls-sidecar ca export > dev-ca.pem")
     return EXIT_OK
 
 

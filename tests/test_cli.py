@@ -223,3 +223,18 @@ def test_tunnel_command_names_an_unreadable_cert_file(capsys: pytest.CaptureFixt
     assert code == 2
     err = capsys.readouterr().err
     assert "missing.crt" in err and "--cert" in err
+
+
+def test_ca_server_issues_a_certificate_for_a_local_test_service(
+    isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ca", "server", "localhost", "127.0.0.1", "--out", str(tmp_path / "srv")]) == 0
+    assert "localhost.crt" in capsys.readouterr().out
+    cert = x509.load_pem_x509_certificate((tmp_path / "srv" / "localhost.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert stat.S_IMODE((tmp_path / "srv" / "localhost.key").stat().st_mode) == 0o600
+    assert main(["ca", "export"]) == 0
+    ca = x509.load_pem_x509_certificate(capsys.readouterr().out.encode())
+    cert.verify_directly_issued_by(ca)
