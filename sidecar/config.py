@@ -1,0 +1,643 @@
+"""TOML text → frozen specs (identities, routes, settings).
+
+Pure apart from expanding `~` in paths: no files, sockets or clocks. Every error is a
+`ConfigError` that names the source, the line when it can be found, the dotted field, the bad
+value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from cryptography import x509
+
+from sidecar.errors import ConfigError
+from sidecar.units import parse_duration
+
+DEFAULT_LIFETIME = 7 * 86400.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_SHUTDOWN_GRACE = 5.0
+RENEW_PROVIDERS = ("local-ca", "acme", "command", "step-ca", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Keys the renewal providers read; here they are only checked to be known names.
+PROVIDER_OPTION_KEYS = (
+    "renew_at", "renew_before", "rekey", "prune_after",
+    "acme_directory", "acme_ca_file", "acme_email", "acme_identifiers", "acme_challenge",
+    "acme_http_port",
+    "renew_command", "renew_timeout",
+    "step_ca_url", "step_ca_root", "step_ca_provisioner", "step_ca_provisioner_key",
+    "step_ca_token_command",
+)  # fmt: skip
+
+_TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
+             "demo_service", "identities", "routes")  # fmt: skip
+_IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
+                  "issuer_ca_file", *PROVIDER_OPTION_KEYS)  # fmt: skip
+_ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
+               "connect_timeout", "unsafe_listen", "unsafe_skip_verify")  # fmt: skip
+_DEMO_KEYS = ("enabled", "listen")
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic downstream overflows
+_LOOPBACK_HINT = ("use 127.0.0.1:PORT, [::1]:PORT or unix:/path, "
+                  "or set unsafe_listen = true on this route")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a route listens: a TCP host and port, or a Unix socket path."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.kind == "unix" or self.host.lower() == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped.is_loopback
+        return ip.is_loopback
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    name: str
+    renew: str = "local-ca"
+    subject: str = ""
+    lifetime: float = DEFAULT_LIFETIME
+    pkcs12_password_env: str | None = None
+    key_password_env: str | None = None
+    issuer_ca_file: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    name: str
+    listen: ListenAddress
+    target_host: str
+    target_port: int
+    server_name: str
+    ca_file: Path | None = None
+    ca_dir: Path | None = None
+    identity: str | None = None
+    alpn: tuple[str, ...] = ()
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    unsafe_listen: bool = False
+    unsafe_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class DemoServiceSpec:
+    enabled: bool = False
+    listen: ListenAddress = ListenAddress("tcp", "127.0.0.1", 18443)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    active_identity: str
+    identities: Mapping[str, IdentitySpec]
+    routes: Mapping[str, RouteSpec]
+    demo_service: DemoServiceSpec
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log_level: str = "info"
+    keystore_dir: Path | None = None
+
+
+# --- addresses -------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def parse_listen(value: str, *, field: str, source: str, line: int | None = None) -> ListenAddress:
+    """Parse "127.0.0.1:8443", "[::1]:8443", "localhost:0" or "unix:/abs/path.sock"."""
+    try:
+        if value.startswith("unix:"):
+            return ListenAddress("unix", path=_unix_path(value[len("unix:"):]))
+        host, port = _split_host_port(value, "127.0.0.1:PORT, [::1]:PORT or unix:/path")
+        return ListenAddress("tcp", host, _port(port, low=0))
+    except _Invalid as exc:
+        raise ConfigError(str(exc), source=source, line=line, field=field, value=value,
+                          hint=exc.hint) from None
+
+
+def parse_target(value: str, *, field: str, source: str, line: int | None = None
+                 ) -> tuple[str, int]:
+    """Parse "host:port" or "[v6]:port" (port required, 1..65535) into (host, port)."""
+    try:
+        host, port = _split_host_port(value, "host:port, for example api.example.test:443")
+        return host, _port(port, low=1)
+    except _Invalid as exc:
+        raise ConfigError(str(exc), source=source, line=line, field=field, value=value,
+                          hint=exc.hint) from None
+
+
+def _split_host_port(value: str, example: str) -> tuple[str, str]:
+    if "://" in value:
+        raise _Invalid("an address has no scheme", f"write {example}")
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", value)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid("brackets hold an IPv6 address only", f"write {example}") from None
+    elif value.count(":") > 1:
+        raise _Invalid("an IPv6 address needs brackets", "write it as [::1]:PORT")
+    else:
+        host, sep, port = value.partition(":")
+        if not host:
+            raise _Invalid("missing host", f"write {example}")
+        _check_host(host)
+        port = port if sep else None
+    if not port:
+        raise _Invalid("missing port", f"write {example}")
+    return host, port
+
+
+def _check_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host):
+        raise _Invalid(f"{host} is not a valid IPv4 address")
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise _Invalid(f"{host!r} is not a valid host name or IP address")
+
+
+def _port(text: str, *, low: int) -> int:
+    if re.fullmatch(r"[0-9]{1,5}", text) and low <= int(text) <= 65535:
+        return int(text)
+    raise _Invalid(f"port must be a number from {low} to 65535")
+
+
+def _unix_path(text: str) -> str:
+    example = "write unix:/run/user/1000/mtls-sidecar/NAME.sock"
+    if not text:
+        raise _Invalid("missing socket path", example)
+    path = os.path.expanduser(text)
+    if not os.path.isabs(path) or "\0" in path:
+        raise _Invalid("a Unix socket path must be absolute", example)
+    limit = 107 if sys.platform.startswith("linux") else 103  # sun_path minus the NUL
+    if len(os.fsencode(path)) > limit:
+        raise _Invalid(f"a Unix socket path may be at most {limit} bytes long",
+                       "choose a shorter path")
+    return path
+
+
+def _bind_addresses(host: str) -> set[object]:
+    if host.lower() == "localhost":
+        return {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
+    try:
+        return {ipaddress.ip_address(host)}
+    except ValueError:
+        return {host.lower().rstrip(".")}
+
+
+def _clash(a: ListenAddress, b: ListenAddress) -> bool:
+    if a.kind != b.kind:
+        return False
+    if a.kind == "unix":
+        return os.path.normpath(a.path) == os.path.normpath(b.path)
+    if a.port == 0 or a.port != b.port:
+        return False
+    ours, theirs = _bind_addresses(a.host), _bind_addresses(b.host)
+    return bool(ours & theirs) or _wildcard_covers(ours, theirs) or _wildcard_covers(theirs, ours)
+
+
+def _wildcard_covers(wild: set[object], other: set[object]) -> bool:
+    return any(
+        isinstance(w, ipaddress.IPv4Address | ipaddress.IPv6Address) and w.is_unspecified
+        and any(type(o) is type(w) for o in other)
+        for w in wild
+    )
+
+
+# --- the document: where a field is, and errors that say so --------------------------------
+
+
+class _Doc:
+    """The raw text (to find a field's line), the source name and the folder for relative paths."""
+
+    def __init__(self, text: str, source: str, base_dir: Path | None) -> None:
+        self.lines = text.split("\n")
+        self.headers = [i for i, line in enumerate(self.lines) if re.match(r"\s*\[", line)]
+        self.source, self.base_dir = source, base_dir
+
+    def error(self, path: tuple[str, ...], message: str, value: object = None,
+              hint: str | None = None) -> ConfigError:
+        return ConfigError(message, source=self.source, line=self.line(path), field=_dotted(path),
+                           value=value, hint=hint)
+
+    def line(self, path: tuple[str, ...]) -> int | None:
+        """The table's header, else the key's line in the nearest table, else the nearest header."""
+        header = self._header(path)
+        if header is not None:
+            return header + 1
+        for split in range(len(path) - 1, -1, -1):
+            start = self._header(path[:split]) if split else -1
+            if start is None:
+                continue
+            end = next((i for i in self.headers if i > start), len(self.lines))
+            key = re.compile(rf"\s*{_dotted_pattern(path[split:])}\s*=")
+            found = next((i for i in range(start + 1, end) if key.match(self.lines[i])), None)
+            if found is not None:
+                return found + 1
+        headers = (self._header(path[:split]) for split in range(len(path) - 1, 0, -1))
+        return next((h + 1 for h in headers if h is not None), None)
+
+    def _header(self, table: tuple[str, ...]) -> int | None:
+        pattern = re.compile(rf"\s*\[\[?\s*{_dotted_pattern(table)}\s*\]")
+        return next((i for i in self.headers if pattern.match(self.lines[i])), None)
+
+
+def _dotted_pattern(parts: tuple[str, ...]) -> str:
+    quoted = (f"(?:{re.escape(p)}|\"{re.escape(p)}\"|'{re.escape(p)}')" for p in parts)
+    return r"\s*\.\s*".join(quoted)
+
+
+def _dotted(path: Sequence[str]) -> str:
+    return ".".join(_toml_key(p) for p in path)
+
+
+class _Table:
+    """One TOML table with its dotted path, and getters that raise precise ConfigErrors."""
+
+    def __init__(self, doc: _Doc, data: dict[str, Any], path: tuple[str, ...]) -> None:
+        self.doc, self.data, self.path = doc, data, path
+
+    def error(self, key: str, message: str, value: object = None,
+              hint: str | None = None) -> ConfigError:
+        return self.doc.error((*self.path, key), message, value, hint)
+
+    def check_keys(self, known: Sequence[str]) -> None:
+        for key in self.data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
+                raise self.error(key, "unknown key", hint=hint)
+
+    def typed(self, key: str, kind: type[T], expected: str) -> T | None:
+        value = self.data.get(key)
+        if value is None or isinstance(value, kind):
+            return value
+        raise self.error(key, f"expected {expected}, got {_toml_type(value)}", value)
+
+    def string(self, key: str) -> str | None:
+        return self.typed(key, str, "a string")
+
+    def boolean(self, key: str) -> bool:
+        return self.typed(key, bool, "true or false") or False
+
+    def choice(self, key: str, choices: Sequence[str], what: str, default: str) -> str:
+        value = self.string(key) or default
+        if value not in choices:
+            raise self.error(key, f"unknown {what}", value, hint="use one of: " + ", ".join(choices))
+        return value
+
+    def address(self, key: str, parser: Callable[..., T], example: str) -> T:
+        text = self.string(key)
+        if text is None:
+            raise self.error(key, "required key is missing", hint=f'add {key} = "{example}"')
+        line = self.doc.line((*self.path, key))
+        return parser(text, field=_dotted((*self.path, key)), source=self.doc.source, line=line)
+
+    def duration(self, key: str, default: float, *, positive: bool) -> float:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.error(key, f'expected a duration such as "10s" or "7d", got '
+                             f"{_toml_type(value)}", value)
+        try:
+            seconds = parse_duration(value)
+        except (ValueError, OverflowError) as exc:
+            raise self.error(key, str(exc), value) from None
+        if not math.isfinite(seconds) or seconds > _MAX_DURATION:
+            raise self.error(key, "duration is too long (at most 100 years)", value)
+        if positive and seconds <= 0:
+            raise self.error(key, "duration must be longer than zero", value)
+        return seconds
+
+    def file(self, key: str) -> Path | None:
+        text = self.string(key)
+        if text is None:
+            return None
+        if not text or "\0" in text:
+            raise self.error(key, "expected a file path", text)
+        expanded = os.path.expanduser(text)
+        if expanded.startswith("~"):
+            raise self.error(key, "cannot expand ~: no such user", text)
+        path = Path(expanded)
+        base = self.doc.base_dir
+        return base / path if base is not None and not path.is_absolute() else path
+
+    def tables(self, key: str) -> dict[str, _Table]:
+        """The named sub-tables [KEY.NAME], each NAME checked against [A-Za-z0-9_.-]+."""
+        outer = self.typed(key, dict, f"tables written as [{key}.NAME]") or {}
+        result: dict[str, _Table] = {}
+        for name, value in outer.items():
+            path = (*self.path, key, name)
+            if not _NAME.fullmatch(name) or set(name) == {"."}:
+                raise self.doc.error(path, "invalid name: use letters, digits, '_', '.' and '-'"
+                                     " (and not only dots)")
+            if not isinstance(value, dict):
+                raise self.doc.error(path, f"expected a table [{_dotted(path)}], got "
+                                     f"{_toml_type(value)}", value)
+            result[name] = _Table(self.doc, value, path)
+        return result
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a float",
+             list: "an array", dict: "a table"}  # fmt: skip
+    return names.get(type(value), "a date/time")
+
+
+# --- the schema --------------------------------------------------------------------------
+
+
+def load_config(path: Path) -> Config:
+    """Read a UTF-8 config file and parse it; relative paths resolve against its folder."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror or exc}",
+                          source=str(path), hint="check the path, or set MTLS_SIDECAR_CONFIG"
+                          ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the config file is not UTF-8 text", source=str(path),
+                          line=data.count(b"\n", 0, exc.start) + 1) from None
+    return parse_config(text, source=str(path), base_dir=path.absolute().parent)
+
+
+def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Parse TOML text into a frozen `Config`; relative paths resolve against `base_dir`."""
+    doc = _Doc(text, source, base_dir)
+    top = _Table(doc, _load_toml(text, source), ())
+    top.check_keys(_TOP_KEYS)
+    identities = {name: _parse_identity(t) for name, t in top.tables("identities").items()}
+    active = _active_identity(top, identities)
+    routes = {name: _parse_route(t, identities) for name, t in top.tables("routes").items()}
+    if routes and not identities:
+        raise doc.error(("routes", next(iter(routes))),
+                        "routes need an identity, but none is configured",
+                        hint='add for example [identities.dev] with renew = "local-ca"')
+    demo = _parse_demo(top)
+    _check_clashes(doc, routes, demo)
+    return Config(
+        source=source,
+        active_identity=active,
+        identities=MappingProxyType(identities),
+        routes=MappingProxyType(routes),
+        demo_service=demo,
+        shutdown_grace=top.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=False),
+        log_level=top.choice("log_level", LOG_LEVELS, "log level", "info"),
+        keystore_dir=top.file("keystore_dir"),
+    )
+
+
+def _load_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message, line = str(exc), None
+        where = _TOML_WHERE.search(message)
+        if where:
+            line = int(where.group(1))
+            message = f"{message[:where.start()]} (column {where.group(2)})"
+        elif message.endswith("(at end of document)"):
+            line = text.rstrip().count("\n") + 1
+            message = message.removesuffix("(at end of document)").rstrip()
+        raise ConfigError(f"invalid TOML: {message}", source=source, line=line) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: arrays or tables nested too deeply",
+                          source=source) from None
+
+
+def _parse_identity(t: _Table) -> IdentitySpec:
+    t.check_keys(_IDENTITY_KEYS)
+    return IdentitySpec(
+        name=t.path[-1],
+        renew=t.choice("renew", RENEW_PROVIDERS, "renewal provider", "local-ca"),
+        subject=_subject(t),
+        lifetime=t.duration("lifetime", DEFAULT_LIFETIME, positive=True),
+        pkcs12_password_env=_env_name(t, "pkcs12_password_env"),
+        key_password_env=_env_name(t, "key_password_env"),
+        issuer_ca_file=t.file("issuer_ca_file"),
+        options=MappingProxyType({k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}),
+    )
+
+
+def _subject(t: _Table) -> str:
+    subject = t.string("subject")
+    if subject is None:
+        return f"CN={t.path[-1]}"
+    hint = 'write for example "CN=dev,O=Example"'
+    try:
+        parsed = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise t.error("subject", f"not an RFC 4514 distinguished name{detail}", subject,
+                      hint=hint) from None
+    if len(parsed) == 0:
+        raise t.error("subject", "empty subject", subject, hint=hint)
+    return subject
+
+
+def _env_name(t: _Table, key: str) -> str | None:
+    value = t.string(key)
+    if value is not None and not _ENV_NAME.fullmatch(value):
+        # The value is left out of the error: people paste the password itself here.
+        raise t.error(key, "not an environment variable name (value not shown)",
+                      hint="name the variable that holds the password, never the password")
+    return value
+
+
+def _active_identity(top: _Table, identities: Mapping[str, IdentitySpec]) -> str:
+    known = ", ".join(identities) or "none configured"
+    name = top.string("active_identity")
+    if name is None and len(identities) > 1:
+        raise top.error("active_identity", "required when more than one identity is configured",
+                        hint=f"set it to one of: {known}")
+    if name is None:
+        return next(iter(identities), "")
+    if name not in identities:
+        raise top.error("active_identity", "unknown identity", name, hint=f"known: {known}")
+    return name
+
+
+def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
+    t.check_keys(_ROUTE_KEYS)
+    unsafe_listen = t.boolean("unsafe_listen")
+    listen = t.address("listen", parse_listen, "127.0.0.1:8443")
+    if not listen.is_loopback and not unsafe_listen:
+        raise t.error("listen", "not a loopback address", t.data["listen"], hint=_LOOPBACK_HINT)
+    target_host, target_port = t.address("target", parse_target, "api.example.test:443")
+    identity = t.string("identity")
+    if identity is not None and identity not in identities:
+        raise t.error("identity", "unknown identity", identity,
+                      hint="known: " + (", ".join(identities) or "none configured"))
+    return RouteSpec(
+        name=t.path[-1],
+        listen=listen,
+        target_host=target_host,
+        target_port=target_port,
+        server_name=_server_name(t) or target_host,
+        ca_file=t.file("ca_file"),
+        ca_dir=t.file("ca_dir"),
+        identity=identity,
+        alpn=_alpn(t),
+        connect_timeout=t.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True),
+        unsafe_listen=unsafe_listen,
+        unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
+    )
+
+
+def _server_name(t: _Table) -> str | None:
+    name = t.string("server_name")
+    try:
+        if name is not None:
+            _check_host(name)
+    except _Invalid as exc:
+        raise t.error("server_name", str(exc), name,
+                      hint="the DNS name or IP address the server's certificate is for") from None
+    return name
+
+
+def _alpn(t: _Table) -> tuple[str, ...]:
+    items = t.typed("alpn", list, 'an array of strings such as ["h2", "http/1.1"]') or []
+    for item in items:
+        if not isinstance(item, str) or not 0 < len(item.encode("utf-8", "surrogatepass")) < 256:
+            raise t.error("alpn", "each protocol must be a non-empty string of up to 255 bytes",
+                          item, hint='for example ["h2", "http/1.1"]')
+    return tuple(items)
+
+
+def _parse_demo(top: _Table) -> DemoServiceSpec:
+    raw = top.typed("demo_service", dict, "a table [demo_service]")
+    if raw is None:
+        return DemoServiceSpec()
+    t = _Table(top.doc, raw, ("demo_service",))
+    t.check_keys(_DEMO_KEYS)
+    if "listen" not in raw:
+        return DemoServiceSpec(enabled=t.boolean("enabled"))
+    listen = t.address("listen", parse_listen, "127.0.0.1:18443")
+    if listen.kind != "tcp" or not listen.is_loopback:
+        raise t.error("listen", "the demo service listens on loopback TCP only", raw["listen"],
+                      hint="use 127.0.0.1:PORT or [::1]:PORT")
+    return DemoServiceSpec(enabled=t.boolean("enabled"), listen=listen)
+
+
+def _check_clashes(doc: _Doc, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
+    taken = [("the demo service", demo.listen)] if demo.enabled else []
+    for route in routes.values():
+        for owner, listen in taken:
+            if _clash(route.listen, listen):
+                raise doc.error(("routes", route.name, "listen"), f"route clash: route "
+                                f"{route.name} and {owner} both listen on {listen}",
+                                str(route.listen), hint="give each its own port or socket path")
+        taken.append((f"route {route.name}", route.listen))
+
+
+# --- first run ---------------------------------------------------------------------------
+
+
+def default_config_text(*, user: str, ca_file: Path, route_port: int, demo_port: int) -> str:
+    """A commented config for a first run: one identity, the demo service and a demo route."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", user).strip("-.") or "dev"
+    key, quoted = _toml_key(name), _toml_string(name)
+    ca = _toml_string(str(ca_file if ca_file.is_absolute() else ca_file.absolute()))
+    return f"""\
+# mtls-sidecar configuration (TOML), written on first run. Edit freely.
+# Durations take a unit: "500ms", "10s", "2m", "1h", "7d".
+
+# The identity used by routes that name none.
+active_identity = {quoted}
+# debug, info, warning or error
+log_level = "info"
+# How long open connections may finish on shutdown.
+shutdown_grace = "5s"
+
+# An identity is a named series of client certificates, kept in <keystore>/<name>/;
+# the newest usable one is presented. renew chooses who issues the next one:
+# local-ca (the embedded development CA), acme, command, step-ca or none.
+[identities.{key}]
+renew = "local-ca"
+subject = "CN={name}"
+lifetime = "7d"
+
+# A built-in mTLS HTTP service to try the sidecar against.
+[demo_service]
+enabled = true
+listen = "127.0.0.1:{demo_port}"
+
+# A route: a plaintext listener on this machine, tunnelled to a mutual-TLS service.
+# Try it: curl http://127.0.0.1:{route_port}/
+[routes.demo]
+listen = "127.0.0.1:{route_port}"
+target = "127.0.0.1:{demo_port}"
+ca_file = {ca}
+
+# A route to a real service looks like this (listen: loopback host:port, "[::1]:port" or
+# "unix:/path"; server_name defaults to the target's host; without ca_file or ca_dir the
+# system trust store is used; identity defaults to active_identity):
+# [routes.api]
+# listen = "127.0.0.1:8443"
+# target = "api.example.test:443"
+# server_name = "api.example.test"
+# ca_file = "/path/to/api-ca.pem"
+# identity = {quoted}
+# alpn = ["h2", "http/1.1"]
+# connect_timeout = "10s"
+"""
+
+
+def _toml_key(name: str) -> str:
+    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
+
+
+def _toml_string(text: str) -> str:
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+               "\r": "\\r"}  # fmt: skip
+    out = (escapes.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in text)
+    return '"' + "".join(out) + '"'
