@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mtls-sidecar {__version__}")
-    parser.add_argument("--home", help="keep config, keystore, CA, logs and socket under this folder")
-    parser.add_argument("--config", help="config file (default: in the config folder)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_common_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(home=None, config=None, log_level=None)
+    # The same options after the command name too (`mtls-sidecar run --config F`).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, argparse.SUPPRESS)
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), common)
 
     commands.add_parser("run", help="run the daemon in the foreground", epilog=EPILOG)
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ca = commands.add_parser("ca", help="the embedded development CA")
-    ca_commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
+    ca_commands = commands.add_subparsers(ca, dest="ca_command", metavar="CA_COMMAND")
     ca_commands.add_parser("export", help="print the dev CA certificate (PEM) for test servers to trust")
     server = ca_commands.add_parser(
         "server", help="issue a server certificate for a local test service (NAME.crt, NAME.key)"
@@ -83,12 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--lifetime", default="30d", help="e.g. 30d (default)")
 
     identity = commands.add_parser("identity", help="identities in the keystore")
-    identity_commands = identity.add_subparsers(dest="identity_command", metavar="IDENTITY_COMMAND", required=True)
+    identity_commands = commands.add_subparsers(identity, dest="identity_command", metavar="IDENTITY_COMMAND")
     new = identity_commands.add_parser("new", help="issue a certificate from the dev CA into the keystore")
     new.add_argument("name")
     new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
     new.add_argument("--subject", help='RFC 4514 subject (default: the identity\'s, else "CN=NAME")')
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--home", default=default, help="keep config, keystore, CA, logs and socket under this folder")
+    parser.add_argument("--config", default=default, help="config file (default: in the config folder)")
+    parser.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+
+
+class _Commands:
+    """Sub-command factory that gives every sub-command the common options."""
+
+    def __init__(
+        self, action: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+    ) -> None:
+        self._action = action
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self._action.add_parser(name, parents=[self._common], **kwargs)  # type: ignore[arg-type]
+
+    def add_subparsers(self, parser: argparse.ArgumentParser, dest: str, metavar: str) -> _Commands:
+        return _Commands(parser.add_subparsers(dest=dest, metavar=metavar, required=True), self._common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
