@@ -16,6 +16,7 @@ from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca, write_credential
 from sidecar.errors import LocalSetupError
+from sidecar.files import ensure_private_dir
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.paths import Places
@@ -58,6 +59,7 @@ class Daemon:
             await self._start_demo(now)
         for route in self.config.routes.values():
             await self._start_route(route)
+        ensure_private_dir(self.keystore)
         self._watch = FolderWatch(self.keystore, asyncio.get_running_loop(), self.keystore_changed)
         self._watch.start()
         self._schedule_clock_refresh()

@@ -11,6 +11,7 @@ from typing import Any
 import tomlkit
 
 from tests.pki import CA, Leaf
+from tests.tlsserver import ScriptedTLSServer
 
 
 @dataclass
@@ -108,3 +109,34 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+def route_to(pki: Pki, port: int, **extra: Any) -> dict[str, Any]:
+    """A route from an OS-chosen loopback port to a test server that holds `pki.server`."""
+    return {
+        "listen": "127.0.0.1:0",
+        "target": f"127.0.0.1:{port}",
+        "server_name": "localhost",
+        "ca_file": str(pki.server_ca_file),
+        **extra,
+    }
+
+
+def one_route_config(home: Path, pki: Pki, port: int, name: str = "svc", **extra: Any) -> Path:
+    """config.toml with identity `dev` (no renewal) and one route `name` to 127.0.0.1:`port`."""
+    top = {k: extra.pop(k) for k in list(extra) if k in ("shutdown_grace", "log_level")}
+    return write_config(
+        home / "config.toml", identities={"dev": {"renew": "none"}}, routes={name: route_to(pki, port, **extra)}, **top
+    )
+
+
+def mtls_server(pki: Pki, mode: str = "echo", **kwargs: Any) -> ScriptedTLSServer:
+    """A scripted TLS server holding `pki.server` that requires a client certificate from `pki.client_ca`."""
+    return ScriptedTLSServer(
+        cert=pki.server_cert,
+        key=pki.server_key,
+        client_ca=pki.client_ca_file,
+        require_client_cert=True,
+        mode=mode,
+        **kwargs,
+    )

@@ -12,7 +12,7 @@ import pytest
 from sidecar.cli import main
 from tests.daemon_runner import DaemonThread
 from tests.pki import now
-from tests.scenario import Pki, recv_all, write_config
+from tests.scenario import Pki, mtls_server, one_route_config, recv_all, write_config
 from tests.tlsserver import ScriptedTLSServer
 
 
@@ -102,18 +102,7 @@ def test_identity_with_only_malformed_or_expired_files_refuses_connections(
         not_after=now() - timedelta(days=2),
     )
     with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, mode="echo") as server:
-        config = write_config(
-            isolated_home / "config.toml",
-            identities={"dev": {"renew": "none"}},
-            routes={
-                "api": {
-                    "listen": "127.0.0.1:0",
-                    "target": f"127.0.0.1:{server.port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki.server_ca_file),
-                }
-            },
-        )
+        config = one_route_config(isolated_home, pki, server.port, "api")
         with caplog.at_level(logging.WARNING, logger="sidecar"), DaemonThread(config) as daemon:
             with daemon.connect("api", timeout=10) as sock:
                 assert recv_all(sock) == b""
@@ -132,21 +121,8 @@ def test_identity_with_only_malformed_or_expired_files_refuses_connections(
 def test_a_half_written_certificate_never_replaces_a_usable_one(pki: Pki, isolated_home: Path) -> None:
     keystore = isolated_home / "keystore"
     good = pki.enroll(keystore, "dev", "good")
-    with ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
-    ) as server:
-        config = write_config(
-            isolated_home / "config.toml",
-            identities={"dev": {"renew": "none"}},
-            routes={
-                "api": {
-                    "listen": "127.0.0.1:0",
-                    "target": f"127.0.0.1:{server.port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki.server_ca_file),
-                }
-            },
-        )
+    with mtls_server(pki, mode="echo") as server:
+        config = one_route_config(isolated_home, pki, server.port, "api")
         with DaemonThread(config) as daemon:
             newer = pki.client_ca.client("dev", not_before=now())
             # a newer certificate cut short, and a complete one whose key has not arrived yet

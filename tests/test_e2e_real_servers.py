@@ -13,23 +13,13 @@ import pytest
 from tests.daemon_runner import DaemonThread
 from tests.pki import key_pem, now
 from tests.realservers import nginx_mtls, redis_tls, require_binary
-from tests.scenario import Pki, curl, http_get_on, write_config
+from tests.scenario import Pki, curl, http_get_on, mtls_server, route_to, write_config
 from tests.waiting import wait_until
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path / "pki")
-
-
-def route_to(port: int, pki: Pki, **extra: object) -> dict[str, object]:
-    return {
-        "listen": "127.0.0.1:0",
-        "target": f"127.0.0.1:{port}",
-        "server_name": "localhost",
-        "ca_file": str(pki.server_ca_file),
-        **extra,
-    }
 
 
 def test_curl_through_a_route_reaches_nginx_with_our_certificate(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
@@ -40,7 +30,7 @@ def test_curl_through_a_route_reaches_nginx_with_our_certificate(pki: Pki, isola
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}},
-            routes={"api": route_to(nginx.port, pki)},
+            routes={"api": route_to(pki, nginx.port)},
         )
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("api"))
@@ -67,7 +57,7 @@ def test_http2_through_a_route_with_alpn(pki: Pki, isolated_home: Path, tmp_path
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}},
-            routes={"h2": route_to(nginx.port, pki, alpn=["h2"])},
+            routes={"h2": route_to(pki, nginx.port, alpn=["h2"])},
         )
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("h2"), "/", "--http2-prior-knowledge")
@@ -86,7 +76,7 @@ def test_redis_cli_ping_through_a_route(pki: Pki, isolated_home: Path, tmp_path:
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}},
-            routes={"cache": route_to(redis.port, pki)},
+            routes={"cache": route_to(pki, redis.port)},
         )
         with DaemonThread(config) as daemon:
             port = daemon.port("cache")
@@ -126,7 +116,7 @@ def test_selection_at_the_server_newest_valid_certificate_among_many(
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none", "pkcs12_password_env": "TEST_P12_PASSWORD_UNSET"}},
-            routes={"api": route_to(nginx.port, pki)},
+            routes={"api": route_to(pki, nginx.port)},
         )
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("api"))
@@ -154,7 +144,7 @@ def test_live_keystore_new_certificate_for_new_connections_old_connection_keeps_
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}},
-            routes={"api": route_to(nginx.port, pki)},
+            routes={"api": route_to(pki, nginx.port)},
         )
         with DaemonThread(config) as daemon:
             port = daemon.port("api")
@@ -176,17 +166,14 @@ def test_live_keystore_new_certificate_for_new_connections_old_connection_keeps_
 
 def test_large_transfer_is_intact_both_ways(pki: Pki, isolated_home: Path) -> None:
     """32 MiB through an echo server: backpressure must not drop or reorder bytes."""
-    from tests.tlsserver import ScriptedTLSServer
 
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     payload = hashlib.sha256(b"seed").digest() * (32 * 1024 * 1024 // 32)
-    with ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
-    ) as server:
+    with mtls_server(pki, mode="echo") as server:
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}},
-            routes={"echo": route_to(server.port, pki)},
+            routes={"echo": route_to(pki, server.port)},
         )
         with DaemonThread(config) as daemon, daemon.connect("echo", timeout=30) as sock:
             import threading

@@ -17,7 +17,7 @@ import pytest
 
 from tests.daemon_runner import DaemonThread
 from tests.pki import CA
-from tests.scenario import Pki, recv_all, write_config
+from tests.scenario import Pki, mtls_server, one_route_config, recv_all, write_config
 from tests.tlsserver import ScriptedTLSServer
 
 SECRET = b"PLAINTEXT-SECRET-must-not-leak"
@@ -196,18 +196,7 @@ def test_half_close_reaches_the_server_and_its_answer_comes_back(pki: Pki, isola
         require_client_cert=True,
         mode="halfclose",
     ) as server:
-        config = write_config(
-            isolated_home / "config.toml",
-            identities={"dev": {"renew": "none"}},
-            routes={
-                "svc": {
-                    "listen": "127.0.0.1:0",
-                    "target": f"127.0.0.1:{server.port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki.server_ca_file),
-                }
-            },
-        )
+        config = one_route_config(isolated_home, pki, server.port, "svc")
         with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
             sock.sendall(b"x" * 1000)
             sock.shutdown(socket.SHUT_WR)
@@ -241,21 +230,8 @@ def test_server_that_never_answers_the_handshake_times_out(pki: Pki, isolated_ho
 
 def test_one_tls_context_per_credential_not_per_connection(pki: Pki, isolated_home: Path) -> None:
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
-    ) as server:
-        config = write_config(
-            isolated_home / "config.toml",
-            identities={"dev": {"renew": "none"}},
-            routes={
-                "svc": {
-                    "listen": "127.0.0.1:0",
-                    "target": f"127.0.0.1:{server.port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki.server_ca_file),
-                }
-            },
-        )
+    with mtls_server(pki, mode="echo") as server:
+        config = one_route_config(isolated_home, pki, server.port, "svc")
         with DaemonThread(config) as daemon:
             for i in range(5):
                 with daemon.connect("svc", timeout=10) as sock:

@@ -7,34 +7,15 @@ import stat
 from pathlib import Path
 
 from tests.daemon_runner import DaemonThread
-from tests.scenario import Pki, recv_all, write_config
-from tests.tlsserver import ScriptedTLSServer
+from tests.scenario import Pki, mtls_server, one_route_config, recv_all
 from tests.waiting import wait_until
-
-
-def echo_config(home: Path, pki: Pki, port: int, listen: str = "127.0.0.1:0", **top: object) -> Path:
-    return write_config(
-        home / "config.toml",
-        identities={"dev": {"renew": "none"}},
-        routes={
-            "svc": {
-                "listen": listen,
-                "target": f"127.0.0.1:{port}",
-                "server_name": "localhost",
-                "ca_file": str(pki.server_ca_file),
-            }
-        },
-        **top,
-    )
 
 
 def test_stop_refuses_new_connections_and_lets_open_ones_finish(isolated_home: Path, tmp_path: Path) -> None:
     pki = Pki.create(tmp_path / "pki")
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
-    with ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
-    ) as server:
-        runner = DaemonThread(echo_config(isolated_home, pki, server.port, shutdown_grace="20s"))
+    with mtls_server(pki, mode="echo") as server:
+        runner = DaemonThread(one_route_config(isolated_home, pki, server.port, shutdown_grace="20s"))
         with runner:
             port = runner.port("svc")
             held = runner.connect("svc")
@@ -63,10 +44,8 @@ def test_unix_socket_route_is_owner_only(isolated_home: Path, tmp_path: Path) ->
     pki.enroll(isolated_home / "keystore", "dev", "dev-1")
     path = tmp_path / "run" / "svc.sock"
     path.parent.mkdir()
-    with ScriptedTLSServer(
-        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
-    ) as server:
-        with DaemonThread(echo_config(isolated_home, pki, server.port, listen=f"unix:{path}")):
+    with mtls_server(pki, mode="echo") as server:
+        with DaemonThread(one_route_config(isolated_home, pki, server.port, listen=f"unix:{path}")):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(10)
