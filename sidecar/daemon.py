@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,18 @@ from sidecar import __version__
 from sidecar.config import Config, RouteSpec
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
-from sidecar.devca import DevCA, ca_paths, load_or_create_ca, write_credential
-from sidecar.errors import LocalSetupError
+from sidecar.devca import DevCA, ca_paths, load_or_create_ca
+from sidecar.errors import ConfigError, LocalSetupError
+from sidecar.events import EventBus
 from sidecar.files import ensure_private_dir
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.paths import Places
+from sidecar.renewal.providers import make_provider
+from sidecar.renewal.providers.base import ProviderContext, ProviderError
+from sidecar.renewal.scheduler import IdentityRenewer
+from sidecar.renewal.state import State
+from sidecar.renewal.timing import clock_jumped
 from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import RouteListener
 from sidecar.watch import FolderWatch
@@ -27,6 +35,12 @@ from sidecar.watch import FolderWatch
 log = logging.getLogger("sidecar.daemon")
 
 MAX_RESELECT_INTERVAL = 3600.0
+# How long a new connection may wait for an enrollment, or for a renewal that fell due while
+# the machine slept, before it is served with what there is (or refused).
+ROUTE_WAIT_SECONDS = 5.0
+# How long start-up waits for enrollments before opening routes.
+STARTUP_ENROLL_WAIT = 15.0
+CLOCK_TICK_SECONDS = 30.0
 
 
 class Daemon:
@@ -44,6 +58,10 @@ class Daemon:
         self.ca: DevCA | None = None
         self._watch: FolderWatch | None = None
         self._clock_timer: asyncio.TimerHandle | None = None
+        self.events = EventBus()
+        self.renewers: dict[str, IdentityRenewer] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clock_mark = (datetime.now(UTC), time.monotonic())
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -53,16 +71,18 @@ class Daemon:
         now = datetime.now(UTC)
         if self.config.demo_service.enabled or any(s.renew == "local-ca" for s in self.config.identities.values()):
             self.ca = load_or_create_ca(self.places.ca, now)
+        ensure_private_dir(self.keystore)
         self.book.refresh(now)
-        self._enroll_missing(now)
+        self._start_renewers()
+        await self._wait_for_enrollments()
         if self.config.demo_service.enabled:
             await self._start_demo(now)
         for route in self.config.routes.values():
             await self._start_route(route)
-        ensure_private_dir(self.keystore)
         self._watch = FolderWatch(self.keystore, asyncio.get_running_loop(), self.keystore_changed)
         self._watch.start()
         self._schedule_clock_refresh()
+        self._spawn(self._watch_clock(), "clock watch")
         self.ready.set()
 
     async def run_until_stopped(self) -> None:
@@ -82,6 +102,9 @@ class Daemon:
     async def shutdown(self) -> None:
         if self._clock_timer is not None:
             self._clock_timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -92,15 +115,33 @@ class Daemon:
 
     # --- pieces of start-up
 
-    def _enroll_missing(self, now: datetime) -> None:
-        """Issue a first certificate from the dev CA to local-ca identities that have none."""
+    def _start_renewers(self) -> None:
+        context = ProviderContext(keystore=self.keystore, dev_ca=self.ca)
         for name, spec in self.config.identities.items():
-            if spec.renew != "local-ca" or self.book.selection(name).usable or self.ca is None:
-                continue
-            issued = self.ca.issue_client(spec.subject, timedelta(seconds=spec.lifetime), now)
-            path = write_credential(self.book.folder(name), issued, now)
-            log.info("identity %s had no usable certificate; the dev CA issued %s", name, path)
-        self.book.refresh(now)
+            try:
+                provider = make_provider(spec, context)
+                if provider is None:
+                    continue
+                renewer = IdentityRenewer(spec, provider, self.book, self.events)
+            except (ProviderError, ValueError) as exc:
+                raise ConfigError(str(exc), source=self.config.source, field=f"identities.{name}") from exc
+            self.renewers[name] = renewer
+            self._spawn(renewer.run(), f"renewal of {name}")
+
+    async def _wait_for_enrollments(self) -> None:
+        """Identities with a provider and nothing usable get a certificate before routes open."""
+        pending = [r for name, r in self.renewers.items() if not self.book.selection(name).usable]
+        if pending:
+            await asyncio.gather(*(r.settle(STARTUP_ENROLL_WAIT) for r in pending))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %r stopped: %s", task.get_name(), task.exception(), exc_info=task.exception())
 
     async def _start_demo(self, now: datetime) -> None:
         assert self.ca is not None
@@ -143,12 +184,52 @@ class Daemon:
     def identity_for(self, route: RouteSpec) -> str:
         return route.identity or self.active_identity
 
-    def selection_for(self, route: RouteSpec) -> Selection:
+    def current_selection(self, route: RouteSpec) -> Selection:
         return self.book.selection(self.identity_for(route))
 
+    async def selection_for(self, route: RouteSpec) -> Selection:
+        """What a new connection on `route` presents; may wait briefly for enrollment or a due renewal."""
+        identity = self.identity_for(route)
+        jumped = self._check_clock()
+        renewer = self.renewers.get(identity)
+        if renewer is not None and (jumped or not self.book.selection(identity).usable):
+            await renewer.settle(ROUTE_WAIT_SECONDS)
+        return self.book.selection(identity)
+
     def keystore_changed(self) -> None:
-        self.book.refresh()
+        for change in self.book.refresh():
+            after = describe_certificate(change.after)
+            self.events.publish("certificate.selected", identity=change.identity, certificate=after)
+        for renewer in self.renewers.values():
+            renewer.wake()
         self._schedule_clock_refresh()
+
+    def request_renewal(self, identity: str) -> None:
+        renewer = self.renewers.get(identity)
+        if renewer is None:
+            raise LocalSetupError(f'identity {identity!r} has no renewal provider (renew = "none")')
+        renewer.renew_now()
+
+    def _check_clock(self) -> bool:
+        """Notice a wall-clock jump (sleep, clock change) and re-plan everything at once."""
+        wall, mono = datetime.now(UTC), time.monotonic()
+        before_wall, before_mono = self._clock_mark
+        self._clock_mark = (wall, mono)
+        if not clock_jumped(before_wall, before_mono, wall, mono):
+            return False
+        log.info(
+            "the wall clock jumped by %s (sleep or clock change): re-checking certificates",
+            (wall - before_wall) - timedelta(seconds=mono - before_mono),
+        )
+        self.keystore_changed()
+        return True
+
+    async def _watch_clock(self) -> None:
+        # A monotonic timer does not run while the machine sleeps, so nothing can wake us on
+        # resume: a slow tick compares the two clocks. New connections check inline as well.
+        while True:
+            await asyncio.sleep(CLOCK_TICK_SECONDS)
+            self._check_clock()
 
     def _schedule_clock_refresh(self) -> None:
         """Re-apply the keystore rule when a certificate expires or becomes valid.
@@ -187,7 +268,6 @@ class Daemon:
 
     def _identity_status(self, name: str) -> dict[str, Any]:
         selection = self.book.selection(name)
-        spec = self.config.identities[name]
         candidates = [{"file": r.candidate.file, "usable": False, "reason": r.reason} for r in selection.rejected]
         if selection.selected is not None:
             candidates.insert(0, {"file": selection.selected.file, "usable": True, "reason": None})
@@ -195,14 +275,30 @@ class Daemon:
             "selected": describe_certificate(selection.selected),
             "candidates": candidates,
             "folder": str(self.book.folder(name)),
-            "renewal": {
-                "provider": spec.renew,
-                "state": None,
+            "renewal": self._renewal_status(name, selection),
+            "problem": selection.why_unusable() or None,
+        }
+
+    def _renewal_status(self, name: str, selection: Selection) -> dict[str, Any]:
+        renewer = self.renewers.get(name)
+        if renewer is None:
+            state = State.VALID if selection.usable else State.EXPIRED
+            return {
+                "provider": "none",
+                "state": str(state),
                 "next_renewal_at": None,
                 "last_renewed_at": None,
                 "last_error": None,
-            },
-            "problem": selection.why_unusable() or None,
+                "consecutive_failures": 0,
+            }
+        status = renewer.status
+        return {
+            "provider": status.provider,
+            "state": str(status.state),
+            "next_renewal_at": rfc3339(status.next_renewal_at) if status.next_renewal_at else None,
+            "last_renewed_at": rfc3339(status.last_renewed_at) if status.last_renewed_at else None,
+            "last_error": status.last_error,
+            "consecutive_failures": status.consecutive_failures,
         }
 
     def _route_status(self, listener: RouteListener) -> dict[str, Any]:

@@ -206,14 +206,7 @@ def load_ca(ca_dir: Path) -> DevCA:
 
 
 def write_credential(folder: Path, issued: Issued, now: datetime) -> Path:
-    """Write `issued` into an identity folder as NAME.key + NAME.crt; returns the .crt path.
+    """Write `issued` into an identity folder (key first, each atomically); returns the .crt path."""
+    from sidecar.renewal.store import write_credential as write_files
 
-    The key goes first: a certificate file never appears without its key beside it, so the
-    keystore watch never sees a half credential from us.
-    """
-    ensure_private_dir(folder)
-    stem = f"{now.strftime('%Y%m%dT%H%M%SZ')}-{issued.cert.serial_number:x}"[:40]
-    atomic_write(folder / f"{stem}.key", issued.key_pem(), PRIVATE_FILE_MODE)
-    cert_path = folder / f"{stem}.crt"
-    atomic_write(cert_path, issued.cert_pem(), 0o644)
-    return cert_path
+    return write_files(folder, issued.cert, issued.cert_pem(), issued.key_pem(), now)

@@ -119,7 +119,11 @@ def run_tunnel(args: argparse.Namespace) -> int:
 
 async def _serve(route: RouteSpec, credentials: FlagCredentials) -> None:
     loop = asyncio.get_running_loop()
-    listener = RouteListener(route, lambda: credentials.current, ContextCache())
+
+    async def current() -> Selection:
+        return credentials.current
+
+    listener = RouteListener(route, current, ContextCache())
     await listener.start()
     watch = None
     if credentials.folder is not None:

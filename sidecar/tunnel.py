@@ -15,7 +15,7 @@ import logging
 import os
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sidecar import failures
@@ -46,7 +46,8 @@ class RouteCounters:
         self.last_error = failure.message
 
 
-SelectionSource = Callable[[], Selection]
+# Async so that a route can wait briefly for an enrollment or a due renewal to finish.
+SelectionSource = Callable[[], Awaitable[Selection]]
 
 
 class RouteListener:
@@ -183,7 +184,7 @@ class _PlainSide(asyncio.Protocol):
     async def _open_remote(self) -> None:
         listener = self.listener
         route = listener.route
-        selection = listener.selection()
+        selection = await listener.selection()
         if selection.selected is None:
             listener._record_failure(
                 failures.Failure(failures.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")

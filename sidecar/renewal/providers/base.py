@@ -1,0 +1,48 @@
+"""What every renewal provider is given and must return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from sidecar.config import IdentitySpec
+from sidecar.credentials import Candidate
+from sidecar.devca import DevCA
+
+
+class ProviderError(Exception):
+    """A provider could not issue; the message is one readable line (no secrets) for status and logs."""
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """Daemon-wide things providers may need."""
+
+    keystore: Path
+    dev_ca: DevCA | None = None
+
+
+@dataclass(frozen=True)
+class RenewalRequest:
+    identity: IdentitySpec
+    folder: Path  # the identity's keystore folder (providers may keep state in hidden files here)
+    current: Candidate | None  # the credential in use now; None when enrolling
+    now: datetime
+
+
+@dataclass(frozen=True)
+class NewCredential:
+    """PEM bytes as issued: the leaf first, then its chain; and the private key."""
+
+    cert_chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+class Provider(Protocol):
+    name: str
+
+    async def issue(self, request: RenewalRequest) -> NewCredential:
+        """Obtain a new certificate for `request.identity`. Raise ProviderError on failure."""
+        ...

@@ -1,0 +1,29 @@
+"""`renew = "local-ca"`: the embedded dev CA issues (new key unless `rekey = false`)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sidecar.config import IdentitySpec
+from sidecar.errors import KeystoreError
+from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
+
+
+class LocalCAProvider:
+    name = "local-ca"
+
+    def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
+        self.spec = spec
+        self.context = context
+        self.rekey = bool(spec.options.get("rekey", True))
+
+    async def issue(self, request: RenewalRequest) -> NewCredential:
+        ca = self.context.dev_ca
+        if ca is None:
+            raise ProviderError("the dev CA is not available")
+        key = None if self.rekey or request.current is None else request.current.key
+        try:
+            issued = ca.issue_client(self.spec.subject, timedelta(seconds=self.spec.lifetime), request.now, key=key)
+        except KeystoreError as exc:
+            raise ProviderError(str(exc)) from exc
+        return NewCredential(cert_chain_pem=issued.cert_pem(), key_pem=issued.key_pem())

@@ -1,0 +1,213 @@
+"""The renewer's decisions with an injected clock and real providers (dev CA, real commands)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import parse_config
+from sidecar.devca import DevCA, load_or_create_ca, write_credential
+from sidecar.events import EventBus
+from sidecar.identities import IdentityBook
+from sidecar.renewal.providers import make_provider
+from sidecar.renewal.providers.base import ProviderContext, ProviderError
+from sidecar.renewal.scheduler import IdentityRenewer
+from sidecar.renewal.state import State
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+def renewer_for(tmp_path: Path, identity_toml: str, clock: Clock, ca: DevCA | None = None) -> IdentityRenewer:
+    config = parse_config(f"[identities.dev]\n{identity_toml}\n", source="test.toml")
+    spec = config.identities["dev"]
+    book = IdentityBook(config.identities, tmp_path / "keystore")
+    book.refresh(clock())
+    provider = make_provider(spec, ProviderContext(keystore=tmp_path / "keystore", dev_ca=ca))
+    assert provider is not None
+    import random
+
+    return IdentityRenewer(spec, provider, book, EventBus(), clock=clock, rng=random.Random(7))
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> DevCA:
+    return load_or_create_ca(tmp_path / "ca", datetime.now(UTC))
+
+
+def test_enrolls_when_nothing_is_usable_then_waits_until_due(tmp_path: Path, ca: DevCA) -> None:
+    clock = Clock(datetime.now(UTC))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"\nlifetime = "3h"\nrenew_at = 0.5', clock, ca)
+    plan = renewer.plan(clock())
+    assert plan.due and plan.enrolling
+    assert renewer.status.state is State.EXPIRED
+    assert asyncio.run(renewer.attempt(enrolling=True))
+    assert renewer.status.state is State.VALID
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert is not None
+    assert selected.cert.subject.rfc4514_string() == "CN=dev"
+    assert renewer.events.history[-1]["type"] == "renewal.succeeded"
+    # the new key is private
+    key = Path(selected.key_file or "")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    # halfway through a 3 h life (minus up to 1/20 of jitter) it is due, not before
+    start = selected.cert.not_valid_before_utc
+    clock.now = start + timedelta(minutes=80)
+    assert not renewer.plan(clock()).due
+    clock.now = start + timedelta(minutes=91)
+    assert renewer.plan(clock()).due
+    assert renewer.status.state is State.RENEW_DUE
+    old_serial = selected.cert.serial_number
+    assert asyncio.run(renewer.attempt())
+    new = renewer.book.selection("dev").selected
+    assert new is not None and new.cert is not None and new.cert.serial_number != old_serial
+    assert new.cert.public_key() != selected.cert.public_key()  # rekey by default
+
+
+def test_rekey_false_keeps_the_key(tmp_path: Path, ca: DevCA) -> None:
+    clock = Clock(datetime.now(UTC))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"\nrekey = false', clock, ca)
+    assert asyncio.run(renewer.attempt(enrolling=True))
+    first = renewer.book.selection("dev").selected
+    clock.advance(timedelta(seconds=2))
+    renewer.renew_now()
+    assert renewer.plan(clock()).due
+    assert asyncio.run(renewer.attempt())
+    second = renewer.book.selection("dev").selected
+    assert first is not None and second is not None and first.cert is not None and second.cert is not None
+    assert first.cert.serial_number != second.cert.serial_number
+    assert first.cert.public_key() == second.cert.public_key()
+
+
+def script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "timeout", "reason"),
+    [
+        ("echo 'the CA said no' >&2; exit 3\n", "10s", "exited with status 3: the CA said no"),
+        ("exec sleep 30\n", "300ms", "did not finish within 0.3s"),
+        (
+            'echo garbage > "$MTLS_SIDECAR_OUT_CERT"; echo junk > "$MTLS_SIDECAR_OUT_KEY"\n',
+            "10s",
+            "not usable: not a PEM file",
+        ),
+        ("exit 0\n", "10s", "did not write MTLS_SIDECAR_OUT_CERT"),
+    ],
+    ids=["fails", "hangs", "garbage", "writes-nothing"],
+)
+def test_a_bad_command_leaves_the_current_certificate_and_backs_off(
+    tmp_path: Path, ca: DevCA, body: str, timeout: str, reason: str
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    prog = script(tmp_path, "renew.sh", body)
+    renewer = renewer_for(
+        tmp_path, f'renew = "command"\nrenew_command = ["{prog}"]\nrenew_timeout = "{timeout}"', clock, ca
+    )
+    issued = ca.issue_client("CN=dev", timedelta(hours=3), clock())
+    write_credential(tmp_path / "keystore" / "dev", issued, clock())
+    renewer.book.refresh(clock())
+    before = os.listdir(tmp_path / "keystore" / "dev")
+
+    renewer.renew_now()
+    assert renewer.plan(clock()).due
+    assert not asyncio.run(renewer.attempt())
+    assert renewer.status.state is State.FAILING
+    assert reason in (renewer.status.last_error or "")
+    assert os.listdir(tmp_path / "keystore" / "dev") == before  # nothing lost, nothing added
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert == issued.cert
+    event = renewer.events.history[-1]
+    assert event["type"] == "renewal.failed" and reason in event["error"]
+
+    # back-off: one minute after the first failure, ten after the second
+    assert not renewer.plan(clock() + timedelta(seconds=59)).due
+    assert renewer.plan(clock() + timedelta(seconds=61)).due
+
+
+def test_command_that_works_is_validated_and_accepted(tmp_path: Path, ca: DevCA) -> None:
+    """A real script using the openssl CLI and a test CA."""
+    clock = Clock(datetime.now(UTC))
+    from tests.pki import CA, key_pem
+
+    test_ca = CA("Command CA")
+    (tmp_path / "ca.pem").write_bytes(test_ca.root_pem())
+    (tmp_path / "ca.key").write_bytes(key_pem(test_ca.root_key))
+    (tmp_path / "ext.cnf").write_text("extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
+    prog = script(
+        tmp_path,
+        "issue.sh",
+        f"""set -e
+cd {tmp_path}
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$MTLS_SIDECAR_OUT_KEY" \\
+  -subj "/CN=$MTLS_SIDECAR_IDENTITY" -out req.csr 2>/dev/null
+openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf \\
+  -out "$MTLS_SIDECAR_OUT_CERT" 2>/dev/null
+echo "current=$MTLS_SIDECAR_CURRENT_CERT" > seen-env
+""",
+    )
+    renewer = renewer_for(tmp_path, f'renew = "command"\nrenew_command = ["{prog}"]', clock, ca)
+    clock.advance(timedelta(seconds=5))  # openssl stamps notBefore with the real time: keep the test clock ahead
+    assert asyncio.run(renewer.attempt(enrolling=True)), renewer.status.last_error
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert is not None
+    assert selected.cert.issuer.rfc4514_string() == "CN=Command CA"
+    assert (tmp_path / "seen-env").read_text() == "current=\n"  # enrolling: no current certificate
+    clock.advance(timedelta(seconds=2))
+    renewer.renew_now()
+    assert asyncio.run(renewer.attempt()), renewer.status.last_error
+    assert (tmp_path / "seen-env").read_text() == f"current={selected.file}\n"
+
+
+def test_command_config_errors(tmp_path: Path) -> None:
+    clock = Clock(datetime.now(UTC))
+    with pytest.raises(ProviderError, match="renew_command must be a non-empty list"):
+        renewer_for(tmp_path, 'renew = "command"\nrenew_command = "step ca renew"', clock)
+    with pytest.raises(ProviderError, match="renew_timeout"):
+        renewer_for(tmp_path, 'renew = "command"\nrenew_command = ["x"]\nrenew_timeout = "later"', clock)
+
+
+def test_a_certificate_dropped_in_by_hand_ends_a_failure_streak(tmp_path: Path, ca: DevCA) -> None:
+    clock = Clock(datetime.now(UTC))
+    prog = script(tmp_path, "fail.sh", "exit 1\n")
+    renewer = renewer_for(tmp_path, f'renew = "command"\nrenew_command = ["{prog}"]', clock, ca)
+    assert not asyncio.run(renewer.attempt(enrolling=True))
+    assert renewer.status.state is State.FAILING
+    write_credential(tmp_path / "keystore" / "dev", ca.issue_client("CN=dev", timedelta(days=3), clock()), clock())
+    renewer.book.refresh(clock())
+    plan = renewer.plan(clock())
+    assert renewer.status.state is State.VALID and renewer.status.consecutive_failures == 0
+    assert not plan.due
+
+
+def test_expired_credentials_are_pruned_after_the_grace_but_never_the_last(tmp_path: Path, ca: DevCA) -> None:
+    clock = Clock(datetime.now(UTC))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"\nprune_after = "1h"\nlifetime = "1d"', clock, ca)
+    folder = tmp_path / "keystore" / "dev"
+    long_gone = ca.issue_client("CN=dev", timedelta(hours=1), clock() - timedelta(hours=5))
+    recently = ca.issue_client("CN=dev", timedelta(hours=1), clock() - timedelta(minutes=90))
+    old_path = write_credential(folder, long_gone, clock() - timedelta(hours=5))
+    recent_path = write_credential(folder, recently, clock() - timedelta(minutes=90))
+    renewer.book.refresh(clock())
+    assert renewer.book.selection("dev").selected is None
+    assert asyncio.run(renewer.attempt(enrolling=True))
+    assert not old_path.exists() and not old_path.with_suffix(".key").exists()  # expired 4 h ago > 1 h
+    assert recent_path.exists()  # expired 30 min ago < 1 h grace
