@@ -225,7 +225,7 @@ def _cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
         f"issued {subject} serial {issued.cert.serial_number:x}, expires "
         f"{issued.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
     )
-    print(f"wrote {path} (key beside it, mode 0600)")
+    print(f"wrote {path} (certificate, chain and key; mode 0600)")
     if spec is None:
         print(
             f"note: identity {args.name!r} is not in {places.config_file}; add an "

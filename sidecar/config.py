@@ -56,8 +56,7 @@ _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic downstream overflows
-_LOOPBACK_HINT = ("use 127.0.0.1:PORT, [::1]:PORT or unix:/path, "
-                  "or set unsafe_listen = true on this route")
+_LOOPBACK_HINT = "use 127.0.0.1:PORT, [::1]:PORT or unix:/path, or set unsafe_listen = true on this route"
 
 T = TypeVar("T")
 
@@ -148,23 +147,20 @@ def parse_listen(value: str, *, field: str, source: str, line: int | None = None
     """Parse "127.0.0.1:8443", "[::1]:8443", "localhost:0" or "unix:/abs/path.sock"."""
     try:
         if value.startswith("unix:"):
-            return ListenAddress("unix", path=_unix_path(value[len("unix:"):]))
+            return ListenAddress("unix", path=_unix_path(value[len("unix:") :]))
         host, port = _split_host_port(value, "127.0.0.1:PORT, [::1]:PORT or unix:/path")
         return ListenAddress("tcp", host, _port(port, low=0))
     except _Invalid as exc:
-        raise ConfigError(str(exc), source=source, line=line, field=field, value=value,
-                          hint=exc.hint) from None
+        raise ConfigError(str(exc), source=source, line=line, field=field, value=value, hint=exc.hint) from None
 
 
-def parse_target(value: str, *, field: str, source: str, line: int | None = None
-                 ) -> tuple[str, int]:
+def parse_target(value: str, *, field: str, source: str, line: int | None = None) -> tuple[str, int]:
     """Parse "host:port" or "[v6]:port" (port required, 1..65535) into (host, port)."""
     try:
         host, port = _split_host_port(value, "host:port, for example api.example.test:443")
         return host, _port(port, low=1)
     except _Invalid as exc:
-        raise ConfigError(str(exc), source=source, line=line, field=field, value=value,
-                          hint=exc.hint) from None
+        raise ConfigError(str(exc), source=source, line=line, field=field, value=value, hint=exc.hint) from None
 
 
 def _split_host_port(value: str, example: str) -> tuple[str, str]:
@@ -217,8 +213,7 @@ def _unix_path(text: str) -> str:
         raise _Invalid("a Unix socket path must be absolute", example)
     limit = 107 if sys.platform.startswith("linux") else 103  # sun_path minus the NUL
     if len(os.fsencode(path)) > limit:
-        raise _Invalid(f"a Unix socket path may be at most {limit} bytes long",
-                       "choose a shorter path")
+        raise _Invalid(f"a Unix socket path may be at most {limit} bytes long", "choose a shorter path")
     return path
 
 
@@ -244,7 +239,8 @@ def _clash(a: ListenAddress, b: ListenAddress) -> bool:
 
 def _wildcard_covers(wild: set[object], other: set[object]) -> bool:
     return any(
-        isinstance(w, ipaddress.IPv4Address | ipaddress.IPv6Address) and w.is_unspecified
+        isinstance(w, ipaddress.IPv4Address | ipaddress.IPv6Address)
+        and w.is_unspecified
         and any(type(o) is type(w) for o in other)
         for w in wild
     )
@@ -261,10 +257,10 @@ class _Doc:
         self.headers = [i for i, line in enumerate(self.lines) if re.match(r"\s*\[", line)]
         self.source, self.base_dir = source, base_dir
 
-    def error(self, path: tuple[str, ...], message: str, value: object = None,
-              hint: str | None = None) -> ConfigError:
-        return ConfigError(message, source=self.source, line=self.line(path), field=_dotted(path),
-                           value=value, hint=hint)
+    def error(self, path: tuple[str, ...], message: str, value: object = None, hint: str | None = None) -> ConfigError:
+        return ConfigError(
+            message, source=self.source, line=self.line(path), field=_dotted(path), value=value, hint=hint
+        )
 
     def line(self, path: tuple[str, ...]) -> int | None:
         """The table's header, else the key's line in the nearest table, else the nearest header."""
@@ -303,8 +299,7 @@ class _Table:
     def __init__(self, doc: _Doc, data: dict[str, Any], path: tuple[str, ...]) -> None:
         self.doc, self.data, self.path = doc, data, path
 
-    def error(self, key: str, message: str, value: object = None,
-              hint: str | None = None) -> ConfigError:
+    def error(self, key: str, message: str, value: object = None, hint: str | None = None) -> ConfigError:
         return self.doc.error((*self.path, key), message, value, hint)
 
     def check_keys(self, known: Sequence[str]) -> None:
@@ -344,8 +339,7 @@ class _Table:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.error(key, f'expected a duration such as "10s" or "7d", got '
-                             f"{_toml_type(value)}", value)
+            raise self.error(key, f'expected a duration such as "10s" or "7d", got {_toml_type(value)}', value)
         try:
             seconds = parse_duration(value)
         except (ValueError, OverflowError) as exc:
@@ -376,11 +370,9 @@ class _Table:
         for name, value in outer.items():
             path = (*self.path, key, name)
             if not _NAME.fullmatch(name) or set(name) == {"."}:
-                raise self.doc.error(path, "invalid name: use letters, digits, '_', '.' and '-'"
-                                     " (and not only dots)")
+                raise self.doc.error(path, "invalid name: use letters, digits, '_', '.' and '-' (and not only dots)")
             if not isinstance(value, dict):
-                raise self.doc.error(path, f"expected a table [{_dotted(path)}], got "
-                                     f"{_toml_type(value)}", value)
+                raise self.doc.error(path, f"expected a table [{_dotted(path)}], got {_toml_type(value)}", value)
             result[name] = _Table(self.doc, value, path)
         return result
 
@@ -399,14 +391,17 @@ def load_config(path: Path) -> Config:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror or exc}",
-                          source=str(path), hint="check the path, or set MTLS_SIDECAR_CONFIG"
-                          ) from None
+        raise ConfigError(
+            f"cannot read the config file: {exc.strerror or exc}",
+            source=str(path),
+            hint="check the path, or set MTLS_SIDECAR_CONFIG",
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("the config file is not UTF-8 text", source=str(path),
-                          line=data.count(b"\n", 0, exc.start) + 1) from None
+        raise ConfigError(
+            "the config file is not UTF-8 text", source=str(path), line=data.count(b"\n", 0, exc.start) + 1
+        ) from None
     return parse_config(text, source=str(path), base_dir=path.absolute().parent)
 
 
@@ -419,9 +414,11 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     active = _active_identity(top, identities)
     routes = {name: _parse_route(t, identities) for name, t in top.tables("routes").items()}
     if routes and not identities:
-        raise doc.error(("routes", next(iter(routes))),
-                        "routes need an identity, but none is configured",
-                        hint='add for example [identities.dev] with renew = "local-ca"')
+        raise doc.error(
+            ("routes", next(iter(routes))),
+            "routes need an identity, but none is configured",
+            hint='add for example [identities.dev] with renew = "local-ca"',
+        )
     demo = _parse_demo(top)
     _check_clashes(doc, routes, demo)
     return Config(
@@ -444,14 +441,13 @@ def _load_toml(text: str, source: str) -> dict[str, Any]:
         where = _TOML_WHERE.search(message)
         if where:
             line = int(where.group(1))
-            message = f"{message[:where.start()]} (column {where.group(2)})"
+            message = f"{message[: where.start()]} (column {where.group(2)})"
         elif message.endswith("(at end of document)"):
             line = text.rstrip().count("\n") + 1
             message = message.removesuffix("(at end of document)").rstrip()
         raise ConfigError(f"invalid TOML: {message}", source=source, line=line) from None
     except RecursionError:
-        raise ConfigError("invalid TOML: arrays or tables nested too deeply",
-                          source=source) from None
+        raise ConfigError("invalid TOML: arrays or tables nested too deeply", source=source) from None
 
 
 def _parse_identity(t: _Table) -> IdentitySpec:
@@ -477,8 +473,7 @@ def _subject(t: _Table) -> str:
         parsed = x509.Name.from_rfc4514_string(subject)
     except ValueError as exc:
         detail = f": {exc}" if str(exc) else ""
-        raise t.error("subject", f"not an RFC 4514 distinguished name{detail}", subject,
-                      hint=hint) from None
+        raise t.error("subject", f"not an RFC 4514 distinguished name{detail}", subject, hint=hint) from None
     if len(parsed) == 0:
         raise t.error("subject", "empty subject", subject, hint=hint)
     return subject
@@ -488,8 +483,11 @@ def _env_name(t: _Table, key: str) -> str | None:
     value = t.string(key)
     if value is not None and not _ENV_NAME.fullmatch(value):
         # The value is left out of the error: people paste the password itself here.
-        raise t.error(key, "not an environment variable name (value not shown)",
-                      hint="name the variable that holds the password, never the password")
+        raise t.error(
+            key,
+            "not an environment variable name (value not shown)",
+            hint="name the variable that holds the password, never the password",
+        )
     return value
 
 
@@ -497,8 +495,9 @@ def _active_identity(top: _Table, identities: Mapping[str, IdentitySpec]) -> str
     known = ", ".join(identities) or "none configured"
     name = top.string("active_identity")
     if name is None and len(identities) > 1:
-        raise top.error("active_identity", "required when more than one identity is configured",
-                        hint=f"set it to one of: {known}")
+        raise top.error(
+            "active_identity", "required when more than one identity is configured", hint=f"set it to one of: {known}"
+        )
     if name is None:
         return next(iter(identities), "")
     if name not in identities:
@@ -515,8 +514,9 @@ def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec
     target_host, target_port = t.address("target", parse_target, "api.example.test:443")
     identity = t.string("identity")
     if identity is not None and identity not in identities:
-        raise t.error("identity", "unknown identity", identity,
-                      hint="known: " + (", ".join(identities) or "none configured"))
+        raise t.error(
+            "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
+        )
     return RouteSpec(
         name=t.path[-1],
         listen=listen,
@@ -539,8 +539,9 @@ def _server_name(t: _Table) -> str | None:
         if name is not None:
             _check_host(name)
     except _Invalid as exc:
-        raise t.error("server_name", str(exc), name,
-                      hint="the DNS name or IP address the server's certificate is for") from None
+        raise t.error(
+            "server_name", str(exc), name, hint="the DNS name or IP address the server's certificate is for"
+        ) from None
     return name
 
 
@@ -548,8 +549,12 @@ def _alpn(t: _Table) -> tuple[str, ...]:
     items = t.typed("alpn", list, 'an array of strings such as ["h2", "http/1.1"]') or []
     for item in items:
         if not isinstance(item, str) or not 0 < len(item.encode("utf-8", "surrogatepass")) < 256:
-            raise t.error("alpn", "each protocol must be a non-empty string of up to 255 bytes",
-                          item, hint='for example ["h2", "http/1.1"]')
+            raise t.error(
+                "alpn",
+                "each protocol must be a non-empty string of up to 255 bytes",
+                item,
+                hint='for example ["h2", "http/1.1"]',
+            )
     return tuple(items)
 
 
@@ -563,8 +568,12 @@ def _parse_demo(top: _Table) -> DemoServiceSpec:
         return DemoServiceSpec(enabled=t.boolean("enabled"))
     listen = t.address("listen", parse_listen, "127.0.0.1:18443")
     if listen.kind != "tcp" or not listen.is_loopback:
-        raise t.error("listen", "the demo service listens on loopback TCP only", raw["listen"],
-                      hint="use 127.0.0.1:PORT or [::1]:PORT")
+        raise t.error(
+            "listen",
+            "the demo service listens on loopback TCP only",
+            raw["listen"],
+            hint="use 127.0.0.1:PORT or [::1]:PORT",
+        )
     return DemoServiceSpec(enabled=t.boolean("enabled"), listen=listen)
 
 
@@ -573,9 +582,12 @@ def _check_clashes(doc: _Doc, routes: Mapping[str, RouteSpec], demo: DemoService
     for route in routes.values():
         for owner, listen in taken:
             if _clash(route.listen, listen):
-                raise doc.error(("routes", route.name, "listen"), f"route clash: route "
-                                f"{route.name} and {owner} both listen on {listen}",
-                                str(route.listen), hint="give each its own port or socket path")
+                raise doc.error(
+                    ("routes", route.name, "listen"),
+                    f"route clash: route {route.name} and {owner} both listen on {listen}",
+                    str(route.listen),
+                    hint="give each its own port or socket path",
+                )
         taken.append((f"route {route.name}", route.listen))
 
 

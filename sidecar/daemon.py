@@ -19,7 +19,7 @@ from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.events import EventBus
-from sidecar.files import ensure_private_dir
+from sidecar.files import ensure_private_dir, remove_stale_temp_files
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.paths import Places
@@ -72,6 +72,7 @@ class Daemon:
         if self.config.demo_service.enabled or any(s.renew == "local-ca" for s in self.config.identities.values()):
             self.ca = load_or_create_ca(self.places.ca, now)
         ensure_private_dir(self.keystore)
+        remove_stale_temp_files(self.keystore)
         self.book.refresh(now)
         self._start_renewers()
         await self._wait_for_enrollments()

@@ -206,7 +206,7 @@ def load_ca(ca_dir: Path) -> DevCA:
 
 
 def write_credential(folder: Path, issued: Issued, now: datetime) -> Path:
-    """Write `issued` into an identity folder (key first, each atomically); returns the .crt path."""
+    """Write `issued` into an identity folder as one PEM bundle (0600); returns its path."""
     from sidecar.renewal.store import write_credential as write_files
 
     return write_files(folder, issued.cert, issued.cert_pem(), issued.key_pem(), now)

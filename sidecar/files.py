@@ -48,3 +48,16 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(root: Path) -> list[Path]:
+    """Remove the temporary files an interrupted `atomic_write` left behind (run at start-up).
+
+    They are hidden, so the keystore rule never reads them; this only keeps folders tidy.
+    """
+    removed = []
+    for path in root.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed

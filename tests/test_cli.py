@@ -94,7 +94,7 @@ def test_first_run_creates_everything_and_the_demo_route_works(isolated_home: Pa
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     identity_folders = list((isolated_home / "keystore").iterdir())
     assert len(identity_folders) == 1
-    keys = list(identity_folders[0].glob("*.key"))
+    keys = list(identity_folders[0].glob("*.pem"))
     assert keys and all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
     # private keys never reach the log
     assert "PRIVATE KEY" not in log.text and "PRIVATE KEY" not in (isolated_home / "logs" / "daemon.log").read_text()
@@ -106,7 +106,7 @@ def test_second_run_reuses_the_ca_and_identity(isolated_home: Path) -> None:
             log.wait_for(r"try it: curl")
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=20) == 0, log.text
-    assert len(list((isolated_home / "keystore").rglob("*.crt"))) == 1
+    assert len(list((isolated_home / "keystore").rglob("*.pem"))) == 1
 
 
 def test_ca_export_prints_the_dev_ca(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,9 +123,10 @@ def test_identity_new_issues_into_the_keystore(isolated_home: Path, capsys: pyte
     assert main(["identity", "new", "ci-bot", "--lifetime", "2m"]) == 0
     out = capsys.readouterr().out
     assert "issued CN=ci-bot serial" in out
-    (crt,) = (isolated_home / "keystore" / "ci-bot").glob("*.crt")
-    (key,) = (isolated_home / "keystore" / "ci-bot").glob("*.key")
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    (bundle,) = (isolated_home / "keystore" / "ci-bot").iterdir()
+    assert bundle.suffix == ".pem" and b"PRIVATE KEY" in bundle.read_bytes()
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+    crt = bundle
     cert = x509.load_pem_x509_certificate(crt.read_bytes())
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert timedelta(minutes=2) <= lifetime <= timedelta(minutes=4)  # plus the one-minute backdate

@@ -68,7 +68,9 @@ def test_local_ca_renews_a_two_minute_certificate_without_dropping_connections(
     assert lag < 30
 
 
-def test_expired_only_identity_with_local_ca_is_enrolled_before_routes_open(isolated_home: Path, tmp_path: Path) -> None:
+def test_expired_only_identity_with_local_ca_is_enrolled_before_routes_open(
+    isolated_home: Path, tmp_path: Path
+) -> None:
     """Enrollment is the same path as renewal: all expired → a new certificate at start-up."""
     from datetime import timedelta
 

@@ -60,9 +60,8 @@ def test_enrolls_when_nothing_is_usable_then_waits_until_due(tmp_path: Path, ca:
     assert selected is not None and selected.cert is not None
     assert selected.cert.subject.rfc4514_string() == "CN=dev"
     assert renewer.events.history[-1]["type"] == "renewal.succeeded"
-    # the new key is private
-    key = Path(selected.key_file or "")
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    # the new credential (chain and key in one file) is private
+    assert stat.S_IMODE(Path(selected.file).stat().st_mode) == 0o600
 
     # halfway through a 3 h life (minus up to 1/20 of jitter) it is due, not before
     start = selected.cert.not_valid_before_utc
@@ -209,5 +208,16 @@ def test_expired_credentials_are_pruned_after_the_grace_but_never_the_last(tmp_p
     renewer.book.refresh(clock())
     assert renewer.book.selection("dev").selected is None
     assert asyncio.run(renewer.attempt(enrolling=True))
-    assert not old_path.exists() and not old_path.with_suffix(".key").exists()  # expired 4 h ago > 1 h
+    assert not old_path.exists()  # expired 4 h ago > 1 h
     assert recent_path.exists()  # expired 30 min ago < 1 h grace
+
+
+def test_renewals_within_one_second_are_still_newer(tmp_path: Path, ca: DevCA) -> None:
+    """Certificate times have one-second resolution; back-to-back renewals must not tie."""
+    clock = Clock(datetime.now(UTC))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
+    assert asyncio.run(renewer.attempt(enrolling=True))
+    for _ in range(5):
+        renewer.renew_now()
+        assert asyncio.run(renewer.attempt()), renewer.status.last_error
+    assert len(list((tmp_path / "keystore" / "dev").glob("*.pem"))) == 6

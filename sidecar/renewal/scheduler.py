@@ -64,6 +64,7 @@ class IdentityRenewer:
         self._idle = asyncio.Event()
         self._forced = False
         self._known_fingerprint = ""
+        self._hold_until: datetime | None = None  # a renewed certificate that starts in the future
 
     @property
     def name(self) -> str:
@@ -114,6 +115,8 @@ class IdentityRenewer:
             enroll_at = self._retry_at(None) or now
             self.status = _with_next(self.status, enroll_at)
             return Plan(due=now >= enroll_at or self._forced, at=enroll_at, enrolling=True)
+        if self._hold_until is not None and now < self._hold_until:
+            return Plan(due=False, at=self._hold_until)  # the new certificate is about to become valid
         cert = selected.cert
         jitter = self._jitter.setdefault(selected.fingerprint, self._rng.random())
         times = renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, now, self.policy, jitter)
@@ -170,6 +173,8 @@ class IdentityRenewer:
             return self._failed(f"unexpected error: {_one_line(exc)}")
         self.book.refresh(self.clock())
         self._known_fingerprint = candidate.fingerprint
+        starts = candidate.cert.not_valid_before_utc
+        self._hold_until = starts if starts > self.clock() else None
         elapsed = asyncio.get_running_loop().time() - started
         self.status = self.status.apply(Event.SUCCEEDED, self.clock())
         cert = candidate.cert

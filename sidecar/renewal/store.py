@@ -59,16 +59,16 @@ def validate_new(
 def write_credential(
     folder: Path, cert: x509.Certificate, cert_chain_pem: bytes, key_pem: bytes, now: datetime
 ) -> Path:
-    """Write NAME.key then NAME.crt into `folder`, each atomically; returns the .crt path.
+    """Write one PEM bundle (chain, then key; mode 0600) into `folder` with a single atomic rename.
 
-    The key goes first, so a certificate file never appears without its key beside it.
+    One file per credential means a crash leaves the whole credential or none of it: never a
+    certificate without its key, nor a key without its certificate.
     """
     ensure_private_dir(folder)
-    stem = f"{now.strftime('%Y%m%dT%H%M%SZ')}-{cert.serial_number:x}"[:40]
-    atomic_write(folder / f"{stem}.key", key_pem, PRIVATE_FILE_MODE)
-    cert_path = folder / f"{stem}.crt"
-    atomic_write(cert_path, cert_chain_pem, 0o644)
-    return cert_path
+    path = folder / f"{now.strftime('%Y%m%dT%H%M%SZ')}-{cert.serial_number:x}"[:40]
+    path = path.with_name(path.name + ".pem")
+    atomic_write(path, cert_chain_pem.strip() + b"\n" + key_pem, PRIVATE_FILE_MODE)
+    return path
 
 
 def prune_expired(selection: Selection, now: datetime, grace: timedelta) -> list[Path]:
