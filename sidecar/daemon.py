@@ -97,6 +97,8 @@ class Daemon:
         await self.shutdown()
 
     def request_stop(self) -> None:
+        if self._stop.is_set():
+            return
         log.info("stopping: no new connections; open ones have %.0fs to finish", self.config.shutdown_grace)
         self._stop.set()
 

@@ -60,6 +60,8 @@ def test_enrolls_when_nothing_is_usable_then_waits_until_due(tmp_path: Path, ca:
     assert selected is not None and selected.cert is not None
     assert selected.cert.subject.rfc4514_string() == "CN=dev"
     assert renewer.events.history[-1]["type"] == "renewal.succeeded"
+    transitions = [(e["previous"], e["state"]) for e in renewer.events.history if e["type"] == "renewal.state"]
+    assert transitions == [("valid", "expired"), ("expired", "renewing"), ("renewing", "valid")]
     # the new credential (chain and key in one file) is private
     assert stat.S_IMODE(Path(selected.file).stat().st_mode) == 0o600
 

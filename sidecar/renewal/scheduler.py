@@ -57,7 +57,7 @@ class IdentityRenewer:
         self.events = events
         self.clock = clock
         self.policy = RenewalPolicy.from_options(spec.options)
-        self.status = RenewalStatus(provider=provider.name)
+        self._status = RenewalStatus(provider=provider.name)
         self._rng = rng or random.Random()
         self._jitter: dict[str, float] = {}  # one jitter draw per certificate, stable across re-plans
         self._wake = asyncio.Event()
@@ -69,6 +69,19 @@ class IdentityRenewer:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def status(self) -> RenewalStatus:
+        return self._status
+
+    @status.setter
+    def status(self, new: RenewalStatus) -> None:
+        """Every state change is an event (the tray and `status` follow them) and a log line."""
+        old, self._status = self._status, new
+        if new.state is not old.state:
+            self.events.publish("renewal.state", identity=self.name, state=str(new.state), previous=str(old.state),
+                                last_error=new.last_error)
+            log.info("identity %s: renewal state %s → %s", self.name, old.state, new.state)
 
     # --- asked from outside
 
