@@ -162,7 +162,12 @@ openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$MT
   -subj "/CN=$MTLS_SIDECAR_IDENTITY" -out req.csr 2>/dev/null
 openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf \\
   -out "$MTLS_SIDECAR_OUT_CERT" 2>/dev/null
-echo "current=$MTLS_SIDECAR_CURRENT_CERT" > seen-env
+if [ -n "${{MTLS_SIDECAR_CURRENT_CERT:-}}" ]; then
+  openssl x509 -noout -serial -in "$MTLS_SIDECAR_CURRENT_CERT" > seen-current
+  openssl pkey -in "$MTLS_SIDECAR_CURRENT_KEY" -pubout > seen-current-pub
+else
+  echo none > seen-current
+fi
 """,
     )
     renewer = renewer_for(tmp_path, f'renew = "command"\nrenew_command = ["{prog}"]', clock, ca)
@@ -171,11 +176,20 @@ echo "current=$MTLS_SIDECAR_CURRENT_CERT" > seen-env
     selected = renewer.book.selection("dev").selected
     assert selected is not None and selected.cert is not None
     assert selected.cert.issuer.rfc4514_string() == "CN=Command CA"
-    assert (tmp_path / "seen-env").read_text() == "current=\n"  # enrolling: no current certificate
+    assert (tmp_path / "seen-current").read_text() == "none\n"  # enrolling: no current certificate
     clock.advance(timedelta(seconds=2))
     renewer.renew_now()
     assert asyncio.run(renewer.attempt()), renewer.status.last_error
-    assert (tmp_path / "seen-env").read_text() == f"current={selected.file}\n"
+    # the program was handed the credential in use as a plain certificate file and key file
+    assert int((tmp_path / "seen-current").read_text().strip().removeprefix("serial="), 16) == (
+        selected.cert.serial_number
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    public = selected.cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert (tmp_path / "seen-current-pub").read_bytes() == public
 
 
 def test_command_config_errors(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """`renew = "command"`: run the user's program (argv, no shell), then take what it wrote.
 
-The program gets `MTLS_SIDECAR_IDENTITY`, `MTLS_SIDECAR_CURRENT_CERT`, `MTLS_SIDECAR_CURRENT_KEY`
-(absent when enrolling), `MTLS_SIDECAR_OUT_CERT` and `MTLS_SIDECAR_OUT_KEY` (where to write, in a
-private temporary folder). The daemon validates the result before accepting it.
+The program gets `MTLS_SIDECAR_IDENTITY`, `MTLS_SIDECAR_CURRENT_CERT` and `MTLS_SIDECAR_CURRENT_KEY`
+(the credential in use as plain PEM files; absent when enrolling), and `MTLS_SIDECAR_OUT_CERT` and
+`MTLS_SIDECAR_OUT_KEY` (where to write). All four live in a private temporary folder removed
+afterwards. The daemon validates the result before accepting it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import signal
 import tempfile
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from sidecar.config import IdentitySpec
+from sidecar.credentials import Candidate
 from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
 from sidecar.units import parse_duration
 
@@ -50,8 +54,9 @@ class CommandProvider:
                 "MTLS_SIDECAR_OUT_KEY": str(out_key),
             }
             if request.current is not None:
-                env["MTLS_SIDECAR_CURRENT_CERT"] = request.current.file
-                env["MTLS_SIDECAR_CURRENT_KEY"] = request.current.key_file or request.current.file
+                current_cert, current_key = _write_current(request.current, Path(out_dir))
+                env["MTLS_SIDECAR_CURRENT_CERT"] = str(current_cert)
+                env["MTLS_SIDECAR_CURRENT_KEY"] = str(current_key)
             await self._run(env)
             missing = [
                 f"{var} ({path})"
@@ -87,6 +92,26 @@ class CommandProvider:
             raise
         if proc.returncode != 0:
             raise ProviderError(f"renew_command {self.argv[0]!r} exited with status {proc.returncode}: {_tail(stderr)}")
+
+
+def _write_current(current: Candidate, folder: Path) -> tuple[Path, Path]:
+    """The credential in use as plain `current.crt` (chain) and `current.key` (PKCS#8, 0600).
+
+    Tools such as `step ca renew` want a certificate file and a key file, whatever shape the
+    keystore holds (a bundle, PKCS#12, an encrypted key); the folder is private and removed after.
+    """
+    assert current.cert is not None and current.key is not None
+    cert_path, key_path = folder / "current.crt", folder / "current.key"
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (current.cert, *current.chain))
+    cert_path.write_bytes(chain)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            current.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path
 
 
 def _tail(stderr: bytes) -> str:
