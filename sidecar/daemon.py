@@ -25,7 +25,7 @@ from sidecar.keystore import Selection
 from sidecar.paths import Places
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import ProviderContext, ProviderError
-from sidecar.renewal.scheduler import IdentityRenewer
+from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
 from sidecar.tlsctx import ContextCache
@@ -60,6 +60,7 @@ class Daemon:
         self._clock_timer: asyncio.TimerHandle | None = None
         self.events = EventBus()
         self.renewers: dict[str, IdentityRenewer] = {}
+        self.warners: dict[str, ExpiryWarner] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._clock_mark = (datetime.now(UTC), time.monotonic())
         self._stop = asyncio.Event()
@@ -124,6 +125,9 @@ class Daemon:
             try:
                 provider = make_provider(spec, context)
                 if provider is None:
+                    warner = ExpiryWarner(spec, self.book, self.events)
+                    self.warners[name] = warner
+                    self._spawn(warner.run(), f"expiry warnings of {name}")
                     continue
                 renewer = IdentityRenewer(spec, provider, self.book, self.events)
             except (ProviderError, ValueError) as exc:
@@ -205,6 +209,8 @@ class Daemon:
             self.events.publish("certificate.selected", identity=change.identity, certificate=after)
         for renewer in self.renewers.values():
             renewer.wake()
+        for warner in self.warners.values():
+            warner.wake()
         self._schedule_clock_refresh()
 
     def request_renewal(self, identity: str) -> None:

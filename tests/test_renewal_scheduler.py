@@ -237,3 +237,23 @@ def test_renewals_within_one_second_are_still_newer(tmp_path: Path, ca: DevCA) -
         renewer.renew_now()
         assert asyncio.run(renewer.attempt()), renewer.status.last_error
     assert len(list((tmp_path / "keystore" / "dev").glob("*.pem"))) == 6
+
+
+def test_renew_none_warns_once_per_certificate(tmp_path: Path, ca: DevCA, caplog: pytest.LogCaptureFixture) -> None:
+    from sidecar.renewal.scheduler import ExpiryWarner
+
+    clock = Clock(datetime.now(UTC))
+    config = parse_config('[identities.dev]\nrenew = "none"\n', source="test.toml")
+    book = IdentityBook(config.identities, tmp_path / "keystore")
+    issued = ca.issue_client("CN=dev", timedelta(hours=3), clock())
+    write_credential(tmp_path / "keystore" / "dev", issued, clock())
+    book.refresh(clock())
+    warner = ExpiryWarner(config.identities["dev"], book, EventBus(), clock=clock)
+    warner.check(clock())
+    assert warner.events.history == []
+    clock.advance(timedelta(hours=2, minutes=30))  # past 2/3 of the life
+    with caplog.at_level("WARNING", logger="sidecar.renewal"):
+        warner.check(clock())
+        warner.check(clock())
+    assert [e["type"] for e in warner.events.history] == ["certificate.expiring"]
+    assert sum("is not renewed" in r.getMessage() for r in caplog.records) == 1

@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sidecar.config import IdentitySpec
 from sidecar.events import EventBus
@@ -79,8 +79,13 @@ class IdentityRenewer:
         """Every state change is an event (the tray and `status` follow them) and a log line."""
         old, self._status = self._status, new
         if new.state is not old.state:
-            self.events.publish("renewal.state", identity=self.name, state=str(new.state), previous=str(old.state),
-                                last_error=new.last_error)
+            self.events.publish(
+                "renewal.state",
+                identity=self.name,
+                state=str(new.state),
+                previous=str(old.state),
+                last_error=new.last_error,
+            )
             log.info("identity %s: renewal state %s → %s", self.name, old.state, new.state)
 
     # --- asked from outside
@@ -112,10 +117,7 @@ class IdentityRenewer:
                 await self.attempt(enrolling=plan.enrolling)
                 continue
             self._idle.set()
-            wait = min(plan.at - now, MAX_WAIT).total_seconds()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.0))
-            self._wake.clear()
+            await _sleep_until(self._wake, plan.at - now)
 
     def plan(self, now: datetime) -> Plan:
         """Decide from the current selection and state; updates status (pure but for that)."""
@@ -232,6 +234,72 @@ class IdentityRenewer:
             retry.strftime("%H:%M:%S UTC") if retry else "-",
         )
         return False
+
+
+class ExpiryWarner:
+    """`renew = "none"`: never renewed; warns once per certificate when it enters the window in
+    which it would have been renewed, and once when nothing usable is left."""
+
+    def __init__(self, spec: IdentitySpec, book: IdentityBook, events: EventBus, *, clock: Clock = utc_now) -> None:
+        self.spec = spec
+        self.book = book
+        self.events = events
+        self.clock = clock
+        self.policy = RenewalPolicy.from_options(spec.options)
+        self._wake = asyncio.Event()
+        self._warned: set[str] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            now = self.clock()
+            await _sleep_until(self._wake, self.check(now) - now)
+
+    def check(self, now: datetime) -> datetime:
+        """Warn if due; return when to look again."""
+        selection = self.book.selection(self.spec.name)
+        selected = selection.selected
+        if selected is None or selected.cert is None:
+            if "" not in self._warned:
+                self._warned.add("")
+                log.warning(
+                    'identity %s: %s; it has renew = "none", so add a certificate to %s',
+                    self.spec.name,
+                    selection.why_unusable(),
+                    self.book.folder(self.spec.name),
+                )
+            return now + MAX_WAIT
+        self._warned.discard("")
+        cert = selected.cert
+        times = renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, now, self.policy, 0.0)
+        if not times.due(now):
+            return times.recheck_at
+        if selected.fingerprint not in self._warned:
+            self._warned.add(selected.fingerprint)
+            not_after = cert.not_valid_after_utc
+            self.events.publish(
+                "certificate.expiring",
+                identity=self.spec.name,
+                serial=f"{cert.serial_number:x}",
+                not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+            log.warning(
+                'identity %s: its certificate (serial %x) expires %s and is not renewed (renew = "none")',
+                self.spec.name,
+                cert.serial_number,
+                not_after.strftime("%Y-%m-%d %H:%M UTC"),
+            )
+        return min(cert.not_valid_after_utc, now + MAX_WAIT)
+
+
+async def _sleep_until(wake: asyncio.Event, delay: timedelta) -> None:
+    """Sleep for `delay` (at most MAX_WAIT, see timing) or until `wake` is set; then clear it."""
+    seconds = max(min(delay, MAX_WAIT).total_seconds(), 0.0)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
+    wake.clear()
 
 
 def _with_next(status: RenewalStatus, moment: datetime) -> RenewalStatus:
