@@ -191,7 +191,7 @@ def test_a_demo_service_table_without_enabled_stays_off() -> None:
 
 def test_provider_options_are_kept_verbatim() -> None:
     body = "\n".join(f"{key} = {json.dumps(key + '-value')}" for key in PROVIDER_OPTION_KEYS)
-    config = parse_config(f"[identities.dev]\nrenew = \"command\"\n{body}\n")
+    config = parse_config(f'[identities.dev]\nrenew = "command"\n{body}\n')
     assert dict(config.identities["dev"].options) == {k: f"{k}-value" for k in PROVIDER_OPTION_KEYS}
 
 
@@ -205,14 +205,12 @@ def test_provider_options_are_kept_verbatim() -> None:
         ("127.9.8.7:1", ListenAddress("tcp", "127.9.8.7", 1), "127.9.8.7:1", True),
         ("localhost:0", ListenAddress("tcp", "localhost", 0), "localhost:0", True),
         ("[::1]:8443", ListenAddress("tcp", "::1", 8443), "[::1]:8443", True),
-        ("[::ffff:127.0.0.1]:80", ListenAddress("tcp", "::ffff:127.0.0.1", 80),
-         "[::ffff:127.0.0.1]:80", True),
+        ("[::ffff:127.0.0.1]:80", ListenAddress("tcp", "::ffff:127.0.0.1", 80), "[::ffff:127.0.0.1]:80", True),
         ("unix:/run/x.sock", ListenAddress("unix", path="/run/x.sock"), "unix:/run/x.sock", True),
         ("0.0.0.0:8443", ListenAddress("tcp", "0.0.0.0", 8443), "0.0.0.0:8443", False),
         ("[::]:65535", ListenAddress("tcp", "::", 65535), "[::]:65535", False),
         ("10.1.2.3:80", ListenAddress("tcp", "10.1.2.3", 80), "10.1.2.3:80", False),
-        ("myhost.example:80", ListenAddress("tcp", "myhost.example", 80), "myhost.example:80",
-         False),
+        ("myhost.example:80", ListenAddress("tcp", "myhost.example", 80), "myhost.example:80", False),
     ],
 )
 def test_parse_listen(text: str, expected: ListenAddress, shown: str, loopback: bool) -> None:
@@ -290,8 +288,9 @@ def test_parse_target_errors(text: str, message: str) -> None:
 
 
 def test_syntax_error_reports_its_line() -> None:
-    text = "\n".join(["# 1", "# 2", "[identities.dev]", "", "[routes.api]",
-                      'listen = "127.0.0.1:1"', 'target = "x:1" y', ""])
+    text = "\n".join(
+        ["# 1", "# 2", "[identities.dev]", "", "[routes.api]", 'listen = "127.0.0.1:1"', 'target = "x:1" y', ""]
+    )
     err = config_error(text)
     assert err.line == 7
     assert err.message.startswith("invalid TOML:")
@@ -300,7 +299,7 @@ def test_syntax_error_reports_its_line() -> None:
 
 
 def test_syntax_error_at_end_of_document_reports_the_last_line() -> None:
-    err = config_error('[identities.dev]\nlisten = [\n\n')
+    err = config_error("[identities.dev]\nlisten = [\n\n")
     assert err.line == 2
     assert "at end of document" not in err.message
 
@@ -311,11 +310,23 @@ def test_deeply_nested_toml_is_a_config_error() -> None:
 
 
 def test_bad_listen_reports_its_line_field_and_value() -> None:
-    text = "\n".join([
-        "# line 1", "", "[identities.dev]", 'subject = "CN=dev"', "",
-        "[routes.ok]", 'listen = "127.0.0.1:1"', 'target = "a:1"', "",
-        "[routes.api]", 'target = "api.example.test:443"', 'listen = "127.0.0.1:99999"', "",
-    ])
+    text = "\n".join(
+        [
+            "# line 1",
+            "",
+            "[identities.dev]",
+            'subject = "CN=dev"',
+            "",
+            "[routes.ok]",
+            'listen = "127.0.0.1:1"',
+            'target = "a:1"',
+            "",
+            "[routes.api]",
+            'target = "api.example.test:443"',
+            'listen = "127.0.0.1:99999"',
+            "",
+        ]
+    )
     err = config_error(text)
     assert err.line == 12
     assert err.field == "routes.api.listen"
@@ -325,8 +336,9 @@ def test_bad_listen_reports_its_line_field_and_value() -> None:
 
 
 def test_unknown_key_suggests_the_nearest() -> None:
-    text = "\n".join(["# 1"] * 10 + ["[identities.dev]", "", "[routes.api]",
-                                     'lisen = "127.0.0.1:8443"', 'target = "a:1"', ""])
+    text = "\n".join(
+        ["# 1"] * 10 + ["[identities.dev]", "", "[routes.api]", 'lisen = "127.0.0.1:8443"', 'target = "a:1"', ""]
+    )
     err = config_error(text)
     assert str(err) == 'config.toml:14: routes.api.lisen: unknown key (did you mean "listen"?)'
     assert (err.field, err.line, err.hint) == ("routes.api.lisen", 14, 'did you mean "listen"?')
@@ -336,11 +348,9 @@ def test_unknown_key_suggests_the_nearest() -> None:
     ("text", "field", "line", "hint"),
     [
         ('log_levl = "info"\n', "log_levl", 1, 'did you mean "log_level"?'),
-        ('[demo_service]\nenable = true\n', "demo_service.enable", 2, 'did you mean "enabled"?'),
-        ('[identities.dev]\nlifetme = "1d"\n', "identities.dev.lifetme", 2,
-         'did you mean "lifetime"?'),
-        ('[identities.dev]\nacme_emial = "a@b"\n', "identities.dev.acme_emial", 2,
-         'did you mean "acme_email"?'),
+        ("[demo_service]\nenable = true\n", "demo_service.enable", 2, 'did you mean "enabled"?'),
+        ('[identities.dev]\nlifetme = "1d"\n', "identities.dev.lifetme", 2, 'did you mean "lifetime"?'),
+        ('[identities.dev]\nacme_emial = "a@b"\n', "identities.dev.acme_emial", 2, 'did you mean "acme_email"?'),
     ],
 )
 def test_unknown_keys_everywhere(text: str, field: str, line: int, hint: str) -> None:
@@ -370,10 +380,8 @@ def test_missing_required_keys_point_at_the_table() -> None:
 @pytest.mark.parametrize(
     ("body", "field", "value", "message"),
     [
-        ("server_name = 8443", "routes.api.server_name", 8443,
-         "expected a string, got an integer"),
-        ('unsafe_listen = "yes"', "routes.api.unsafe_listen", "yes",
-         "expected true or false, got a string"),
+        ("server_name = 8443", "routes.api.server_name", 8443, "expected a string, got an integer"),
+        ('unsafe_listen = "yes"', "routes.api.unsafe_listen", "yes", "expected true or false, got a string"),
         ('alpn = "h2"', "routes.api.alpn", "h2", "expected an array of strings"),
         ('alpn = ["h2", ""]', "routes.api.alpn", "", "non-empty string"),
         ("alpn = [2]", "routes.api.alpn", 2, "non-empty string"),
@@ -381,12 +389,10 @@ def test_missing_required_keys_point_at_the_table() -> None:
         ('connect_timeout = "soon"', "routes.api.connect_timeout", "soon", "is not a duration"),
         ('connect_timeout = "0s"', "routes.api.connect_timeout", "0s", "longer than zero"),
         ("connect_timeout = nan", "routes.api.connect_timeout", None, "too long"),
-        ('connect_timeout = "200000000w"', "routes.api.connect_timeout", "200000000w",
-         "too long"),
+        ('connect_timeout = "200000000w"', "routes.api.connect_timeout", "200000000w", "too long"),
         ("ca_file = 1979-05-27", "routes.api.ca_file", None, "expected a string, got a date"),
         ('ca_file = ""', "routes.api.ca_file", "", "expected a file path"),
-        ('server_name = "not a name"', "routes.api.server_name", "not a name",
-         "not a valid host name"),
+        ('server_name = "not a name"', "routes.api.server_name", "not a name", "not a valid host name"),
     ],
 )
 def test_wrong_values_in_a_route(body: str, field: str, value: object, message: str) -> None:
@@ -401,8 +407,7 @@ def test_wrong_values_in_a_route(body: str, field: str, value: object, message: 
 @pytest.mark.parametrize(
     ("text", "field", "line", "message"),
     [
-        ("routes = 1\n", "routes", 1,
-         "expected tables written as [routes.NAME], got an integer"),
+        ("routes = 1\n", "routes", 1, "expected tables written as [routes.NAME], got an integer"),
         ("[[routes]]\nlisten = 1\n", "routes", 1, "got an array"),
         ('[identities]\ndev = "x"\n', "identities.dev", 2, "expected a table [identities.dev]"),
         ('[routes."bad name"]\n', 'routes."bad name"', 1, "invalid name"),
@@ -426,8 +431,7 @@ def test_wrong_values_at_the_top(text: str, field: str, line: int, message: str)
         ('subject = "XX=dev"', "subject", "not an RFC 4514 distinguished name", "XX=dev"),
         ('subject = ""', "subject", "empty subject", ""),
         ('lifetime = "0s"', "lifetime", "longer than zero", "0s"),
-        ('key_password_env = "hunter2!"', "key_password_env", "not an environment variable",
-         None),
+        ('key_password_env = "hunter2!"', "key_password_env", "not an environment variable", None),
     ],
 )
 def test_wrong_values_in_an_identity(body: str, field: str, message: str, value: object) -> None:
@@ -466,8 +470,10 @@ def test_non_loopback_listen_is_allowed_with_unsafe_listen() -> None:
 
 
 def test_route_identity_must_be_configured() -> None:
-    text = ('active_identity = "dev"\n[identities.dev]\n[identities.ci]\n\n[routes.api]\n'
-            'listen = "127.0.0.1:1"\ntarget = "a:1"\nidentity = "prod"\n')
+    text = (
+        'active_identity = "dev"\n[identities.dev]\n[identities.ci]\n\n[routes.api]\n'
+        'listen = "127.0.0.1:1"\ntarget = "a:1"\nidentity = "prod"\n'
+    )
     err = config_error(text)
     assert (err.field, err.value, err.line) == ("routes.api.identity", "prod", 8)
     assert err.message == "unknown identity"
@@ -476,8 +482,7 @@ def test_route_identity_must_be_configured() -> None:
 
 def test_active_identity_must_be_configured() -> None:
     err = config_error('active_identity = "prod"\n[identities.dev]\n')
-    assert (err.field, err.value, err.line, err.hint) == (
-        "active_identity", "prod", 1, "known: dev")
+    assert (err.field, err.value, err.line, err.hint) == ("active_identity", "prod", 1, "known: dev")
     err = config_error('active_identity = "prod"\n')
     assert err.hint == "known: none configured"
 
@@ -507,9 +512,11 @@ def test_routes_without_identities_are_an_error() -> None:
     ],
 )
 def test_route_clash(first: str, second: str) -> None:
-    text = (f'[identities.dev]\n[routes.one]\nlisten = "{first}"\ntarget = "a:1"\n'
-            f'unsafe_listen = true\n\n[routes.two]\nlisten = "{second}"\ntarget = "b:2"\n'
-            "unsafe_listen = true\n")
+    text = (
+        f'[identities.dev]\n[routes.one]\nlisten = "{first}"\ntarget = "a:1"\n'
+        f'unsafe_listen = true\n\n[routes.two]\nlisten = "{second}"\ntarget = "b:2"\n'
+        "unsafe_listen = true\n"
+    )
     err = config_error(text)
     assert err.message.startswith("route clash: route two and route one both listen on")
     assert (err.field, err.line) == ("routes.two.listen", 8)
@@ -527,9 +534,11 @@ def test_route_clash(first: str, second: str) -> None:
     ],
 )
 def test_distinct_listeners_do_not_clash(first: str, second: str) -> None:
-    text = (f'[identities.dev]\n[routes.one]\nlisten = "{first}"\ntarget = "a:1"\n'
-            f'unsafe_listen = true\n[routes.two]\nlisten = "{second}"\ntarget = "b:2"\n'
-            "unsafe_listen = true\n")
+    text = (
+        f'[identities.dev]\n[routes.one]\nlisten = "{first}"\ntarget = "a:1"\n'
+        f'unsafe_listen = true\n[routes.two]\nlisten = "{second}"\ntarget = "b:2"\n'
+        "unsafe_listen = true\n"
+    )
     assert list(parse_config(text).routes) == ["one", "two"]
 
 
@@ -552,9 +561,11 @@ def test_demo_service_listens_on_loopback_tcp_only(listen: str) -> None:
 
 
 def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
-    text = ('keystore_dir = "keys"\n[identities.dev]\nissuer_ca_file = "ca/issuer.pem"\n'
-            '[routes.api]\nlisten = "unix:/run/a.sock"\ntarget = "a:1"\nca_file = "../ca.pem"\n'
-            'ca_dir = "/abs/certs"\n')
+    text = (
+        'keystore_dir = "keys"\n[identities.dev]\nissuer_ca_file = "ca/issuer.pem"\n'
+        '[routes.api]\nlisten = "unix:/run/a.sock"\ntarget = "a:1"\nca_file = "../ca.pem"\n'
+        'ca_dir = "/abs/certs"\n'
+    )
     config = parse_config(text, base_dir=tmp_path)
     assert config.keystore_dir == tmp_path / "keys"
     assert config.identities["dev"].issuer_ca_file == tmp_path / "ca" / "issuer.pem"
@@ -577,8 +588,7 @@ def test_relative_unix_listen_is_refused_even_with_base_dir(tmp_path: Path) -> N
 
 def test_load_config_reads_the_file_and_resolves_against_its_folder(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(route('listen = "127.0.0.1:1"\ntarget = "a:1"\nca_file = "ca.pem"'),
-                    encoding="utf-8")
+    path.write_text(route('listen = "127.0.0.1:1"\ntarget = "a:1"\nca_file = "ca.pem"'), encoding="utf-8")
     config = load_config(path)
     assert config.source == str(path)
     assert config.routes["api"].ca_file == tmp_path / "ca.pem"
@@ -622,8 +632,14 @@ def test_default_config_text_parses_and_yields_the_demo_route() -> None:
 
 @pytest.mark.parametrize(
     ("user", "name"),
-    [("john.doe", "john.doe"), ("CORP\\Jane Doe", "CORP-Jane-Doe"), ("", "dev"),
-     ("..", "dev"), ("josé", "jos"), ("Zoë Ann", "Zo-Ann")],
+    [
+        ("john.doe", "john.doe"),
+        ("CORP\\Jane Doe", "CORP-Jane-Doe"),
+        ("", "dev"),
+        ("..", "dev"),
+        ("josé", "jos"),
+        ("Zoë Ann", "Zo-Ann"),
+    ],
 )
 def test_default_config_text_sanitizes_the_user_name(user: str, name: str) -> None:
     text = default_config_text(user=user, ca_file=Path("/ca.pem"), route_port=1, demo_port=2)
@@ -660,22 +676,44 @@ def _toml_value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-_SCALARS = st.one_of(st.text(max_size=30), st.integers(), st.booleans(), st.floats(),
-                     st.sampled_from(["127.0.0.1:8443", "[::1]:0", "unix:/r.sock", "a.test:443",
-                                      "10s", "7d", "dev", "CN=x", "~/x", "0.0.0.0:1"]))
+_SCALARS = st.one_of(
+    st.text(max_size=30),
+    st.integers(),
+    st.booleans(),
+    st.floats(),
+    st.sampled_from(
+        ["127.0.0.1:8443", "[::1]:0", "unix:/r.sock", "a.test:443", "10s", "7d", "dev", "CN=x", "~/x", "0.0.0.0:1"]
+    ),
+)
 _VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3))
-_ROUTE_KEYS = st.sampled_from(["listen", "target", "server_name", "ca_file", "ca_dir", "identity",
-                               "alpn", "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
-                               "lisen"])
-_IDENTITY_KEYS = st.sampled_from(["renew", "subject", "lifetime", "pkcs12_password_env",
-                                  "key_password_env", "issuer_ca_file", "renew_at"])
+_ROUTE_KEYS = st.sampled_from(
+    [
+        "listen",
+        "target",
+        "server_name",
+        "ca_file",
+        "ca_dir",
+        "identity",
+        "alpn",
+        "connect_timeout",
+        "unsafe_listen",
+        "unsafe_skip_verify",
+        "lisen",
+    ]
+)
+_IDENTITY_KEYS = st.sampled_from(
+    ["renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env", "issuer_ca_file", "renew_at"]
+)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(_IDENTITY_KEYS, _VALUES, max_size=4),
-       st.dictionaries(_ROUTE_KEYS, _VALUES, max_size=6),
-       st.dictionaries(st.sampled_from(["log_level", "shutdown_grace", "keystore_dir",
-                                        "active_identity"]), _VALUES, max_size=2))
+@given(
+    st.dictionaries(_IDENTITY_KEYS, _VALUES, max_size=4),
+    st.dictionaries(_ROUTE_KEYS, _VALUES, max_size=6),
+    st.dictionaries(
+        st.sampled_from(["log_level", "shutdown_grace", "keystore_dir", "active_identity"]), _VALUES, max_size=2
+    ),
+)
 def test_random_values_raise_only_config_error(
     identity: dict[str, object], route_keys: dict[str, object], top: dict[str, object]
 ) -> None:
