@@ -34,8 +34,9 @@ def test_local_ca_renews_a_two_minute_certificate_without_dropping_connections(
     places = resolve_places()
     load_or_create_ca(places.ca, datetime.now(UTC))  # the CA the daemon will use: nginx must trust it
     pki = Pki.create(tmp_path / "pki")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=ca_paths(places.ca)[0]) as nginx:
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=ca_paths(places.ca)[0]
+    ) as nginx:
         config = write_config(
             isolated_home / "config.toml",
             # a 2-minute certificate, due 110 s before expiry: renewal about 10 s after issue
@@ -52,8 +53,11 @@ def test_local_ca_renews_a_two_minute_certificate_without_dropping_connections(
 
             with daemon.connect("api") as held:
                 assert nginx_serial(http_get_on(held)) == first
-                second = wait_until(lambda: (s := selected_serial(daemon.status())) != first and s,
-                                    timeout=40, what="the daemon to renew")
+                second = wait_until(
+                    lambda: (s := selected_serial(daemon.status())) != first and s,
+                    timeout=40,
+                    what="the daemon to renew",
+                )
                 in_use_at = datetime.now(UTC)
                 assert nginx_serial(curl(daemon.port("api")).stdout) == second
                 assert nginx_serial(http_get_on(held)) == first  # the old connection is undisturbed
@@ -81,10 +85,14 @@ def test_expired_only_identity_with_local_ca_is_enrolled_before_routes_open(
     old = ca.issue_client("CN=dev", timedelta(minutes=1), datetime.now(UTC) - timedelta(hours=1))
     write_credential(isolated_home / "keystore" / "dev", old, datetime.now(UTC) - timedelta(hours=1))
     pki = Pki.create(tmp_path / "pki")
-    with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                    client_ca=ca_paths(places.ca)[0]) as nginx:
-        config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "local-ca"}},
-                              routes={"api": route_to(pki, nginx.port)})
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=ca_paths(places.ca)[0]
+    ) as nginx:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "local-ca"}},
+            routes={"api": route_to(pki, nginx.port)},
+        )
         started = time.monotonic()
         with DaemonThread(config) as daemon:
             result = curl(daemon.port("api"))
@@ -92,3 +100,28 @@ def test_expired_only_identity_with_local_ca_is_enrolled_before_routes_open(
         assert time.monotonic() - started < 30
     assert "verify=SUCCESS" in result.stdout
     assert nginx_serial(result.stdout) == selected_serial(status) != old.cert.serial_number
+
+
+def test_a_route_waits_briefly_for_enrollment_when_the_keystore_is_emptied(isolated_home: Path, tmp_path: Path) -> None:
+    places = resolve_places()
+    load_or_create_ca(places.ca, datetime.now(UTC))
+    pki = Pki.create(tmp_path / "pki")
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=ca_paths(places.ca)[0]
+    ) as nginx:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "local-ca"}},
+            routes={"api": route_to(pki, nginx.port)},
+        )
+        with DaemonThread(config) as daemon:
+            first = selected_serial(daemon.status())
+            for credential in (isolated_home / "keystore" / "dev").glob("*.pem"):
+                credential.unlink()
+            daemon.call(lambda d: d.book.refresh())  # as the keystore watch would, without waiting for it
+            assert selected_serial(daemon.status()) is None
+            result = curl(daemon.port("api"))  # waits for the enrollment this connection triggers
+            status = daemon.status()
+    assert "verify=SUCCESS" in result.stdout, result
+    assert nginx_serial(result.stdout) == selected_serial(status) != first
+    assert status["routes"]["api"]["failures"] == {}
