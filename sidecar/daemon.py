@@ -7,19 +7,19 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sidecar import __version__
-from sidecar.config import Config, RouteSpec
+from sidecar import __version__, config_edit
+from sidecar.config import Config, RouteSpec, parse_config
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
-from sidecar.errors import ConfigError, LocalSetupError
+from sidecar.errors import ConfigError, LocalSetupError, SidecarError
 from sidecar.events import EventBus
-from sidecar.files import ensure_private_dir, remove_stale_temp_files
+from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, remove_stale_temp_files
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.paths import Places
@@ -43,46 +43,79 @@ STARTUP_ENROLL_WAIT = 15.0
 CLOCK_TICK_SECONDS = 30.0
 
 
+class NotFound(SidecarError):
+    """The request names an identity or route that does not exist."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 class Daemon:
-    """Owns the state; everything else reads it or asks it to change."""
+    """Owns the state; everything else reads it or asks it to change.
+
+    Every change of configuration — start-up, an edit of config.toml, a control-API call —
+    goes through `apply_config`, which works out what changed and touches only that.
+    """
 
     def __init__(self, config: Config, places: Places) -> None:
         self.config = config
         self.places = places
         self.keystore = config.keystore_dir or places.keystore
-        self.active_identity = config.active_identity
         self.book = IdentityBook(config.identities, self.keystore)
         self.contexts = ContextCache()
         self.listeners: dict[str, RouteListener] = {}
         self.demo: DemoService | None = None
         self.ca: DevCA | None = None
-        self._watch: FolderWatch | None = None
-        self._clock_timer: asyncio.TimerHandle | None = None
         self.events = EventBus()
         self.renewers: dict[str, IdentityRenewer] = {}
         self.warners: dict[str, ExpiryWarner] = {}
+        self.config_error: str | None = None
+        self._identity_tasks: dict[str, asyncio.Task[None]] = {}
+        self._watches: list[FolderWatch] = []
+        self._clock_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._clock_mark = (datetime.now(UTC), time.monotonic())
+        self._config_text = _read_text(places.config_file)
+        self._config_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+
+    @property
+    def active_identity(self) -> str:
+        return self.config.active_identity
 
     # --- lifecycle
 
     async def start(self) -> None:
         now = datetime.now(UTC)
-        if self.config.demo_service.enabled or any(s.renew == "local-ca" for s in self.config.identities.values()):
-            self.ca = load_or_create_ca(self.places.ca, now)
+        self.ca = load_or_create_ca(self.places.ca, now)  # cheap once made; the demo and local-ca need it
         ensure_private_dir(self.keystore)
         remove_stale_temp_files(self.keystore)
         self.book.refresh(now)
-        self._start_renewers()
+        watchers = self._make_identity_watchers(self.config, set(self.config.identities))
+        self._install_identity_watchers(watchers)
         await self._wait_for_enrollments()
         if self.config.demo_service.enabled:
             await self._start_demo(now)
         for route in self.config.routes.values():
             await self._start_route(route)
-        self._watch = FolderWatch(self.keystore, asyncio.get_running_loop(), self.keystore_changed)
-        self._watch.start()
+        loop = asyncio.get_running_loop()
+        self._watches = [
+            FolderWatch(self.keystore, loop, self.keystore_changed),
+            FolderWatch(
+                self.places.config_file.parent,
+                loop,
+                self._config_file_changed,
+                only=self.places.config_file,
+                recursive=False,
+            ),
+        ]
+        for watch in self._watches:
+            watch.start()
         self._schedule_clock_refresh()
         self._spawn(self._watch_clock(), "clock watch")
         self.ready.set()
@@ -106,34 +139,137 @@ class Daemon:
     async def shutdown(self) -> None:
         if self._clock_timer is not None:
             self._clock_timer.cancel()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._identity_tasks.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for watch in self._watches:
+            watch.stop()
+        self._watches = []
         await asyncio.gather(*(listener.stop(self.config.shutdown_grace) for listener in self.listeners.values()))
         if self.demo is not None:
             await self.demo.stop()
         log.info("stopped")
 
-    # --- pieces of start-up
+    # --- configuration: one path for start-up, reloads and API changes
 
-    def _start_renewers(self) -> None:
+    async def apply_config(self, new: Config) -> None:
+        """Move from the running config to `new`, touching only what changed.
+
+        Raises ConfigError (before changing anything) when a provider cannot be set up.
+        """
+        old = self.config
+        changed_identities = {n for n in new.identities if old.identities.get(n) != new.identities[n]}
+        watchers = self._make_identity_watchers(new, changed_identities)
+        self.config = new
+        if new.keystore_dir != old.keystore_dir:
+            log.warning("keystore_dir changed: it takes effect when the daemon restarts")
+        for name in set(old.identities) - set(new.identities) | changed_identities:
+            self._stop_identity(name)
+        self.book.specs = dict(new.identities)
+        self.book.refresh()
+        self._install_identity_watchers(watchers)
+        if new.active_identity != old.active_identity:
+            log.info("active identity: %s → %s", old.active_identity, new.active_identity)
+            self.events.publish("identity.switched", name=new.active_identity, previous=old.active_identity)
+        for name in set(old.routes) - set(new.routes):
+            self._remove_listener(name)
+        for name, route in new.routes.items():
+            listener = self.listeners.get(name)
+            if listener is None:
+                await self._start_route(route)
+            elif listener.route != route:
+                if listener.route.listen == route.listen and listener.is_running:
+                    listener.update(route)
+                    self.events.publish("route.changed", route=name)
+                    log.info("route %s: %s", name, self.describe_listener(listener))
+                else:
+                    self._remove_listener(name)
+                    await self._start_route(route)
+        if new.demo_service != old.demo_service:
+            if self.demo is not None:
+                await self.demo.stop()
+                self.demo = None
+            if new.demo_service.enabled:
+                await self._start_demo(datetime.now(UTC))
+
+    async def reload_config(self) -> bool:
+        """Re-read config.toml; a bad edit is rejected and the running config stays."""
+        async with self._config_lock:
+            text = _read_text(self.places.config_file)
+            if text == self._config_text:
+                return False
+            try:
+                new = parse_config(text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)
+                await self.apply_config(new)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                self.events.publish(
+                    "config.rejected", path=str(self.places.config_file), error=str(exc), line=exc.line, field=exc.field
+                )
+                log.error("config change rejected, the previous config keeps running: %s", exc)
+                return False
+            self._config_text = text
+            self.config_error = None
+            self.events.publish("config.reloaded", path=str(self.places.config_file))
+            log.info("config reloaded from %s", self.places.config_file)
+            return True
+
+    async def edit_config(self, edit: Callable[[str], str]) -> Config:
+        """Apply a change made through the API and write it back to config.toml (atomically)."""
+        async with self._config_lock:
+            text = _read_text(self.places.config_file)
+            if self.config_error is not None and text != self._config_text:
+                raise ConfigError(
+                    f"config.toml has an error to fix first: {self.config_error}", source=str(self.places.config_file)
+                )
+            new_text = edit(text)
+            new = parse_config(new_text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)
+            await self.apply_config(new)
+            atomic_write(self.places.config_file, new_text.encode(), PRIVATE_FILE_MODE)
+            self._config_text = new_text
+            return new
+
+    def _config_file_changed(self) -> None:
+        self._spawn(self.reload_config(), "config reload")
+
+    # --- identities
+
+    def _make_identity_watchers(self, config: Config, names: set[str]) -> dict[str, IdentityRenewer | ExpiryWarner]:
+        """Build renewers (or, for renew = "none", warners) without starting them."""
         context = ProviderContext(keystore=self.keystore, dev_ca=self.ca)
-        for name, spec in self.config.identities.items():
+        made: dict[str, IdentityRenewer | ExpiryWarner] = {}
+        for name in names:
+            spec = config.identities[name]
             try:
                 provider = make_provider(spec, context)
-                if provider is None:
-                    warner = ExpiryWarner(spec, self.book, self.events)
-                    self.warners[name] = warner
-                    self._spawn(warner.run(), f"expiry warnings of {name}")
-                    continue
-                renewer = IdentityRenewer(spec, provider, self.book, self.events)
+                made[name] = (
+                    ExpiryWarner(spec, self.book, self.events)
+                    if provider is None
+                    else IdentityRenewer(spec, provider, self.book, self.events)
+                )
             except (ProviderError, ValueError) as exc:
-                raise ConfigError(str(exc), source=self.config.source, field=f"identities.{name}") from exc
-            self.renewers[name] = renewer
-            self._spawn(renewer.run(), f"renewal of {name}")
+                raise ConfigError(str(exc), source=config.source, field=f"identities.{name}") from exc
+        return made
+
+    def _install_identity_watchers(self, watchers: dict[str, IdentityRenewer | ExpiryWarner]) -> None:
+        for name, watcher in watchers.items():
+            if isinstance(watcher, IdentityRenewer):
+                self.renewers[name] = watcher
+                what = "renewal"
+            else:
+                self.warners[name] = watcher
+                what = "expiry warnings"
+            task = asyncio.get_running_loop().create_task(watcher.run(), name=f"{what} of {name}")
+            task.add_done_callback(self._task_done)
+            self._identity_tasks[name] = task
+
+    def _stop_identity(self, name: str) -> None:
+        task = self._identity_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self.renewers.pop(name, None)
+        self.warners.pop(name, None)
 
     async def _wait_for_enrollments(self) -> None:
         """Identities with a provider and nothing usable get a certificate before routes open."""
@@ -141,14 +277,18 @@ class Daemon:
         if pending:
             await asyncio.gather(*(r.settle(STARTUP_ENROLL_WAIT) for r in pending))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.append(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %r stopped: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+    # --- routes
 
     async def _start_demo(self, now: datetime) -> None:
         assert self.ca is not None
@@ -161,15 +301,25 @@ class Daemon:
             self.demo = None
 
     async def _start_route(self, route: RouteSpec) -> RouteListener:
-        listener = RouteListener(route, lambda: self.selection_for(route), self.contexts)
+        listener = RouteListener(route, self.selection_for, self.contexts)
         self.listeners[route.name] = listener
         try:
             await listener.start()
         except LocalSetupError as exc:
             log.error("%s", exc)
+            self.events.publish("route.error", route=route.name, error=str(exc))
             return listener
         log.info("%s", self.describe_listener(listener))
+        self.events.publish("route.up", route=route.name, listen=str(listener.bound), target=listener.target)
         return listener
+
+    def _remove_listener(self, name: str) -> None:
+        """Stop accepting now; open connections drain in the background."""
+        listener = self.listeners.pop(name)
+        listener.close()
+        self._spawn(listener.drain(self.config.shutdown_grace), f"drain of route {name}")
+        self.events.publish("route.down", route=name)
+        log.info("route %s stopped listening on %s", name, listener.bound or listener.route.listen)
 
     def describe_listener(self, listener: RouteListener) -> str:
         identity = self.identity_for(listener.route)
@@ -185,6 +335,48 @@ class Daemon:
         if listener.route.unsafe_skip_verify:
             text += " WARNING: server verification is OFF (unsafe_skip_verify)"
         return text
+
+    # --- operations the control API offers
+
+    async def use_identity(self, name: str, route: str | None = None) -> None:
+        self._require_identity(name)
+        if route is None:
+            await self.edit_config(lambda text: config_edit.set_active_identity(text, name))
+        else:
+            self._require_route(route)
+            await self.edit_config(lambda text: config_edit.set_route_identity(text, route, name))
+
+    async def add_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
+        if name in self.config.routes:
+            raise LocalSetupError(f"a route named {name!r} exists already; remove it first or pick another name")
+        await self.edit_config(lambda text: config_edit.add_route(text, name, fields))
+        listener = self.listeners[name]
+        if not listener.is_running:  # the port is taken, say: take the route back out
+            error = listener.last_error or f"route {name} could not start"
+            await self.edit_config(lambda text: config_edit.remove_route(text, name))
+            raise LocalSetupError(error)
+        return listener
+
+    async def remove_route(self, name: str) -> None:
+        self._require_route(name)
+        await self.edit_config(lambda text: config_edit.remove_route(text, name))
+
+    def request_renewal(self, identity: str) -> None:
+        self._require_identity(identity)
+        renewer = self.renewers.get(identity)
+        if renewer is None:
+            raise LocalSetupError(f'identity {identity!r} has no renewal provider (renew = "none")')
+        renewer.renew_now()
+
+    def _require_identity(self, name: str) -> None:
+        if name not in self.config.identities:
+            known = ", ".join(self.config.identities) or "none"
+            raise NotFound(f"no identity named {name!r} (known: {known})")
+
+    def _require_route(self, name: str) -> None:
+        if name not in self.config.routes:
+            known = ", ".join(self.config.routes) or "none"
+            raise NotFound(f"no route named {name!r} (known: {known})")
 
     # --- state the listeners and status read
 
@@ -212,12 +404,6 @@ class Daemon:
         for warner in self.warners.values():
             warner.wake()
         self._schedule_clock_refresh()
-
-    def request_renewal(self, identity: str) -> None:
-        renewer = self.renewers.get(identity)
-        if renewer is None:
-            raise LocalSetupError(f'identity {identity!r} has no renewal provider (renew = "none")')
-        renewer.renew_now()
 
     def _check_clock(self) -> bool:
         """Notice a wall-clock jump (sleep, clock change) and re-plan everything at once."""
@@ -266,12 +452,15 @@ class Daemon:
             for name, listener in self.listeners.items()
             if listener.route.unsafe_skip_verify
         ]
+        if self.config_error:
+            warnings.append(f"config.toml was not applied: {self.config_error}")
         return {
             "version": __version__,
             "active_identity": self.active_identity,
             "identities": identities,
             "routes": routes,
             "warnings": warnings,
+            "config": {"path": str(self.places.config_file), "error": self.config_error},
             "generated_at": rfc3339(now),
         }
 

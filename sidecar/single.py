@@ -120,7 +120,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
 async def _serve(route: RouteSpec, credentials: FlagCredentials) -> None:
     loop = asyncio.get_running_loop()
 
-    async def current() -> Selection:
+    async def current(_: RouteSpec) -> Selection:
         return credentials.current
 
     listener = RouteListener(route, current, ContextCache())

@@ -46,8 +46,9 @@ class RouteCounters:
         self.last_error = failure.message
 
 
-# Async so that a route can wait briefly for an enrollment or a due renewal to finish.
-SelectionSource = Callable[[], Awaitable[Selection]]
+# Given the route as it is now (its identity may change at run time). Async so that a route can
+# wait briefly for an enrollment or a due renewal to finish.
+SelectionSource = Callable[[RouteSpec], Awaitable[Selection]]
 
 
 class RouteListener:
@@ -74,6 +75,12 @@ class RouteListener:
     @property
     def name(self) -> str:
         return self.route.name
+
+    def update(self, route: RouteSpec) -> None:
+        """New settings for new connections (same listen address); open connections keep theirs."""
+        assert route.listen == self.route.listen, "a new listen address needs a new listener"
+        self.route = route
+        self.policy = ServerPolicy.for_route(route)
 
     @property
     def is_running(self) -> bool:
@@ -106,12 +113,20 @@ class RouteListener:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let open connections finish for up to `grace` seconds, then cut them."""
+        self.close()
+        await self.drain(grace)
+
+    def close(self) -> None:
+        """Stop accepting new connections (the address is free again at once)."""
         if self._server is not None:
             self._server.close()
             self._server = None
             if self.route.listen.kind == "unix":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.route.listen.path)
+
+    async def drain(self, grace: float) -> None:
+        """Let open connections finish for up to `grace` seconds, then cut them."""
         if self._connections:
             log.info(
                 "route %s: waiting up to %.0fs for %d connection(s) to finish", self.name, grace, len(self._connections)
@@ -184,7 +199,7 @@ class _PlainSide(asyncio.Protocol):
     async def _open_remote(self) -> None:
         listener = self.listener
         route = listener.route
-        selection = await listener.selection()
+        selection = await listener.selection(route)
         if selection.selected is None:
             listener._record_failure(
                 failures.Failure(failures.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 class DaemonThread:
     def __init__(self, config: Config | Path, places: Places | None = None) -> None:
-        self.places = places or resolve_places()
+        self.places = places or resolve_places(config=config if isinstance(config, Path) else None)
         self.config = load_config(config) if isinstance(config, Path) else config
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
