@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(places: Places, args: argparse.Namespace) -> int:
     from sidecar import logsetup
+    from sidecar.control.server import ControlServer, socket_path
     from sidecar.daemon import Daemon, log_file_path
     from sidecar.firstrun import load_or_create_config
 
@@ -162,11 +163,16 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         daemon = Daemon(config, places)
-        await daemon.start()
-        demo = daemon.listeners.get("demo")
-        if demo is not None and demo.is_running and demo.bound is not None:
-            log.info("try it: curl http://%s/", demo.bound)
-        await daemon.run_until_stopped()
+        control = ControlServer(daemon, socket_path(places.run))
+        await control.start()  # first: a second daemon stops here, before it touches any port
+        try:
+            await daemon.start()
+            demo = daemon.listeners.get("demo")
+            if demo is not None and demo.is_running and demo.bound is not None:
+                log.info("try it: curl http://%s/", demo.bound)
+            await daemon.run_until_stopped()
+        finally:
+            await control.stop()
 
     asyncio.run(serve())
     return EXIT_OK

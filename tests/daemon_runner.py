@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.config import Config, load_config
+from sidecar.control.client import ControlClient
+from sidecar.control.server import ControlServer, socket_path
 from sidecar.daemon import Daemon
 from sidecar.paths import Places, resolve_places
 
@@ -23,6 +25,7 @@ class DaemonThread:
         self.config = load_config(config) if isinstance(config, Path) else config
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
+        self.socket = socket_path(self.places.run)
         self._started: Future[None] = Future()
         self._thread = threading.Thread(target=self._main, name="daemon-under-test", daemon=True)
 
@@ -35,13 +38,19 @@ class DaemonThread:
 
     async def _serve(self) -> None:
         self.daemon = Daemon(self.config, self.places)
+        self.control = ControlServer(self.daemon, self.socket)
         try:
+            await self.control.start()
             await self.daemon.start()
         except BaseException as exc:
+            await self.control.stop()
             self._started.set_exception(exc)
             return
         self._started.set_result(None)
-        await self.daemon.run_until_stopped()
+        try:
+            await self.daemon.run_until_stopped()
+        finally:
+            await self.control.stop()
 
     def __enter__(self) -> DaemonThread:
         self._thread.start()
@@ -63,6 +72,9 @@ class DaemonThread:
             return fn(daemon)
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.socket)
 
     def status(self) -> dict[str, Any]:
         return self.call(lambda d: d.status())

@@ -1,0 +1,167 @@
+"""Control API requests → daemon operations → JSON answers. No HTTP in here: `server.py` frames it.
+
+| method | path | body | answer |
+|---|---|---|---|
+| GET | /v1/status | | the status document |
+| POST | /v1/active-identity | {"name"} | status |
+| POST | /v1/routes/NAME/identity | {"name"} | status |
+| POST | /v1/identities/NAME/renew | | {"renewing": NAME} (202) |
+| GET | /v1/routes | | {NAME: route status} |
+| POST | /v1/routes | {"name", "listen", "target", ...config keys} | the route's status (201) |
+| DELETE | /v1/routes/NAME | | {"removed": NAME} |
+| POST | /v1/routes/NAME/check | | the diagnosis |
+| GET | /v1/events | | newline-delimited JSON events, until the client goes |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar import __version__
+from sidecar.daemon import Daemon, NotFound
+from sidecar.errors import ConfigError, LocalSetupError
+
+MAX_BODY = 1 << 20
+ROUTE_FIELDS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn", "connect_timeout",
+                "unsafe_listen", "unsafe_skip_verify")
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    status: int
+    body: Any = None
+    stream: AsyncIterator[dict[str, Any]] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+    def response(self) -> ApiResponse:
+        return ApiResponse(self.status, {"error": self.message, **self.extra})
+
+
+Handler = Callable[[Daemon, dict[str, str], Any], Awaitable[ApiResponse]]
+
+
+async def dispatch(daemon: Daemon, method: str, path: str, body: bytes) -> ApiResponse:
+    """Find the handler for `method path`, run it, and turn the daemon's errors into answers."""
+    path = path.split("?", 1)[0]
+    allowed = []
+    for route_method, pattern, handler in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        if route_method != method:
+            allowed.append(route_method)
+            continue
+        try:
+            return await handler(daemon, match.groupdict(), _json_body(body))
+        except ApiError as exc:
+            return exc.response()
+        except NotFound as exc:
+            return ApiResponse(404, {"error": str(exc)})
+        except ConfigError as exc:
+            return ApiResponse(400, {"error": str(exc), "field": exc.field, "line": exc.line})
+        except LocalSetupError as exc:
+            return ApiResponse(409, {"error": str(exc)})
+    if allowed:
+        return ApiResponse(405, {"error": f"{method} is not allowed on {path}; use {' or '.join(allowed)}"})
+    return ApiResponse(404, {"error": f"no such endpoint: {method} {path} (see the API reference in the README)"})
+
+
+def _json_body(body: bytes) -> Any:
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+
+
+def _name_field(body: Any, what: str) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+        raise ApiError(400, f'send {{"name": "..."}} naming the {what}')
+    name: str = body["name"]
+    return name
+
+
+async def _status(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    return ApiResponse(200, daemon.status())
+
+
+async def _active_identity(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    await daemon.use_identity(_name_field(body, "identity"))
+    return ApiResponse(200, daemon.status())
+
+
+async def _route_identity(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    await daemon.use_identity(_name_field(body, "identity"), route=params["name"])
+    return ApiResponse(200, daemon.status())
+
+
+async def _renew(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    daemon.request_renewal(params["name"])
+    return ApiResponse(202, {"renewing": params["name"]})
+
+
+async def _list_routes(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    return ApiResponse(200, daemon.status()["routes"])
+
+
+async def _add_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    name = _name_field(body, "route")
+    unknown = sorted(set(body) - {"name", *ROUTE_FIELDS})
+    if unknown:
+        raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_FIELDS)}")
+    fields = {key: body[key] for key in ROUTE_FIELDS if key in body}
+    await daemon.add_route(name, fields)
+    return ApiResponse(201, daemon.status()["routes"][name])
+
+
+async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    await daemon.remove_route(params["name"])
+    return ApiResponse(200, {"removed": params["name"]})
+
+
+async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    from sidecar.diagnose import check_route
+
+    name = params["name"]
+    route = daemon.config.routes.get(name)
+    if route is None:
+        raise NotFound(f"no route named {name!r} (known: {', '.join(daemon.config.routes) or 'none'})")
+    result = await check_route(route, daemon.current_selection(route))
+    return ApiResponse(200, {"route": name, "identity": daemon.identity_for(route), **result.to_json()})
+
+
+async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    return ApiResponse(200, stream=_follow(daemon))
+
+
+async def _follow(daemon: Daemon) -> AsyncIterator[dict[str, Any]]:
+    with daemon.events.subscribe() as queue:
+        yield {"type": "hello", "version": __version__, "active_identity": daemon.active_identity}
+        while True:
+            yield await queue.get()
+
+
+_NAME = r"(?P<name>[A-Za-z0-9_.-]+)"
+_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
+    ("GET", re.compile(r"/v1/status"), _status),
+    ("POST", re.compile(r"/v1/active-identity"), _active_identity),
+    ("POST", re.compile(rf"/v1/routes/{_NAME}/identity"), _route_identity),
+    ("POST", re.compile(rf"/v1/identities/{_NAME}/renew"), _renew),
+    ("GET", re.compile(r"/v1/routes"), _list_routes),
+    ("POST", re.compile(r"/v1/routes"), _add_route),
+    ("DELETE", re.compile(rf"/v1/routes/{_NAME}"), _remove_route),
+    ("POST", re.compile(rf"/v1/routes/{_NAME}/check"), _check),
+    ("GET", re.compile(r"/v1/events"), _events),
+]

@@ -1,0 +1,180 @@
+"""HTTP/1.1 on the control socket: h11 frames it, `api.dispatch` answers it.
+
+The socket lives in the runtime folder (0700) with mode 0600, so only the user reaches it.
+A path held by another user, or answered by another running daemon, is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from sidecar.control.api import MAX_BODY, ApiResponse, dispatch
+from sidecar.daemon import Daemon
+from sidecar.errors import LocalSetupError
+from sidecar.files import ensure_private_dir
+
+log = logging.getLogger("sidecar.control")
+
+SOCKET_NAME = "control.sock"
+_READ_CHUNK = 64 * 1024
+_IDLE_TIMEOUT = 300.0
+
+
+def socket_path(run_dir: Path) -> Path:
+    return run_dir / SOCKET_NAME
+
+
+class ControlServer:
+    def __init__(self, daemon: Daemon, path: Path) -> None:
+        self.daemon = daemon
+        self.path = path
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        ensure_private_dir(self.path.parent)
+        _claim(self.path)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        except OSError as exc:
+            raise LocalSetupError(f"cannot create the control socket {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        log.info("control API on %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+        try:
+            while await self._one_request(conn, reader, writer):
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
+            log.debug("control connection ended: %s", exc)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _one_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Serve one request; False when the connection should close."""
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(reader.read(_READ_CHUNK), _IDLE_TIMEOUT)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    await self._send(conn, writer, ApiResponse(413, {"error": "request body too large"}))
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return False
+        assert request is not None
+        method, target = request.method.decode(), request.target.decode()
+        response = await dispatch(self.daemon, method, target, bytes(body))
+        if response.stream is not None:
+            await self._stream(conn, reader, writer, response)
+            return False
+        await self._send(conn, writer, response)
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: ApiResponse) -> None:
+        payload = json.dumps(response.body, indent=None).encode() + b"\n"
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        writer.write(conn.send(h11.Data(data=payload)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+
+    async def _stream(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: ApiResponse
+    ) -> None:
+        """Newline-delimited JSON, chunked, until the client goes away or the daemon stops."""
+        assert response.stream is not None
+        headers = [("content-type", "application/x-ndjson"), ("cache-control", "no-store")]
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        await writer.drain()
+        stream = response.stream
+        gone = asyncio.ensure_future(reader.read(1))  # a read that returns means the client left
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    break
+                writer.write(conn.send(h11.Data(data=_line(following.result()))) or b"")
+                await writer.drain()
+        finally:
+            gone.cancel()
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+
+def _claim(path: Path) -> None:
+    """Make `path` ours to bind: refuse another user's file or a live daemon; clear a stale socket."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if info.st_uid != os.getuid():
+        raise LocalSetupError(
+            f"{path} belongs to another user (uid {info.st_uid}); refusing to use it. "
+            "Point MTLS_SIDECAR_HOME (or XDG_RUNTIME_DIR) at a folder of your own"
+        )
+    if not stat.S_ISSOCK(info.st_mode):
+        raise LocalSetupError(f"{path} exists and is not a socket; move it away")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink()  # left by a daemon that died
+            return
+        raise LocalSetupError(f"cannot check the control socket {path}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+    raise LocalSetupError(
+        f"another mtls-sidecar daemon is running (it answers on {path}); stop it first, "
+        "or give this one its own MTLS_SIDECAR_HOME"
+    )
