@@ -35,7 +35,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PROVIDER_OPTION_KEYS = (
     "renew_at", "renew_before", "rekey", "prune_after",
     "acme_directory", "acme_ca_file", "acme_email", "acme_identifiers", "acme_challenge",
-    "acme_http_port",
+    "acme_http_port", "acme_timeout",
     "renew_command", "renew_timeout",
     "step_ca_url", "step_ca_root", "step_ca_provisioner", "step_ca_provisioner_key",
     "step_ca_token_command",
@@ -460,8 +460,20 @@ def _parse_identity(t: _Table) -> IdentitySpec:
         pkcs12_password_env=_env_name(t, "pkcs12_password_env"),
         key_password_env=_env_name(t, "key_password_env"),
         issuer_ca_file=t.file("issuer_ca_file"),
-        options=MappingProxyType({k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}),
+        options=MappingProxyType(_provider_options(t)),
     )
+
+
+# Provider options that name files: resolved against the config file's folder like other paths.
+_PROVIDER_PATH_KEYS = ("acme_ca_file", "step_ca_root", "step_ca_provisioner_key")
+
+
+def _provider_options(t: _Table) -> dict[str, Any]:
+    options = {k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}
+    for key in _PROVIDER_PATH_KEYS:
+        if isinstance(options.get(key), str):
+            options[key] = str(t.file(key))
+    return options
 
 
 def _subject(t: _Table) -> str:
