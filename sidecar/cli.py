@@ -1,7 +1,8 @@
 """`mtls-sidecar` command line. `main(argv)` is the only place errors become exit codes.
 
-Exit codes: 0 success; 1 a runtime failure (could not start, remote refused); 2 bad usage or
-bad configuration (the message names the file, line and field).
+Exit codes: 0 success; 1 a runtime failure (could not start, remote refused, `check` found a
+problem); 2 bad usage or bad configuration (the message names the file, line and field);
+3 the daemon is not running (for commands that talk to it).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ log = logging.getLogger("sidecar.cli")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
 
-EPILOG = """exit codes: 0 success; 1 runtime failure; 2 bad usage or configuration.
+EPILOG = """exit codes: 0 success; 1 runtime failure (or `check` found a problem); 2 bad usage or
+configuration; 3 the daemon is not running.
 environment: MTLS_SIDECAR_HOME (everything under one folder), MTLS_SIDECAR_CONFIG (config file)."""
 
 
@@ -44,6 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), common)
 
     commands.add_parser("run", help="run the daemon in the foreground", epilog=EPILOG)
+
+    status = commands.add_parser("status", help="identities, expiry, renewal and routes of the running daemon")
+    status.add_argument("--json", action="store_true", help="the status document as JSON")
+    use = commands.add_parser("use", help="switch the active identity (or one route's identity)")
+    use.add_argument("name", help="identity name")
+    use.add_argument("--route", help="switch only this route")
+    use.add_argument("--json", action="store_true")
+    renew = commands.add_parser("renew", help="renew an identity's certificate now")
+    renew.add_argument("name", help="identity name")
+    renew.add_argument("--json", action="store_true")
+    check = commands.add_parser("check", help="a real handshake to a route's target, explained")
+    check.add_argument("route")
+    check.add_argument("--json", action="store_true")
+
+    route = commands.add_parser("route", help="routes of the running daemon (changes are saved to config.toml)")
+    route_commands = commands.add_subparsers(route, dest="route_command", metavar="ROUTE_COMMAND")
+    add = route_commands.add_parser("add", help="add a route; it listens at once")
+    add.add_argument("name")
+    add.add_argument("--listen", required=True, help="127.0.0.1:PORT, [::1]:PORT or unix:/path")
+    add.add_argument("--target", required=True, help="HOST:PORT of the mTLS service")
+    add.add_argument("--server-name", dest="server_name")
+    add.add_argument("--ca-file", dest="ca_file")
+    add.add_argument("--identity")
+    add.add_argument("--alpn", action="append", default=[], help="repeatable")
+    add.add_argument("--json", action="store_true")
+    rm = route_commands.add_parser("rm", help="remove a route; open connections finish on their own")
+    rm.add_argument("name")
+    rm.add_argument("--json", action="store_true")
+    route_list = route_commands.add_parser("list", help="list routes")
+    route_list.add_argument("--json", action="store_true")
 
     tunnel = commands.add_parser("tunnel", help="one tunnel in the foreground, no config file (ghostunnel-style flags)")
     tunnel.add_argument("--listen", required=True, help="local address, 127.0.0.1:PORT or unix:/path")
@@ -86,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     identity = commands.add_parser("identity", help="identities in the keystore")
     identity_commands = commands.add_subparsers(identity, dest="identity_command", metavar="IDENTITY_COMMAND")
+    identity_list = identity_commands.add_parser("list", help="identities of the running daemon")
+    identity_list.add_argument("--json", action="store_true")
+    imported = identity_commands.add_parser("import", help="copy a credential file into an identity's folder")
+    imported.add_argument("file", help="PEM bundle, certificate (with --key), or PKCS#12 file")
+    imported.add_argument("--key", help="the private key, when FILE holds only the certificate")
+    imported.add_argument("--name", help="identity (default: the active identity)")
+    imported.add_argument("--password-env", metavar="VAR", help="environment variable with the file's password")
     new = identity_commands.add_parser("new", help="issue a certificate from the dev CA into the keystore")
     new.add_argument("name")
     new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
@@ -126,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.single import run_tunnel
 
             return run_tunnel(args)
+        if args.command in _REMOTE or (args.command == "identity" and args.identity_command == "list"):
+            return _remote(places, args)
+        if args.command == "identity" and args.identity_command == "import":
+            return _cmd_identity_import(places, args)
         if args.command == "ca" and args.ca_command == "server":
             return _cmd_ca_server(places, args)
         if args.command == "ca":
@@ -184,6 +228,89 @@ def _cmd_ca_export(places: Places) -> int:
     ca = load_or_create_ca(places.ca, datetime.now(UTC))
     sys.stdout.write(ca.cert_pem.decode())
     return EXIT_OK
+
+
+_REMOTE = ("status", "use", "renew", "check", "route")
+
+
+def _remote(places: Places, args: argparse.Namespace) -> int:
+    from sidecar import cli_control
+    from sidecar.control.client import ApiCallError, DaemonNotRunning
+
+    commands = {
+        "status": cli_control.cmd_status,
+        "use": cli_control.cmd_use,
+        "renew": cli_control.cmd_renew,
+        "check": cli_control.cmd_check,
+        "route": cli_control.cmd_route,
+        "identity": cli_control.cmd_identity_list,
+    }
+    try:
+        return commands[args.command](places, args)
+    except DaemonNotRunning as exc:
+        print(f"mtls-sidecar: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ApiCallError as exc:
+        print(f"mtls-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.status in (400, 404, 405) else EXIT_FAILURE
+
+
+def _cmd_identity_import(places: Places, args: argparse.Namespace) -> int:
+    import os
+
+    from sidecar.config import load_config
+    from sidecar.credentials import Secrets, candidates_from_files
+    from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
+    from sidecar.keystore import evaluate
+
+    config = load_config(places.config_file) if places.config_file.exists() else None
+    name = args.name or (config.active_identity if config else "")
+    if not name:
+        raise ConfigError(
+            "no identity named",
+            source="command line",
+            field="--name",
+            hint="give --name NAME (there is no config with an active identity)",
+        )
+    source, key = Path(args.file), Path(args.key) if args.key else None
+    files = {source.name: _read_file(source, "FILE")}
+    if key is not None:  # pair them by name, as the keystore does
+        files = {source.stem + ".crt": files[source.name], source.stem + ".key": _read_file(key, "--key")}
+    password = os.environ.get(args.password_env, "").encode() if args.password_env else None
+    found = candidates_from_files(files, Secrets(password, password))
+    problem = evaluate(found[0], datetime.now(UTC)) if found else "not a credential file (.pem, .crt, .p12, .pfx)"
+    if problem:
+        print(f"mtls-sidecar: {source} cannot be used: {problem}; nothing was imported", file=sys.stderr)
+        return EXIT_FAILURE
+    keystore = (config.keystore_dir if config and config.keystore_dir else None) or places.keystore
+    folder = ensure_private_dir(keystore / name)
+    for file_name in files:
+        if (folder / file_name).exists():
+            print(f"mtls-sidecar: {folder / file_name} exists already; nothing was imported", file=sys.stderr)
+            return EXIT_FAILURE
+    for file_name, data in files.items():
+        atomic_write(folder / file_name, data, PRIVATE_FILE_MODE)
+    cert = found[0].cert
+    assert cert is not None
+    print(
+        f"imported {cert.subject.rfc4514_string()} (serial {cert.serial_number:x}, expires "
+        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC) into {folder}"
+    )
+    if args.password_env:
+        print(
+            f"note: the daemon needs the password too: set key_password_env or pkcs12_password_env = "
+            f'"{args.password_env}" for identities.{name}'
+        )
+    return EXIT_OK
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the file: {exc.strerror}", source="command line", field=what, value=str(path)
+        ) from exc
 
 
 def _cmd_ca_server(places: Places, args: argparse.Namespace) -> int:

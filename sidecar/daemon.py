@@ -349,11 +349,12 @@ class Daemon:
     async def add_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
         if name in self.config.routes:
             raise LocalSetupError(f"a route named {name!r} exists already; remove it first or pick another name")
+        before = _read_text(self.places.config_file)
         await self.edit_config(lambda text: config_edit.add_route(text, name, fields))
         listener = self.listeners[name]
-        if not listener.is_running:  # the port is taken, say: take the route back out
+        if not listener.is_running:  # the port is taken, say: put config.toml back as it was
             error = listener.last_error or f"route {name} could not start"
-            await self.edit_config(lambda text: config_edit.remove_route(text, name))
+            await self.edit_config(lambda _: before)
             raise LocalSetupError(error)
         return listener
 

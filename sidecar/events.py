@@ -29,11 +29,18 @@ class EventBus:
             queue.put_nowait(event)
         return event
 
-    @contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+    def add_subscriber(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_LIMIT)
         self._subscribers.add(queue)
+        return queue
+
+    def remove_subscriber(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(queue)
+
+    @contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        queue = self.add_subscriber()
         try:
             yield queue
         finally:
-            self._subscribers.discard(queue)
+            self.remove_subscriber(queue)

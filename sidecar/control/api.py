@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +26,40 @@ from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
 
 MAX_BODY = 1 << 20
-ROUTE_FIELDS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn", "connect_timeout",
-                "unsafe_listen", "unsafe_skip_verify")
+ROUTE_FIELDS = (
+    "listen",
+    "target",
+    "server_name",
+    "ca_file",
+    "ca_dir",
+    "identity",
+    "alpn",
+    "connect_timeout",
+    "unsafe_listen",
+    "unsafe_skip_verify",
+)
+
+
+class EventFeed:
+    """The events a stream client receives: a greeting, then every event the daemon publishes."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._queue = daemon.events.add_subscriber()
+        self._events = daemon.events
+        self._queue.put_nowait({"type": "hello", "version": __version__, "active_identity": daemon.active_identity})
+
+    async def get(self) -> dict[str, Any]:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._events.remove_subscriber(self._queue)
 
 
 @dataclass(frozen=True)
 class ApiResponse:
     status: int
     body: Any = None
-    stream: AsyncIterator[dict[str, Any]] | None = None
+    stream: EventFeed | None = None
 
 
 class ApiError(Exception):
@@ -143,14 +168,7 @@ async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
 
 
 async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
-    return ApiResponse(200, stream=_follow(daemon))
-
-
-async def _follow(daemon: Daemon) -> AsyncIterator[dict[str, Any]]:
-    with daemon.events.subscribe() as queue:
-        yield {"type": "hello", "version": __version__, "active_identity": daemon.active_identity}
-        while True:
-            yield await queue.get()
+    return ApiResponse(200, stream=EventFeed(daemon))
 
 
 _NAME = r"(?P<name>[A-Za-z0-9_.-]+)"

@@ -14,9 +14,7 @@ from sidecar.errors import SidecarError
 
 class DaemonNotRunning(SidecarError):
     def __init__(self, path: Path, why: str) -> None:
-        super().__init__(
-            f"the mtls-sidecar daemon is not running ({why} at {path}); start it with `mtls-sidecar run`"
-        )
+        super().__init__(f"the mtls-sidecar daemon is not running ({why} at {path}); start it with `mtls-sidecar run`")
         self.path = path
 
 

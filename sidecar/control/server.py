@@ -129,21 +129,24 @@ class ControlServer:
         headers = [("content-type", "application/x-ndjson"), ("cache-control", "no-store")]
         writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
         await writer.drain()
-        stream = response.stream
+        feed = response.stream
         gone = asyncio.ensure_future(reader.read(1))  # a read that returns means the client left
+        getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             while True:
-                following = asyncio.ensure_future(anext(stream))
-                await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    following.cancel()
+                getter = asyncio.ensure_future(feed.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
                     break
-                writer.write(conn.send(h11.Data(data=_line(following.result()))) or b"")
+                writer.write(conn.send(h11.Data(data=_line(getter.result()))) or b"")
                 await writer.drain()
         finally:
-            gone.cancel()
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
+            feed.close()
+            for pending in (getter, gone):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pending
 
 
 def _line(event: dict[str, Any]) -> bytes:

@@ -1,0 +1,104 @@
+"""CLI commands that read or change the running daemon, through the control API only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sidecar.control.client import ControlClient
+from sidecar.control.server import socket_path
+from sidecar.paths import Places
+from sidecar.statusview import countdown, render_status
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_NOT_RUNNING = 3
+
+
+def client_for(places: Places) -> ControlClient:
+    return ControlClient(socket_path(places.run))
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        print(text)
+
+
+def cmd_status(places: Places, args: argparse.Namespace) -> int:
+    status = client_for(places).get("/v1/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        sys.stdout.write(render_status(status, datetime.now(UTC), colour=sys.stdout.isatty()))
+    return EXIT_OK
+
+
+def cmd_use(places: Places, args: argparse.Namespace) -> int:
+    client = client_for(places)
+    if args.route:
+        status = client.post(f"/v1/routes/{args.route}/identity", {"name": args.name})
+        text = f"route {args.route} now presents identity {args.name} on new connections"
+    else:
+        status = client.post("/v1/active-identity", {"name": args.name})
+        text = f"active identity is now {args.name}; open connections keep the identity they started with"
+    _emit(args, status, text)
+    return EXIT_OK
+
+
+def cmd_renew(places: Places, args: argparse.Namespace) -> int:
+    answer = client_for(places).post(f"/v1/identities/{args.name}/renew")
+    _emit(args, answer, f"renewal of {args.name} started; follow it with `mtls-sidecar status`")
+    return EXIT_OK
+
+
+def cmd_route(places: Places, args: argparse.Namespace) -> int:
+    client = client_for(places)
+    if args.route_command == "list":
+        routes = client.get("/v1/routes")
+        lines = [
+            f"{name:<12} {r['listen']} → {r['target']}  as {r['identity']}  {r['state']}" for name, r in routes.items()
+        ]
+        _emit(args, routes, "\n".join(lines) or "no routes")
+        return EXIT_OK
+    if args.route_command == "rm":
+        answer = client.delete(f"/v1/routes/{args.name}")
+        _emit(args, answer, f"route {args.name} removed; its open connections finish on their own")
+        return EXIT_OK
+    body: dict[str, Any] = {"name": args.name, "listen": args.listen, "target": args.target}
+    for key in ("server_name", "ca_file", "identity"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = str(Path(value).absolute()) if key == "ca_file" else value
+    if args.alpn:
+        body["alpn"] = args.alpn
+    route = client.post("/v1/routes", body)
+    _emit(args, route, f"route {args.name}: listening on {route['listen']} → {route['target']} as {route['identity']}")
+    return EXIT_OK
+
+
+def cmd_identity_list(places: Places, args: argparse.Namespace) -> int:
+    status = client_for(places).get("/v1/status")
+    now = datetime.now(UTC)
+    lines = []
+    for name, identity in status["identities"].items():
+        selected = identity.get("selected")
+        marker = "*" if name == status["active_identity"] else " "
+        cert = f"{selected['subject']} {countdown(selected['not_after'], now)}" if selected else "no usable certificate"
+        lines.append(f"{marker} {name:<12} {cert}  ({identity['renewal']['provider']}: {identity['renewal']['state']})")
+    _emit(args, status["identities"], "\n".join(lines) or "no identities")
+    return EXIT_OK
+
+
+def cmd_check(places: Places, args: argparse.Namespace) -> int:
+    result = client_for(places).post(f"/v1/routes/{args.route}/check")
+    text = ("ok: " if result["ok"] else "problem: ") + result["message"]
+    if result.get("fix"):
+        text += f"\nfix: {result['fix']}"
+    _emit(args, result, text)
+    return EXIT_OK if result["ok"] else EXIT_FAILURE

@@ -1,0 +1,319 @@
+"""The control API and the CLI commands that use it, against a running daemon and real nginx."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.control.client import ApiCallError, ControlClient
+from tests.daemon_runner import DaemonThread
+from tests.realservers import free_port, nginx_mtls
+from tests.scenario import Pki, curl, http_get_on, mtls_server, recv_all, route_to, write_config
+from tests.waiting import wait_until
+
+
+def nginx_dn(text: str | bytes) -> str:
+    body = text.decode() if isinstance(text, bytes) else text
+    match = re.search(r"client_dn=(\S+) ", body)
+    assert match, body
+    return match.group(1)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki.create(tmp_path / "pki")
+
+
+def two_identities(home: Path, pki: Pki, port: int, **routes: dict[str, Any]) -> Path:
+    pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+    pki.enroll(home / "keystore", "ci-bot", "ci-1", cn="ci-bot")
+    return write_config(
+        home / "config.toml",
+        active="dev",
+        identities={"dev": {"renew": "none"}, "ci-bot": {"renew": "none"}},
+        routes={"api": route_to(pki, port), **routes},
+    )
+
+
+def test_switching_identity_through_the_api(pki: Pki, isolated_home: Path, tmp_path: Path) -> None:
+    with nginx_mtls(
+        tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+    ) as nginx:
+        config = two_identities(isolated_home, pki, nginx.port)
+        with DaemonThread(config) as daemon:
+            assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+            client = daemon.client()
+            seen: list[tuple[float, dict[str, Any]]] = []
+            follower = threading.Thread(target=_follow, args=(client, seen), daemon=True)
+            follower.start()
+            wait_until(lambda: any(e["type"] == "hello" for _, e in seen), timeout=5, what="the events stream")
+            with daemon.connect("api") as held:
+                assert nginx_dn(http_get_on(held)) == "CN=dev"
+                switched_at = time.monotonic()
+                status = client.post("/v1/active-identity", {"name": "ci-bot"})
+                assert status["active_identity"] == "ci-bot"
+                assert nginx_dn(curl(daemon.port("api")).stdout) == "CN=ci-bot"
+                assert nginx_dn(http_get_on(held)) == "CN=dev"  # the open connection is undisturbed
+            event = wait_until(
+                lambda: next((e for t, e in seen if e["type"] == "identity.switched"), None),
+                timeout=1,
+                what="the identity.switched event within 1 s",
+            )
+            latency = next(t for t, e in seen if e is event) - switched_at
+    assert event["name"] == "ci-bot" and event["previous"] == "dev"
+    assert 'active_identity = "ci-bot"' in config.read_text()  # written back
+    print(f"\nevents: identity.switched reached a client {latency * 1000:.1f} ms after the API call")
+
+
+def _follow(client: ControlClient, seen: list[tuple[float, dict[str, Any]]]) -> None:
+    try:
+        for event in client.events():
+            seen.append((time.monotonic(), event))
+    except OSError:
+        pass  # the daemon stopped
+
+
+def test_per_route_identity_renew_and_errors(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        with DaemonThread(config) as daemon:
+            client = daemon.client()
+            status = client.post("/v1/routes/api/identity", {"name": "ci-bot"})
+            assert status["routes"]["api"]["identity"] == "ci-bot"
+            assert status["active_identity"] == "dev"
+            with pytest.raises(ApiCallError) as no_provider:
+                client.post("/v1/identities/dev/renew")
+            assert no_provider.value.status == 409 and 'renew = "none"' in str(no_provider.value)
+            with pytest.raises(ApiCallError) as unknown:
+                client.post("/v1/active-identity", {"name": "prod"})
+            assert unknown.value.status == 404 and "known: dev, ci-bot" in str(unknown.value)
+            with pytest.raises(ApiCallError) as bad_body:
+                client.post("/v1/active-identity", {"nom": "dev"})
+            assert bad_body.value.status == 400
+            with pytest.raises(ApiCallError) as wrong_method:
+                client.delete("/v1/status")
+            assert wrong_method.value.status == 405
+            with pytest.raises(ApiCallError) as nowhere:
+                client.get("/v2/anything")
+            assert nowhere.value.status == 404
+    assert 'identity = "ci-bot"' in config.read_text()
+
+
+def test_status_document_shape(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        with DaemonThread(config) as daemon:
+            status = daemon.client().get("/v1/status")
+    assert set(status) >= {"version", "active_identity", "identities", "routes", "warnings"}
+    dev = status["identities"]["dev"]
+    assert set(dev["selected"]) >= {"serial", "subject", "issuer", "not_before", "not_after", "file"}
+    assert re.fullmatch(r"[0-9a-f]+", dev["selected"]["serial"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", dev["selected"]["not_after"])
+    assert set(dev["candidates"][0]) == {"file", "usable", "reason"}
+    assert set(dev["renewal"]) >= {"state", "provider", "next_renewal_at", "last_renewed_at", "last_error"}
+    api = status["routes"]["api"]
+    assert set(api) >= {
+        "listen",
+        "target",
+        "server_name",
+        "identity",
+        "state",
+        "active_connections",
+        "total_connections",
+        "bytes_in",
+        "bytes_out",
+        "failures",
+        "last_error",
+    }
+    assert "PRIVATE KEY" not in json.dumps(status)
+
+
+def test_routes_added_and_removed_at_run_time_survive_a_restart(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        port = free_port()
+        with DaemonThread(config) as daemon:
+            client = daemon.client()
+            added = client.post(
+                "/v1/routes",
+                {
+                    "name": "echo",
+                    "listen": f"127.0.0.1:{port}",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                },
+            )
+            assert added["state"] == "up"
+            assert _echo(port, b"added\n") == b"added\n"
+            client.delete("/v1/routes/api")
+            assert "api" not in client.get("/v1/routes")
+            with pytest.raises(ApiCallError) as clash:
+                client.post("/v1/routes", {"name": "again", "listen": f"127.0.0.1:{port}", "target": "x.test:1"})
+            assert clash.value.status == 400 and "clash" in str(clash.value).lower()
+        with DaemonThread(config) as daemon:  # a restart reads what the API wrote
+            assert set(daemon.status()["routes"]) == {"echo"}
+            assert _echo(port, b"after restart\n") == b"after restart\n"
+
+
+def test_adding_a_route_on_a_taken_port_is_refused_and_not_saved(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server, socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        config = two_identities(isolated_home, pki, server.port)
+        before = config.read_text()
+        with DaemonThread(config) as daemon:
+            with pytest.raises(ApiCallError) as taken:
+                daemon.client().post(
+                    "/v1/routes",
+                    {
+                        "name": "db",
+                        "listen": f"127.0.0.1:{squatter.getsockname()[1]}",
+                        "target": "db.example.test:5432",
+                    },
+                )
+            assert taken.value.status == 409 and "address already in use" in str(taken.value)
+            assert "db" not in daemon.status()["routes"]
+    assert config.read_text() == before
+
+
+def _echo(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def test_a_broken_config_edit_is_rejected_and_the_old_routes_keep_serving(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        with DaemonThread(config) as daemon:
+            seen: list[tuple[float, dict[str, Any]]] = []
+            threading.Thread(target=_follow, args=(daemon.client(), seen), daemon=True).start()
+            wait_until(lambda: seen, timeout=5, what="the events stream")
+            text = config.read_text()
+            config.write_text(text + "\n[routes.broken\nlisten = 1\n")
+            status = wait_until(
+                lambda: (s := daemon.status())["config"]["error"] and s, timeout=5, what="the bad edit to be noticed"
+            )
+            line = len(text.splitlines()) + 2
+            assert f"config.toml:{line}" in status["config"]["error"]
+            assert any("config.toml was not applied" in w for w in status["warnings"])
+            assert _echo(daemon.port("api"), b"still here\n") == b"still here\n"
+            rejected = wait_until(
+                lambda: next((e for _, e in seen if e["type"] == "config.rejected"), None), 2, what="config.rejected"
+            )
+            assert rejected["line"] == line
+            # fixing the file applies it
+            config.write_text(text.replace('active_identity = "dev"', 'active_identity = "ci-bot"'))
+            wait_until(lambda: daemon.status()["active_identity"] == "ci-bot", timeout=5, what="the fixed config")
+            assert daemon.status()["config"]["error"] is None
+
+
+def test_a_config_edit_adds_and_changes_routes_without_restart(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        port = free_port()
+        with DaemonThread(config) as daemon, daemon.connect("api") as held:
+            held.sendall(b"one\n")
+            assert held.recv(100) == b"one\n"
+            text = config.read_text().replace("[routes.api]", '[routes.api]\nidentity = "ci-bot"')
+            config.write_text(
+                text + f'\n[routes.extra]\nlisten = "127.0.0.1:{port}"\ntarget = "127.0.0.1:{server.port}"\n'
+                f'server_name = "localhost"\nca_file = "{pki.server_ca_file}"\n'
+            )
+            wait_until(lambda: "extra" in daemon.status()["routes"], timeout=5, what="the new route")
+            assert _echo(port, b"extra\n") == b"extra\n"
+            assert daemon.status()["routes"]["api"]["identity"] == "ci-bot"
+            held.sendall(b"two\n")  # an in-place change leaves open connections alone
+            assert held.recv(100) == b"two\n"
+
+
+# --- the CLI, as a client of the API
+
+
+def test_cli_commands_against_a_running_daemon(
+    pki: Pki, isolated_home: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        with DaemonThread(config):
+            assert main(["status"]) == 0
+            table = capsys.readouterr().out
+            assert re.search(r"\*dev\s+CN=dev, expires in 6 days", table)
+            assert re.search(r" api\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+\s+dev\s+up", table)
+            assert "\033[" not in table  # no colour when not a terminal
+
+            assert main(["status", "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["active_identity"] == "dev"
+
+            assert main(["use", "ci-bot"]) == 0
+            assert "active identity is now ci-bot" in capsys.readouterr().out
+            assert main(["use", "dev", "--route", "api"]) == 0
+            capsys.readouterr()
+
+            assert main(["identity", "list"]) == 0
+            listing = capsys.readouterr().out
+            assert re.search(r"\* ci-bot\s+CN=ci-bot expires in", listing)
+
+            port = free_port()
+            assert (
+                main(
+                    [
+                        "route",
+                        "add",
+                        "extra",
+                        "--listen",
+                        f"127.0.0.1:{port}",
+                        "--target",
+                        f"127.0.0.1:{server.port}",
+                        "--server-name",
+                        "localhost",
+                        "--ca-file",
+                        str(pki.server_ca_file),
+                    ]
+                )
+                == 0
+            )
+            assert f"listening on 127.0.0.1:{port}" in capsys.readouterr().out
+            assert main(["route", "list"]) == 0
+            assert "extra" in capsys.readouterr().out
+            assert main(["route", "rm", "extra"]) == 0
+            capsys.readouterr()
+
+            assert main(["renew", "dev"]) == 1  # renew = "none": the daemon refuses (409)
+            assert 'renew = "none"' in capsys.readouterr().err
+            assert main(["use", "nobody"]) == 2
+            assert "no identity named 'nobody'" in capsys.readouterr().err
+
+
+def test_cli_says_when_the_daemon_is_not_running(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status"]) == 3
+    err = capsys.readouterr().err
+    assert "the mtls-sidecar daemon is not running" in err and "mtls-sidecar run" in err
+
+
+def test_identity_import_copies_a_usable_credential_and_refuses_a_bad_one(
+    pki: Pki, isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    leaf = pki.client_ca.client("imported")
+    cert, key = leaf.write_pair(tmp_path / "in", "mine")
+    assert main(["identity", "import", str(cert), "--key", str(key), "--name", "dev"]) == 0
+    assert "imported CN=imported" in capsys.readouterr().out
+    folder = isolated_home / "keystore" / "dev"
+    assert {p.name for p in folder.iterdir()} == {"mine.crt", "mine.key"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
+    bad = tmp_path / "in" / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert main(["identity", "import", str(bad), "--name", "dev"]) == 1
+    assert "cannot be used: malformed certificate PEM" in capsys.readouterr().err
+    assert not (folder / "bad.pem").exists()
