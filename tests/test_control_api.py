@@ -317,3 +317,14 @@ def test_identity_import_copies_a_usable_credential_and_refuses_a_bad_one(
     assert main(["identity", "import", str(bad), "--name", "dev"]) == 1
     assert "cannot be used: malformed certificate PEM" in capsys.readouterr().err
     assert not (folder / "bad.pem").exists()
+
+
+def test_renew_endpoint_renews_now(isolated_home: Path, tmp_path: Path) -> None:
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "local-ca"}}, routes={})
+    with DaemonThread(config) as daemon:
+        client = daemon.client()
+        first = client.get("/v1/status")["identities"]["dev"]["selected"]["serial"]
+        assert client.post("/v1/identities/dev/renew") == {"renewing": "dev"}
+        wait_until(lambda: client.get("/v1/status")["identities"]["dev"]["selected"]["serial"] != first,
+                   timeout=10, what="the renewal asked for")
+        assert client.get("/v1/status")["identities"]["dev"]["renewal"]["last_renewed_at"] is not None
