@@ -131,10 +131,11 @@ def one_route_config(home: Path, pki: Pki, port: int, name: str = "svc", **extra
 
 
 def mtls_server(pki: Pki, mode: str = "echo", **kwargs: Any) -> ScriptedTLSServer:
-    """A scripted TLS server holding `pki.server` that requires a client certificate from `pki.client_ca`."""
+    """A scripted TLS server holding `pki.server` (or `cert`/`key`) that requires a client certificate
+    from `pki.client_ca`."""
+    kwargs.setdefault("cert", pki.server_cert)
+    kwargs.setdefault("key", pki.server_key)
     return ScriptedTLSServer(
-        cert=pki.server_cert,
-        key=pki.server_key,
         client_ca=pki.client_ca_file,
         require_client_cert=True,
         mode=mode,

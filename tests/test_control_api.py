@@ -325,6 +325,30 @@ def test_renew_endpoint_renews_now(isolated_home: Path, tmp_path: Path) -> None:
         client = daemon.client()
         first = client.get("/v1/status")["identities"]["dev"]["selected"]["serial"]
         assert client.post("/v1/identities/dev/renew") == {"renewing": "dev"}
-        wait_until(lambda: client.get("/v1/status")["identities"]["dev"]["selected"]["serial"] != first,
-                   timeout=10, what="the renewal asked for")
+        wait_until(
+            lambda: client.get("/v1/status")["identities"]["dev"]["selected"]["serial"] != first,
+            timeout=10,
+            what="the renewal asked for",
+        )
         assert client.get("/v1/status")["identities"]["dev"]["renewal"]["last_renewed_at"] is not None
+
+
+def test_check_command_through_the_daemon(
+    pki: Pki, isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.pki import CA
+
+    rogue = CA("Rogue CA").server("localhost", "127.0.0.1").write_pair(tmp_path / "rogue", "s")
+    with mtls_server(pki) as good, mtls_server(pki, cert=rogue[0], key=rogue[1]) as bad:
+        config = two_identities(isolated_home, pki, good.port, rogue=route_to(pki, bad.port))
+        with DaemonThread(config):
+            assert main(["check", "api"]) == 0
+            assert capsys.readouterr().out.startswith("ok: ")
+            assert main(["check", "rogue"]) == 1
+            out = capsys.readouterr().out
+            assert out.startswith("problem: ") and "CN=Rogue CA" in out and "\nfix: " in out
+            assert main(["check", "rogue", "--json"]) == 1
+            result = json.loads(capsys.readouterr().out)
+            assert result["cause"] == "server_untrusted" and result["identity"] == "dev"
+            assert main(["check", "nope"]) == 2
+            assert "no route named 'nope'" in capsys.readouterr().err

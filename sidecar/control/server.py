@@ -75,6 +75,10 @@ class ControlServer:
                 conn.start_next_cycle()
         except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
             log.debug("control connection ended: %s", exc)
+        except asyncio.CancelledError:
+            # Our own stop() cancels these tasks; ending normally keeps asyncio's stream server
+            # (which calls task.exception() on its handler tasks) from logging a false error.
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
