@@ -19,6 +19,7 @@ from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
 from sidecar.errors import ConfigError, LocalSetupError, SidecarError
 from sidecar.events import EventBus
+from sidecar.failures import Failure
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, remove_stale_temp_files
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
@@ -302,6 +303,7 @@ class Daemon:
 
     async def _start_route(self, route: RouteSpec) -> RouteListener:
         listener = RouteListener(route, self.selection_for, self.contexts)
+        listener.on_failure = self._route_failed
         self.listeners[route.name] = listener
         try:
             await listener.start()
@@ -312,6 +314,9 @@ class Daemon:
         log.info("%s", self.describe_listener(listener))
         self.events.publish("route.up", route=route.name, listen=str(listener.bound), target=listener.target)
         return listener
+
+    def _route_failed(self, route: str, failure: Failure) -> None:
+        self.events.publish("route.failure", route=route, reason=failure.reason, error=failure.message)
 
     def _remove_listener(self, name: str) -> None:
         """Stop accepting now; open connections drain in the background."""

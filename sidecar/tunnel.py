@@ -71,6 +71,7 @@ class RouteListener:
         self._drained = asyncio.Event()
         self._drained.set()
         self.bound: ListenAddress | None = None
+        self.on_failure: Callable[[str, Failure], None] | None = None
 
     @property
     def name(self) -> str:
@@ -155,6 +156,8 @@ class RouteListener:
     def _record_failure(self, failure: failures.Failure) -> None:
         self.counters.fail(failure)
         log.warning("route %s: %s", self.name, failure.message)
+        if self.on_failure is not None:
+            self.on_failure(self.name, failure)
 
 
 def _listen_error(route: RouteSpec, exc: OSError) -> str:

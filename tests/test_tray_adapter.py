@@ -1,0 +1,187 @@
+"""The pystray adapter against a real daemon, with a recording pystray backend (no display).
+
+pystray's dummy backend raises on run/notify/update_menu, so the icon here subclasses
+pystray.Icon and records what the adapter asks of it: what a real backend would draw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.paths import resolve_places
+from tests.daemon_runner import DaemonThread
+from tests.scenario import Pki, mtls_server, route_to, write_config
+from tests.waiting import wait_until
+from tray.model import IconState
+
+
+@pytest.fixture(scope="module")
+def pystray(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import os
+
+    os.environ["PYSTRAY_BACKEND"] = "dummy"
+    from tray.app import load_pystray
+
+    return load_pystray()
+
+
+def recording_icon_class(pystray: Any) -> type:
+    class RecordingIcon(pystray.Icon):  # type: ignore[misc,name-defined]
+        HAS_MENU = True
+        HAS_NOTIFICATION = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.calls: list[str] = []
+            self.notified: list[tuple[str, str | None]] = []
+            super().__init__(*args, **kwargs)
+
+        def _show(self) -> None:
+            self.calls.append("show")
+
+        def _hide(self) -> None:
+            self.calls.append("hide")
+
+        def _update_icon(self) -> None:
+            self.calls.append("icon")
+
+        def _update_title(self) -> None:
+            self.calls.append("title")
+
+        def _update_menu(self) -> None:
+            self.calls.append("menu")
+
+        def _run(self) -> None:
+            self.calls.append("run")
+
+        def _run_detached(self) -> None:
+            self.calls.append("run_detached")
+
+        def _stop(self) -> None:
+            self.calls.append("stop")
+
+        def _notify(self, message: str, title: str | None = None) -> None:
+            self.notified.append((message, title))
+
+        def _remove_notification(self) -> None:
+            pass
+
+    return RecordingIcon
+
+
+def menu_item(menu: Any, *path: str) -> Any:
+    """Find an item by the start of its text, through submenus."""
+    items = list(menu.items)
+    for depth, prefix in enumerate(path):
+        item = next(i for i in items if str(i.text).startswith(prefix))
+        if depth == len(path) - 1:
+            return item
+        items = list(item.submenu.items)
+    raise AssertionError(path)
+
+
+def test_switch_identity_from_the_menu_and_follow_events(pystray: Any, isolated_home: Path, tmp_path: Path) -> None:
+    from tray.app import TrayApp
+
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    pki.enroll(isolated_home / "keystore", "ci-bot", "ci-1", cn="ci-bot")
+    with mtls_server(pki) as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            active="dev",
+            identities={"dev": {"renew": "none"}, "ci-bot": {"renew": "none"}},
+            routes={"api": route_to(pki, server.port)},
+        )
+        with DaemonThread(config) as daemon:
+            app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+            app.fetch_status()
+            assert app._view is not None and app._view.state is IconState.OK
+            assert app.icon.title.startswith("dev · expires in")
+            item = menu_item(app.icon.menu, "Switch identity", "ci-bot")
+            assert item.checked is False and item.radio
+            item(app.icon)  # what a click does
+            assert daemon.status()["active_identity"] == "ci-bot"
+            assert menu_item(app.icon.menu, "Switch identity", "ci-bot").checked is True
+
+            # a switch made elsewhere (CLI, API) shows in the tray in well under a second
+            follower = threading.Thread(target=app.follow, daemon=True)
+            follower.start()
+            wait_until(lambda: app.status is not None, timeout=5, what="the tray to connect")
+            started = time.monotonic()
+            daemon.client().post("/v1/active-identity", {"name": "dev"})
+            wait_until(lambda: app.icon.title.startswith("dev ·"), timeout=1, what="the tray to follow the switch")
+            latency = time.monotonic() - started
+            menu_item(app.icon.menu, "Routes", "api", "as ci-bot")(app.icon)
+            assert daemon.status()["routes"]["api"]["identity"] == "ci-bot"
+        # the daemon went away: disconnected, and reconnect attempts back off
+        wait_until(
+            lambda: app._view is not None and app._view.state is IconState.DISCONNECTED,
+            timeout=5,
+            what="the tray to show the daemon is gone",
+        )
+        assert menu_item(app.icon.menu, "Start daemon").default
+        with DaemonThread(config) as daemon:
+            wait_until(lambda: app.status is not None, timeout=10, what="the tray to reconnect")
+        app.stop()
+        follower.join(timeout=5)
+        assert not follower.is_alive()
+    print(f"\ntray: followed a switch made through the API in {latency * 1000:.0f} ms")
+
+
+def test_reconnect_does_not_busy_loop(pystray: Any, isolated_home: Path) -> None:
+    from tray.app import TrayApp
+
+    app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+    attempts: list[float] = []
+    original = app.client.events
+
+    def counting_events(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    app.client.events = counting_events  # type: ignore[method-assign]
+    follower = threading.Thread(target=app.follow, daemon=True)
+    follower.start()
+    wait_until(lambda: len(attempts) >= 4, timeout=10, what="four reconnect attempts")
+    app.stop()
+    follower.join(timeout=5)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.95 and gaps[2] >= 1.95  # 0.5 s, 1 s, 2 s, ...
+    assert app._view is not None and app._view.state is IconState.DISCONNECTED
+
+
+def test_renewal_notification_is_shown(pystray: Any, isolated_home: Path) -> None:
+    from tray.app import TrayApp
+
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "local-ca"}}, routes={})
+    with DaemonThread(config):
+        app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+        follower = threading.Thread(target=app.follow, daemon=True)
+        follower.start()
+        wait_until(lambda: app.status is not None, timeout=5, what="the tray to connect")
+        menu_item(app.icon.menu, "Renew dev now")(app.icon)
+        wait_until(
+            lambda: any(title == "Certificate renewed" for _, title in app.icon.notified),
+            timeout=10,
+            what="the renewal notification",
+        )
+        app.stop()
+    follower.join(timeout=5)
+
+
+def test_no_display_names_the_backends_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    result = subprocess.run([sys.executable, "-m", "tray"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    assert "no system tray available (display: none)" in result.stderr
+    for backend in ("appindicator", "gtk", "xorg"):
+        assert f"{backend}:" in result.stderr

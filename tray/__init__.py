@@ -1,0 +1,1 @@
+"""mtls-sidecar-tray: the daemon's status at a glance, as a client of its control API."""
