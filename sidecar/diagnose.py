@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl
 from contextlib import suppress
@@ -28,6 +27,7 @@ from cryptography import x509
 
 from sidecar.config import RouteSpec
 from sidecar.errors import ConfigError
+from sidecar.failures import ssl_reason
 from sidecar.keystore import Selection
 from sidecar.tlsctx import ServerPolicy, build_client_context
 from sidecar.units import human_duration
@@ -76,7 +76,6 @@ _REJECTING_ALERTS = (
     "certificate required", "bad certificate", "unknown ca", "certificate expired", "certificate revoked",
     "unsupported certificate", "certificate unknown", "access denied", "handshake failure", "decrypt error",
 )  # fmt: skip
-_SSL_TEXT = re.compile(r"(?:\[[^\]]*\]\s*)?([a-z0-9 ]+?)\s*(?:\(_ssl\.c:\d+\))?$")
 _NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
 
 
@@ -407,21 +406,6 @@ def _failed(stage: str, exc: BaseException) -> Failed:
     if isinstance(exc, OSError):
         return Failed(stage, "os_error", exc.strerror or str(exc))
     return Failed(stage, "os_error", f"{type(exc).__name__}: {_text(exc)}")
-
-
-def ssl_reason(exc: ssl.SSLError) -> str | None:
-    """OpenSSL's reason code name, e.g. "TLSV1_ALERT_UNKNOWN_CA".
-
-    Python 3.11 knows no name for reasons newer than its table (it then writes
-    "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"): rebuild it from the text.
-    """
-    reason = getattr(exc, "reason", None)
-    if reason:
-        return str(reason)
-    match = _SSL_TEXT.match(str(exc.args[1]) if len(exc.args) > 1 else str(exc))
-    if match is None:
-        return None
-    return match.group(1).strip().upper().replace(" ", "_") or None
 
 
 def _text(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -40,6 +41,24 @@ _REJECTED_ALERTS = (
 )
 
 
+_SSL_TEXT = re.compile(r"(?:\[[^\]]*\]\s*)?([a-z0-9 ]+?)\s*(?:\(_ssl\.c:\d+\))?$")
+
+
+def ssl_reason(exc: ssl.SSLError) -> str | None:
+    """OpenSSL's reason code name, e.g. "TLSV1_ALERT_UNKNOWN_CA".
+
+    Python 3.11 knows no name for reasons newer than its table (it then writes
+    "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"): rebuild it from the text.
+    """
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason)
+    match = _SSL_TEXT.match(str(exc.args[1]) if len(exc.args) > 1 else str(exc))
+    if match is None:
+        return None
+    return match.group(1).strip().upper().replace(" ", "_") or None
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str
@@ -67,7 +86,7 @@ def classify(exc: BaseException, *, target: str, server_name: str, trust: str) -
 
 def classify_ssl_error(exc: ssl.SSLError, *, target: str) -> Failure:
     """Errors after or during the handshake that are not our verification of the server."""
-    reason = (exc.reason or "").upper()
+    reason = (ssl_reason(exc) or "").upper()
     if "ALERT" in reason and any(alert in reason for alert in _REJECTED_ALERTS):
         alert = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
         return Failure(
