@@ -47,8 +47,9 @@ def test_acme_enrolls_and_renews_before_expiry_without_dropping_connections(
     with pebble_server(tmp_path / "pebble", validity_seconds=120) as pebble:
         client_ca = tmp_path / "pebble-roots.pem"
         client_ca.write_bytes(pebble.roots_pem())  # fetched after pebble started: a new root each start
-        with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                        client_ca=client_ca) as nginx:
+        with nginx_mtls(
+            tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=client_ca
+        ) as nginx:
             config = write_config(
                 isolated_home / "config.toml",
                 # 120 s certificates, due 100 s before expiry: renewal about 20 s after issue
@@ -62,8 +63,11 @@ def test_acme_enrolls_and_renews_before_expiry_without_dropping_connections(
                 enrolled_in = (datetime.now(UTC) - started).total_seconds()
                 with daemon.connect("api", timeout=60) as held:
                     assert nginx_serial(http_get_on(held)) == first
-                    second = wait_until(lambda: (s := serial_of(daemon.status())) != first and s, timeout=60,
-                                        what="the daemon to renew through ACME")
+                    second = wait_until(
+                        lambda: (s := serial_of(daemon.status())) != first and s,
+                        timeout=60,
+                        what="the daemon to renew through ACME",
+                    )
                     assert nginx_serial(curl(daemon.port("api")).stdout) == second
                     assert nginx_serial(http_get_on(held)) == first  # the held connection is undisturbed
                 status = daemon.status()
@@ -81,18 +85,25 @@ def test_acme_server_down_backs_off_keeps_serving_then_renews(isolated_home: Pat
     with pebble_server(tmp_path / "pebble", validity_seconds=600) as pebble:
         client_ca = tmp_path / "pebble-roots.pem"
         client_ca.write_bytes(pebble.roots_pem())
-        with nginx_mtls(tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key,
-                        client_ca=client_ca) as nginx:
-            config = write_config(isolated_home / "config.toml", identities={"dev": acme_identity(pebble)},
-                                  routes={"api": route_to(pki, nginx.port)})
+        with nginx_mtls(
+            tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=client_ca
+        ) as nginx:
+            config = write_config(
+                isolated_home / "config.toml",
+                identities={"dev": acme_identity(pebble)},
+                routes={"api": route_to(pki, nginx.port)},
+            )
             with DaemonThread(config) as daemon:
                 first = serial_of(daemon.status())
                 assert first is not None
                 pebble.stop()
                 failed_at = datetime.now(UTC)
                 daemon.call(lambda d: d.request_renewal("dev"))
-                wait_until(lambda: daemon.status()["identities"]["dev"]["renewal"]["state"] == "failing",
-                           timeout=30, what="the renewal to fail while pebble is down")
+                wait_until(
+                    lambda: daemon.status()["identities"]["dev"]["renewal"]["state"] == "failing",
+                    timeout=30,
+                    what="the renewal to fail while pebble is down",
+                )
                 renewal = daemon.status()["identities"]["dev"]["renewal"]
                 assert renewal["consecutive_failures"] == 1
                 assert pebble.directory_url in renewal["last_error"]
@@ -102,16 +113,22 @@ def test_acme_server_down_backs_off_keeps_serving_then_renews(isolated_home: Pat
                 assert nginx_serial(curl(daemon.port("api")).stdout) == first
 
                 daemon.call(lambda d: d.request_renewal("dev"))
-                wait_until(lambda: daemon.status()["identities"]["dev"]["renewal"]["consecutive_failures"] == 2,
-                           timeout=30, what="a second failure")
+                wait_until(
+                    lambda: daemon.status()["identities"]["dev"]["renewal"]["consecutive_failures"] == 2,
+                    timeout=30,
+                    what="a second failure",
+                )
                 renewal = daemon.status()["identities"]["dev"]["renewal"]
                 retry_at = datetime.strptime(renewal["next_renewal_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
                 assert timedelta(minutes=9) < retry_at - datetime.now(UTC) < timedelta(minutes=11)  # then 10 min
 
                 pebble.start()
                 daemon.call(lambda d: d.request_renewal("dev"))
-                second = wait_until(lambda: (s := serial_of(daemon.status())) != first and s, timeout=60,
-                                    what="renewal once pebble is back")
+                second = wait_until(
+                    lambda: (s := serial_of(daemon.status())) != first and s,
+                    timeout=60,
+                    what="renewal once pebble is back",
+                )
                 renewal = daemon.status()["identities"]["dev"]["renewal"]
     assert second != first
     assert renewal["state"] == "valid" and renewal["consecutive_failures"] == 0 and renewal["last_error"] is None
