@@ -19,8 +19,10 @@ def ssl_error(text: str, reason: str | None = None) -> ssl.SSLError:
 @pytest.mark.parametrize(
     ("exc", "key"),
     [
-        (ssl_error("tlsv13 alert certificate required", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
-         failures.SERVER_REJECTED_CERT),
+        (
+            ssl_error("tlsv13 alert certificate required", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+            failures.SERVER_REJECTED_CERT,
+        ),
         (ssl_error("tlsv1 alert unknown ca", "TLSV1_ALERT_UNKNOWN_CA"), failures.SERVER_REJECTED_CERT),
         (ssl_error("wrong version number", "WRONG_VERSION_NUMBER"), failures.NOT_TLS),
         # Python 3.11 has no name for this newer reason: it must be recovered from the text
@@ -39,6 +41,8 @@ def test_rejection_message_names_the_alert() -> None:
 
 
 def test_connection_errors() -> None:
-    assert failures.classify(ConnectionRefusedError(111, "refused"), target="t:1", server_name="t",
-                             trust="x").reason == failures.CONNECT
+    assert (
+        failures.classify(ConnectionRefusedError(111, "refused"), target="t:1", server_name="t", trust="x").reason
+        == failures.CONNECT
+    )
     assert failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x").reason == failures.TIMEOUT
