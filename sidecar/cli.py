@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("name")
     new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
     new.add_argument("--subject", help='RFC 4514 subject (default: the identity\'s, else "CN=NAME")')
+
+    autostart = commands.add_parser("autostart", help="start the daemon and the tray when you log in")
+    autostart_commands = commands.add_subparsers(autostart, dest="autostart_command", metavar="AUTOSTART_COMMAND")
+    for name, text in (
+        ("install", "install (or update) launch at login for this user; idempotent"),
+        ("uninstall", "remove launch at login; config, keystore and logs are kept"),
+        ("status", "what is installed, and whether it points at this installation"),
+    ):
+        sub = autostart_commands.add_parser(name, help=text)
+        sub.add_argument("--json", action="store_true")
+        sub.add_argument(
+            "--method",
+            choices=["systemd", "xdg"],
+            help="Linux: a systemd user unit (default where systemd runs) or XDG autostart entries only",
+        )
     return parser
 
 
@@ -176,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ca_export(places)
         if args.command == "identity":
             return _cmd_identity_new(places, args)
+        if args.command == "autostart":
+            from sidecar.cli_autostart import cmd_autostart
+
+            return cmd_autostart(places, args)
     except ConfigError as exc:
         print(f"mtls-sidecar: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
