@@ -19,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sidecar.autostart.manage import Autostart
 from sidecar.control.client import ApiCallError, ControlClient, DaemonNotRunning
 from sidecar.control.server import socket_path
+from sidecar.errors import SidecarError
 from sidecar.paths import Places, resolve_places
 from tray.icons import icon_image
 from tray.model import MenuItem, NotificationMemory, TrayView, notifications_for, utc_now, view
@@ -64,8 +66,16 @@ def load_pystray() -> Any:
 class TrayApp:
     """Follows the daemon's events; rebuilds the view on each one; performs menu actions."""
 
-    def __init__(self, places: Places, pystray: Any, *, icon_factory: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        places: Places,
+        pystray: Any,
+        *,
+        icon_factory: Callable[..., Any] | None = None,
+        autostart: Autostart | None = None,
+    ) -> None:
         self.places = places
+        self.autostart = autostart  # None: no "Start at login" item (unsupported here)
         self.client = ControlClient(socket_path(places.run), timeout=10)
         self.pystray = pystray
         self.status: dict[str, Any] | None = None
@@ -125,7 +135,7 @@ class TrayApp:
             self._refresh_view()
 
     def _refresh_view(self) -> None:
-        new = view(self.status, utc_now(), error=self.error)
+        new = view(self.status, utc_now(), error=self.error, autostart=self._autostart_installed())
         if new == self._view:
             return
         old = self._view
@@ -160,13 +170,22 @@ class TrayApp:
             checked=(lambda menu_item: checked) if checked is not None else None,
         )
 
+    def _autostart_installed(self) -> bool | None:
+        if self.autostart is None:
+            return None
+        try:
+            return self.autostart.is_installed()
+        except (OSError, ValueError) as exc:
+            log.debug("autostart status unavailable: %s", exc)
+            return None
+
     # --- doing
 
     def perform(self, action: str) -> None:
         """Run a menu action; errors become a notification (and a log line), never a crash."""
         try:
             self._perform(action)
-        except (ApiCallError, DaemonNotRunning, OSError) as exc:
+        except (ApiCallError, DaemonNotRunning, SidecarError, OSError) as exc:
             self._tell("mtls-sidecar", str(exc))
         self.fetch_status()
 
@@ -190,6 +209,12 @@ class TrayApp:
             open_path(self.places.logs)
         elif kind == "start-daemon":
             start_daemon()
+        elif kind == "toggle-autostart" and self.autostart is not None:
+            # The same code as `mtls-sidecar autostart install|uninstall`.
+            if self.autostart.is_installed():
+                self.autostart.uninstall()
+            else:
+                self.autostart.install()
         elif kind == "quit":
             self.stop()
 
@@ -261,5 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     except NoTrayBackend as exc:
         print(f"mtls-sidecar-tray: {exc}", file=sys.stderr)
         return 1
-    TrayApp(places, pystray).run()
+    TrayApp(places, pystray, autostart=autostart_or_none(places, args.home)).run()
     return 0
+
+
+def autostart_or_none(places: Places, home: str | None) -> Autostart | None:
+    """Launch at login for this installation, or None where it is not supported."""
+    from sidecar.cli_autostart import autostart_for
+
+    try:
+        autostart = autostart_for(places, home, None)
+        autostart.plan()
+    except ValueError as exc:
+        log.info("no launch at login here: %s", exc)
+        return None
+    return autostart
