@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -30,7 +31,7 @@ from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
 from sidecar.tlsctx import ContextCache
-from sidecar.tunnel import RouteListener
+from sidecar.tunnel import PEER_CHECK, RouteListener
 from sidecar.watch import FolderWatch
 
 log = logging.getLogger("sidecar.daemon")
@@ -458,6 +459,8 @@ class Daemon:
             for name, listener in self.listeners.items()
             if listener.route.unsafe_skip_verify
         ]
+        if PEER_CHECK.method is None and any(lst.route.listen.kind == "tcp" for lst in self.listeners.values()):
+            warnings.append(f"other users' connections to TCP routes are not refused: {PEER_CHECK.detail}")
         if self.config_error:
             warnings.append(f"config.toml was not applied: {self.config_error}")
         return {
@@ -528,7 +531,16 @@ class Daemon:
             "failures": dict(counters.failures),
             "last_error": listener.last_error or counters.last_error,
             "verify": not route.unsafe_skip_verify,
+            # how connections from other OS users are kept out ("method": null: they cannot be)
+            "peer_check": _peer_check(route),
         }
+
+
+def _peer_check(route: RouteSpec) -> dict[str, str | None]:
+    if route.listen.kind == "unix":
+        method = "so-peercred" if hasattr(socket, "SO_PEERCRED") else "socket-mode"
+        return {"method": method, "detail": "the socket is 0600; on Linux the peer's uid is checked too"}
+    return {"method": PEER_CHECK.method, "detail": PEER_CHECK.detail}
 
 
 def describe_certificate(candidate: Candidate | None) -> dict[str, Any] | None:

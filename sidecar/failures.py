@@ -19,6 +19,12 @@ NOT_TLS = "not_tls"
 ALPN_REFUSED = "alpn_refused"
 TLS_ERROR = "tls_error"
 ROUTE_ERROR = "route_error"
+# Server policy beyond names (sidecar/policy.py, sidecar/revocation.py), after the handshake.
+PIN_MISMATCH = "pin_mismatch"
+URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
+SERVER_CERT_REVOKED = "server_certificate_revoked"
+REVOCATION_UNKNOWN = "revocation_unknown"
+OTHER_USER = "other_user"  # a local connection from another OS user, refused before any TLS
 
 # OpenSSL X509_V_ERR_* codes that Python reports in SSLCertVerificationError.verify_code.
 _UNTRUSTED_CODES = {2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32}

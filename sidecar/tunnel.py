@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -23,9 +25,13 @@ from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
+from sidecar.peercred import describe_peer_check, peer_uid, user_name
 from sidecar.tlsctx import ContextCache, ServerPolicy
 
 log = logging.getLogger("sidecar.tunnel")
+
+PEER_CHECK = describe_peer_check()
+OWN_UID: int | None = os.getuid() if hasattr(os, "getuid") else None
 
 READ_CHUNK = 64 * 1024
 # Fires when a side of the pair has more than this waiting to be written.
@@ -98,7 +104,11 @@ class RouteListener:
         listen = self.route.listen
         try:
             if listen.kind == "unix":
-                self._server = await loop.create_unix_server(self._new_connection, listen.path)
+                old_umask = os.umask(0o177)  # born 0600: no moment where others could connect
+                try:
+                    self._server = await loop.create_unix_server(self._new_connection, listen.path)
+                finally:
+                    os.umask(old_umask)
                 os.chmod(listen.path, 0o600)
                 self.bound = listen
             else:
@@ -139,6 +149,35 @@ class RouteListener:
 
     def _new_connection(self) -> _PlainSide:
         return _PlainSide(self)
+
+    def _refusal(self, transport: asyncio.Transport) -> failures.Failure | None:
+        """A failure when the local peer is another OS user (they would use our identity).
+
+        Where the platform cannot tell (PEER_CHECK.method is None), connections are let in and
+        status says so. A peer that is not on loopback is another machine, allowed only by
+        the route's explicit unsafe_listen.
+        """
+        if PEER_CHECK.method is None or OWN_UID is None:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        if sock.family == socket.AF_UNIX:
+            if not hasattr(socket, "SO_PEERCRED"):
+                return None  # the socket's 0600 mode is the guard there
+        else:
+            peer = transport.get_extra_info("peername")
+            if peer is None or not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
+                return None
+        uid = peer_uid(sock)
+        if uid == OWN_UID:
+            return None
+        who = "a user it could not identify (the connection was gone)" if uid is None else f"uid {user_name(uid)}"
+        return failures.Failure(
+            failures.OTHER_USER,
+            f"refused a local connection from {who}: this route uses the identity of uid {user_name(OWN_UID)} "
+            "and serves only that user",
+        )
 
     def _opened(self, conn: _PlainSide) -> None:
         self._connections.add(conn)
@@ -193,6 +232,12 @@ class _PlainSide(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.pause_reading()
+        refusal = self.listener._refusal(transport)
+        if refusal is not None:
+            self.closed = True
+            self.listener._record_failure(refusal)
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.listener._opened(self)
         self._task = asyncio.get_running_loop().create_task(
