@@ -1,0 +1,356 @@
+"""Side-by-side mTLS tunnel benchmark: mtls-sidecar vs stunnel, haproxy, nginx stream, socat.
+
+    python3 -m bench [--quick] [--reps N] [--only NAME,...] [--tests t1,t2,t3,t4,t5]
+
+Loopback only. Installs nothing: names the missing programs and their apt packages. Each
+repetition restarts the backend and every contender, in an order rotated per repetition.
+Writes bench/results/<time>.json (and latest.json) and prints the tables for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import peers, pki, procs, stats
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+CONTENDERS = (*peers.PEERS, *peers.LIMITS)
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def make_pki(folder: Path) -> tuple[peers.Files, Path, Path, Path]:
+    """Certificates and keys made now, kept in the run's temporary `folder` only."""
+    made = pki.make(folder, peers.SERVER_NAME)
+    files = peers.Files(
+        cert=made.client_cert, key=made.client_key, bundle=made.client_bundle, server_ca=made.server_ca, folder=folder
+    )
+    return files, made.server_cert, made.server_key, made.client_ca
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range, so that client ports never collide with it."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def process(
+    cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, preexec_fn=_raise_nofile
+        )
+    try:
+        try:
+            wait_port(port, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {log.read_text(errors='replace')[-600:]}") from None
+        yield proc
+    finally:
+        for pid in reversed(procs.tree(proc.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            for pid in procs.tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, files: peers.Files, backend_tls: int, backend_pids: list[int]) -> None:
+        self.args = args
+        self.files = files
+        self.backend_tls = backend_tls
+        self.backend_pids = backend_pids
+
+    def load(self, test: str, port: int, tls: bool, *extra: str) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "bench.load", test, "--port", str(port), *extra]
+        if tls:
+            cmd += ["--tls", str(self.files.cert), str(self.files.key), str(self.files.server_ca)]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"load {test} failed: {out.stderr.strip()[-800:]}")
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+    def measured(
+        self, test: str, port: int, tls: bool, tunnel: list[int], *extra: str
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Run one load, with the CPU of the tunnel and backend over the same wall time."""
+        t_tree = [p for pid in tunnel for p in procs.tree(pid)]
+        b_tree = [p for pid in self.backend_pids for p in procs.tree(pid)]
+        t0, b0, w0 = procs.cpu_seconds(t_tree), procs.cpu_seconds(b_tree), time.perf_counter()
+        result = self.load(test, port, tls, *extra)
+        wall = time.perf_counter() - w0
+        t_tree = sorted(set(t_tree) | {p for pid in tunnel for p in procs.tree(pid)})
+        cpu = {
+            "load": 100 * result["cpu_s"] / result["wall_s"],
+            "tunnel": 100 * (procs.cpu_seconds(t_tree) - t0) / wall,
+            "backend": 100 * (procs.cpu_seconds(b_tree) - b0) / wall,
+        }
+        return result, cpu
+
+    def hold(self, port: int, tls: bool, tunnel: list[int], count: int) -> tuple[int, float]:
+        cmd = [sys.executable, "-m", "bench.load", "hold", "--port", str(port), "--count", str(count)]
+        cmd += ["--timeout", str(self.args.hold_timeout)]
+        if tls:
+            cmd += ["--tls", str(self.files.cert), str(self.files.key), str(self.files.server_ca)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        line = proc.stdout.readline()
+        held = int(json.loads(line)["held"]) if line else 0
+        time.sleep(0.5)  # let the last connections settle into their steady state
+        pss = procs.pss_kib([p for pid in tunnel for p in procs.tree(pid)]) / 1024 if tunnel else math.nan
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.communicate(timeout=120)
+        return held, pss
+
+    def run_contender(self, name: str, rep_folder: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        args = self.args
+        figures: dict[str, float] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        if name in peers.LIMITS:
+            port = self.backend_tls if name == "client-mtls" else args.app_port
+            tls = name == "client-mtls"
+            return self._tests(port, tls, [], figures, cpu)
+        port = free_port()
+        env = {**os.environ, "MTLS_SIDECAR_HOME": str(rep_folder / "sidecar-home")}
+        for item in args.sidecar_env:
+            key, _, value = item.partition("=")
+            if name == "mtls-sidecar":
+                env[key] = value
+        cmd = peers.peer_command(name, self.files, port, self.backend_tls, tuple(args.sidecar_arg))
+        with process(cmd, port, rep_folder / f"{name}.log", env) as proc:
+            time.sleep(0.2)
+            return self._tests(port, False, [proc.pid], figures, cpu)
+
+    def _tests(
+        self, port: int, tls: bool, tunnel: list[int], figures: dict[str, float], cpu: dict[str, dict[str, float]]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        args = self.args
+        if "t1" in args.tests:
+            r, cpu["t1_down"] = self.measured("download", port, tls, tunnel, "--size", str(args.size))
+            figures["t1_down_MBps"] = r["MBps"]
+            r, cpu["t1_up"] = self.measured("upload", port, tls, tunnel, "--size", str(args.size))
+            figures["t1_up_MBps"] = r["MBps"]
+        if "t2" in args.tests:
+            r, cpu["t2"] = self.measured("fresh", port, tls, tunnel, "--count", str(args.fresh))
+            figures["t2_p50_ms"] = stats.percentile(r["samples_ms"], 50)
+            figures["t2_p99_ms"] = stats.percentile(r["samples_ms"], 99)
+            figures["t2_errors"] = r["errors"]
+        if "t3" in args.tests:
+            r, cpu["t3"] = self.measured("rate", port, tls, tunnel, "--seconds", str(args.rate_seconds))
+            figures["t3_conn_per_s"] = r["per_s"]
+            figures["t3_errors"] = r["errors"]
+        if "t5" in args.tests:
+            r, cpu["t5"] = self.measured("rtt", port, tls, tunnel, "--count", str(args.rtt))
+            figures["t5_p50_us"] = stats.percentile(r["samples_us"], 50)
+            figures["t5_p99_us"] = stats.percentile(r["samples_us"], 99)
+        if "t4" in args.tests:
+            for count, key in ((1000, "1k"), (10000, "10k")):
+                if count > args.max_held:
+                    continue
+                held, pss = self.hold(port, tls, tunnel, count)
+                figures[f"t4_{key}_held"] = held
+                figures[f"t4_{key}_pss_mib"] = pss
+                time.sleep(1)  # let the closes drain before the next load
+        return figures, cpu
+
+
+def build_backend(folder: Path) -> Path:
+    exe = folder / "backend"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).parent / "backend.c")], check=True)
+    return exe
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "load_avg_at_start": os.getloadavg(),
+        "versions": {
+            "nginx": version(["nginx", "-v"]),
+            "haproxy": version(["haproxy", "-v"]),
+            "stunnel": version(["stunnel4", "-version"]),
+            "socat": version(["socat", "-V"])[:0] or version(["sh", "-c", "socat -V | sed -n 2p"]),
+            "openssl": version(["openssl", "version"]),
+        },
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="256 MiB bulk, 1 repetition, 1,000 held, shorter runs")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument("--only", help="comma-separated contenders (default: all)")
+    parser.add_argument("--tests", default="t1,t2,t3,t4,t5", help="comma-separated tests (default: all)")
+    parser.add_argument("--size-mib", type=int, help="T1 bytes per direction (default 1024; 256 with --quick)")
+    parser.add_argument("--max-held", type=int, help="largest T4 count to try (default 10000; 1000 with --quick)")
+    parser.add_argument("--sidecar-arg", action="append", default=[], help="extra flag for `mtls-sidecar tunnel`")
+    parser.add_argument("--sidecar-env", action="append", default=[], help="KEY=VALUE for the sidecar's environment")
+    parser.add_argument("--label", default="", help="a word stored in the JSON (e.g. the lever tried)")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.size = (args.size_mib or (256 if args.quick else 1024)) << 20
+    args.max_held = args.max_held if args.max_held is not None else (1000 if args.quick else 10000)
+    args.fresh = 500
+    args.rtt = 2000
+    args.rate_seconds = 3.0 if args.quick else 5.0
+    args.hold_timeout = 60.0
+    args.tests = set(args.tests.split(","))
+    args.contenders = args.only.split(",") if args.only else list(CONTENDERS)
+    unknown = set(args.contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = peers.missing_programs()
+    if missing:
+        print("missing: " + "; ".join(missing), file=sys.stderr)
+        print(
+            "install them with: apt-get install -y --no-install-recommends "
+            "stunnel4 haproxy nginx libnginx-mod-stream socat gcc",
+            file=sys.stderr,
+        )
+        return 2
+    _raise_nofile()
+    started = datetime.now(UTC)
+    info = machine()
+    raw: dict[str, list[dict[str, float]]] = {c: [] for c in args.contenders}
+    cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {c: [] for c in args.contenders}
+    with tempfile.TemporaryDirectory(prefix="mtls-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        files, server_cert, server_key, client_ca = make_pki(tmp)
+        backend_exe = build_backend(tmp)
+        for rep in range(args.reps):
+            rep_folder = tmp / f"rep{rep}"
+            rep_folder.mkdir()
+            args.app_port = free_port()
+            tls_port = free_port()
+            conf = rep_folder / "backend-nginx.conf"
+            conf.write_text(
+                peers.nginx_backend_config(rep_folder, server_cert, server_key, client_ca, tls_port, args.app_port)
+            )
+            shift = rep % len(args.contenders)
+            order = args.contenders[shift:] + args.contenders[:shift]
+            with (
+                process([str(backend_exe), str(args.app_port)], args.app_port, rep_folder / "app.log") as app,
+                process(
+                    ["nginx", "-p", str(rep_folder), "-c", str(conf), "-e", str(rep_folder / "error.log")],
+                    tls_port,
+                    rep_folder / "backend-nginx.log",
+                ) as backend,
+            ):
+                bench = Bench(args, files, tls_port, [app.pid, backend.pid])
+                for name in order:
+                    print(f"rep {rep + 1}/{args.reps}: {name} …", file=sys.stderr, flush=True)
+                    try:
+                        figures, cpu = bench.run_contender(name, rep_folder)
+                    except Exception as exc:
+                        print(f"  {name} failed: {exc}", file=sys.stderr)
+                        figures, cpu = {"failed": 1.0}, {}
+                    print(f"  {json.dumps({k: round(v, 2) for k, v in figures.items()})}", file=sys.stderr)
+                    raw[name].append(figures)
+                    cpu_raw[name].append(cpu)
+    rows = {name: stats.summarise(reps) for name, reps in raw.items() if reps}
+    cpu_rows = {
+        name: {test: stats.summarise([r[test] for r in reps if test in r]) for test in {t for r in reps for t in r}}
+        for name, reps in cpu_raw.items()
+    }
+    checks = stats.targets(rows, "mtls-sidecar", [p for p in peers.PEERS if p != "mtls-sidecar"])
+    report = {
+        "started": started.isoformat(),
+        "label": args.label,
+        "quick": args.quick,
+        "reps": args.reps,
+        "size_bytes": args.size,
+        "sidecar_args": args.sidecar_arg,
+        "sidecar_env": args.sidecar_env,
+        "machine": info,
+        "load_avg_at_end": os.getloadavg(),
+        "medians": rows,
+        "cpu_percent_medians": cpu_rows,
+        "targets": checks,
+        "raw": raw,
+        "cpu_raw": cpu_raw,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    (RESULTS / f"{started:%Y%m%dT%H%M%SZ}{'-' + args.label if args.label else ''}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+    print(stats.table(rows, args.contenders))
+    print()
+    print(stats.cpu_table(cpu_rows, args.contenders))
+    print()
+    print(stats.targets_table(checks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
