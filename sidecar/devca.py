@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.credentials import PrivateKey
 from sidecar.errors import KeystoreError
-from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
+from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, loose_key_problem
 
 log = logging.getLogger("sidecar.devca")
 
@@ -193,6 +193,9 @@ def load_ca(ca_dir: Path) -> DevCA:
     cert_path, key_path = ca_paths(ca_dir)
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        loose = loose_key_problem(key_path, key_path.stat().st_mode)
+        if loose is not None:
+            raise KeystoreError(f"the dev CA key is not private: {loose}")
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError as exc:
         raise KeystoreError(f"the dev CA is missing {exc.filename}; run `mtls-sidecar run` once to create it") from exc

@@ -11,6 +11,20 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
 
+def loose_key_problem(path: Path | str, mode: int) -> str | None:
+    """Why a private key file with permission bits `mode` must not be used, or None.
+
+    As ssh does: a key that group or others can read may already be someone else's, and
+    quietly using it would hide that. The message says the command that fixes it.
+    """
+    if os.name != "posix" or not mode & 0o077:
+        return None
+    return (
+        f"private key file {path} is readable by other users (mode {mode & 0o777:04o}); "
+        f"it is refused until you run: chmod 600 '{path}'"
+    )
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) owner-only; tighten it if it exists with looser bits."""
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.credentials import Candidate, Secrets, candidates_from_files
+from sidecar.files import loose_key_problem
 from sidecar.units import human_duration
 
 log = logging.getLogger("sidecar.keystore")
@@ -189,6 +190,7 @@ def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
     A missing folder is an identity with no certificates, not an error.
     """
     files: dict[str, bytes] = {}
+    modes: dict[str, int] = {}
     unreadable: list[Candidate] = []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -203,13 +205,23 @@ def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
                 continue
             with open(entry.path, "rb") as fh:
                 files[entry.name] = fh.read()
+                modes[entry.name] = os.fstat(fh.fileno()).st_mode
         except OSError as exc:
             unreadable.append(Candidate(file=entry.path, problem=f"cannot read file: {exc.strerror}"))
-    parsed = candidates_from_files(files, secrets)
+    parsed = [_refuse_loose_key(c, folder, modes) for c in candidates_from_files(files, secrets)]
     located = [
         replace(c, file=str(folder / c.file), key_file=str(folder / c.key_file) if c.key_file else None) for c in parsed
     ]
     return located + unreadable
+
+
+def _refuse_loose_key(candidate: Candidate, folder: Path, modes: dict[str, int]) -> Candidate:
+    """A candidate whose private key sits in a file others can read becomes unusable."""
+    if candidate.key is None:
+        return candidate
+    key_file = candidate.key_file or candidate.file
+    problem = loose_key_problem(folder / key_file, modes.get(key_file, 0))
+    return candidate if problem is None else replace(candidate, problem=problem)
 
 
 def load_anchor_file(path: Path) -> list[x509.Certificate]:
