@@ -132,6 +132,9 @@ def _from_pem(
         certs = [x509.load_pem_x509_certificate(b) for b in cert_blocks]
     except ValueError as exc:
         return Candidate(file=name, problem=f"malformed certificate PEM: {_short(exc)}")
+    broken = next((problem for c in certs if (problem := _malformed_fields(c))), None)
+    if broken is not None:
+        return Candidate(file=name, problem=broken)
     leaf, chain = certs[0], tuple(certs[1:])
     if key_blocks:
         key_source, key_bytes = name, key_blocks[0]
@@ -195,11 +198,25 @@ def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
         return Candidate(file=name, problem=f"unreadable PKCS#12 file: {_short(exc)}")
     if cert is None:
         return Candidate(file=name, problem="PKCS#12 file holds no certificate")
+    broken = next((problem for c in (cert, *extra) if (problem := _malformed_fields(c))), None)
+    if broken is not None:
+        return Candidate(file=name, problem=broken)
     if key is None:
         return Candidate(file=name, cert=cert, chain=tuple(extra), problem="PKCS#12 file holds no private key")
     if not isinstance(key, PrivateKey):
         return Candidate(file=name, cert=cert, problem=f"unsupported private key type {type(key).__name__}")
     return Candidate(file=name, cert=cert, chain=tuple(extra), key=key)
+
+
+def _malformed_fields(cert: x509.Certificate) -> str | None:
+    """cryptography parses a certificate's fields lazily: a damaged extension only raises when
+    first read. Read them all now, so a broken file is a named problem, not a later crash."""
+    try:
+        _ = (cert.extensions, cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        cert.public_key()
+    except Exception as exc:
+        return f"malformed certificate: {_short(exc)}"
+    return None
 
 
 def _short(exc: BaseException) -> str:

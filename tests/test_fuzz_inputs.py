@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import HealthCheck, given, settings
@@ -132,3 +133,16 @@ def test_unmutated_inputs_are_accepted() -> None:
     for name, data in (("dev.pem", _BUNDLE), ("dev.p12", _P12)):
         (candidate,) = candidates_from_files({name: data}, _SECRETS)
         assert candidate.problem is None and candidate.key is not None
+
+
+def test_a_damaged_extension_is_a_named_problem() -> None:
+    """Found by the fuzzer: cryptography parses extensions lazily, so a certificate with a
+    damaged KeyUsage loaded fine and crashed the selection rule later."""
+    der = _LEAF.cert.public_bytes(serialization.Encoding.DER)
+    key_usage = b"\x04\x04\x03\x02"  # OCTET STRING { BIT STRING (2 bytes) }: KeyUsage's value
+    assert der.count(key_usage) == 1
+    damaged = x509.load_der_x509_certificate(der.replace(key_usage, b"\x04\x04\x23\x02"))  # constructed tag
+    data = damaged.public_bytes(serialization.Encoding.PEM) + key_pem(_LEAF.key)
+    (candidate,) = candidates_from_files({"dev.pem": data}, _SECRETS)
+    assert candidate.problem is not None and candidate.problem.startswith("malformed certificate:")
+    assert select("dev", [candidate], NOW).selected is None
