@@ -1,0 +1,340 @@
+# ruff: noqa: E501  (the case tables read best one case a line)
+"""Every bad input we try, and the message the user gets: the source of docs/bad-inputs.md.
+
+Each case makes its input for real (files, a daemon, servers that misbehave) and records the
+message mtls-sidecar gives. tests/test_bad_input_catalogue.py checks each message says what
+it must and that docs/bad-inputs.md is what this renders; to refresh the document:
+
+    python3 -m tests.bad_input_catalogue > docs/bad-inputs.md
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sidecar.config import parse_config
+from sidecar.credentials import Secrets
+from sidecar.errors import ConfigError
+from sidecar.keystore import read_identity_folder, select
+from sidecar.paths import resolve_places
+from tests.pki import CA, key_pem
+from tests.scenario import Pki, recv_all, write_config
+
+
+@dataclass(frozen=True)
+class Case:
+    area: str
+    what: str
+    expect: tuple[str, ...]  # fragments the message must contain
+    run: Callable[[Path], str]  # makes the input under a scratch folder; returns the message
+
+
+@dataclass(frozen=True)
+class Row:
+    case: Case
+    message: str
+
+
+# -- config.toml ----------------------------------------------------------------------------
+
+MINIMAL_ROUTE = (
+    '[identities.dev]\nrenew = "none"\n\n[routes.api]\nlisten = "127.0.0.1:8443"\ntarget = "api.example.test:443"\n'
+)
+
+
+def config_message(text: str) -> Callable[[Path], str]:
+    def run(_: Path) -> str:
+        try:
+            parse_config(text, source="~/.config/mtls-sidecar/config.toml", base_dir=Path("/cfg"))
+        except ConfigError as exc:
+            return str(exc)
+        return "(accepted)"
+
+    return run
+
+
+CONFIG_CASES = [
+    Case("config", "broken TOML (unclosed string)", ("config.toml:3",), config_message('[identities.dev]\nrenew = "none"\nsubject = "CN=dev\n')),
+    Case("config", "a misspelt key", ("lisen", "listen"), config_message(MINIMAL_ROUTE.replace("listen =", "lisen ="))),
+    Case("config", "listening beyond loopback", ("0.0.0.0", "unsafe_listen"), config_message(MINIMAL_ROUTE.replace("127.0.0.1:8443", "0.0.0.0:8443"))),
+    Case("config", "a port out of range", ("routes.api.listen", "port must be a number from 0 to 65535"), config_message(MINIMAL_ROUTE.replace("8443", "70000"))),
+    Case("config", "a route naming an unknown identity", ("prod",), config_message(MINIMAL_ROUTE + 'identity = "prod"\n')),
+    Case("config", "an unknown renewal provider", ("renew", "local-ca"), config_message(MINIMAL_ROUTE.replace('renew = "none"', 'renew = "letsencrypt"'))),
+    Case("config", "a duration that is not one", ("connect_timeout",), config_message(MINIMAL_ROUTE + 'connect_timeout = "10 parsecs"\n')),
+    Case("config", "a password written into the config", ("pkcs12_password_env",), config_message(MINIMAL_ROUTE.replace('renew = "none"', 'renew = "none"\npkcs12_password_env = "hunter2 is my password"'))),
+    Case("config", "active_identity not defined", ("active_identity",), config_message('active_identity = "prod"\n' + MINIMAL_ROUTE)),
+]  # fmt: skip
+
+
+# -- the keystore -----------------------------------------------------------------------------
+
+_CA = CA("Catalogue CA")
+_NOW = datetime.now(UTC)
+
+
+def keystore_message(files: Callable[[], dict[str, bytes]], secrets: Secrets | None = None) -> Callable[[Path], str]:
+    def run(scratch: Path) -> str:
+        folder = scratch / "keystore" / "dev"
+        folder.mkdir(parents=True)
+        for name, data in files().items():
+            (folder / name).write_bytes(data)
+            (folder / name).chmod(0o644 if name == "loose.key" else 0o600)
+        candidates = read_identity_folder(folder, secrets or Secrets())
+        selection = select("dev", candidates, _NOW)
+        return selection.why_unusable() if selection.selected is None else "(accepted)"
+
+    return run
+
+
+def _leaf(**kwargs: object) -> tuple[bytes, bytes]:
+    leaf = _CA.client("dev", **kwargs)  # type: ignore[arg-type]
+    return leaf.chain_pem(), key_pem(leaf.key)
+
+
+def _expired() -> dict[str, bytes]:
+    cert, key = _leaf(not_before=_NOW - timedelta(days=30), not_after=_NOW - timedelta(days=1))
+    return {"old.crt": cert, "old.key": key}
+
+
+def _not_yet() -> dict[str, bytes]:
+    cert, key = _leaf(not_before=_NOW + timedelta(days=2), not_after=_NOW + timedelta(days=30))
+    return {"future.crt": cert, "future.key": key}
+
+
+def _mismatched() -> dict[str, bytes]:
+    cert, _ = _leaf()
+    _, other_key = _leaf()
+    return {"dev.crt": cert, "dev.key": other_key}
+
+
+def _p12(password: bytes) -> dict[str, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    leaf = _CA.client("dev")
+    data = pkcs12.serialize_key_and_certificates(
+        b"dev", leaf.key, leaf.cert, None, serialization.BestAvailableEncryption(password)
+    )
+    return {"dev.p12": data}
+
+
+def _encrypted_key() -> dict[str, bytes]:
+    leaf = _CA.client("dev")
+    return {"dev.crt": leaf.chain_pem(), "dev.key": key_pem(leaf.key, password=b"right")}
+
+
+def _server_only() -> dict[str, bytes]:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    leaf = _CA.issue("dev", eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    return {"dev.crt": leaf.chain_pem(), "dev.key": key_pem(leaf.key)}
+
+
+def _loose() -> dict[str, bytes]:
+    cert, key = _leaf()
+    return {"loose.crt": cert, "loose.key": key}
+
+
+KEYSTORE_CASES = [
+    Case("keystore", "malformed PEM (damaged base64)", ("malformed",), keystore_message(lambda: {"dev.pem": _leaf()[0].replace(b"M", b"!", 3) + _leaf()[1]})),
+    Case("keystore", "not a PEM file at all", ("not a PEM file",), keystore_message(lambda: {"dev.crt": b"hello\n"})),
+    Case("keystore", "a certificate without its key", ("no private key", "dev.key"), keystore_message(lambda: {"dev.crt": _leaf()[0]})),
+    Case("keystore", "a key without its certificate", ("no certificate",), keystore_message(lambda: {"dev.key": _leaf()[1]})),
+    Case("keystore", "a key that does not match the certificate", ("match",), keystore_message(_mismatched)),
+    Case("keystore", "an expired certificate", ("expired",), keystore_message(_expired)),
+    Case("keystore", "a certificate not valid yet", ("not valid until",), keystore_message(_not_yet)),
+    Case("keystore", "PKCS#12 with the wrong password", ("wrong PKCS#12 password", "DEV_P12"), keystore_message(lambda: _p12(b"right"), Secrets(pkcs12_password=b"wrong", pkcs12_password_source="environment variable DEV_P12"))),
+    Case("keystore", "PKCS#12 with no password configured", ("needs a password", "pkcs12_password_env"), keystore_message(lambda: _p12(b"right"))),
+    Case("keystore", "an encrypted key with no password configured", ("encrypted",), keystore_message(_encrypted_key)),
+    Case("keystore", "a certificate for servers only (no clientAuth)", ("clientAuth",), keystore_message(_server_only)),
+    Case("keystore", "a private key others can read (0644)", ("chmod 600",), keystore_message(_loose)),
+]  # fmt: skip
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def cli_message(*args: str, setup: Callable[[Path], None] | None = None) -> Callable[[Path], str]:
+    def run(scratch: Path) -> str:
+        home = scratch / "home"
+        home.mkdir(exist_ok=True)
+        if setup is not None:
+            setup(scratch)
+        env = {**os.environ, "MTLS_SIDECAR_HOME": str(home), "XDG_RUNTIME_DIR": str(scratch)}
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, env=env, timeout=60, cwd=scratch
+        )
+        return f"exit {done.returncode}: {done.stderr.strip()}"
+
+    return run
+
+
+def _broken_config(scratch: Path) -> None:
+    (scratch / "home" / "config.toml").write_text('[identities.dev]\nrenew = "none"\nsubject = "CN=dev\n')
+
+
+def _p12_file(scratch: Path) -> None:
+    (scratch / "dev.p12").write_bytes(_p12(b"right")["dev.p12"])
+
+
+CLI_CASES = [
+    Case("cli", "`run` with a broken config.toml", ("exit 2", "config.toml:3"), cli_message("run", setup=_broken_config)),
+    Case("cli", "`status` with no daemon running", ("exit 3", "not running"), cli_message("status")),
+    Case("cli", "`identity import` of a PKCS#12 file without its password", ("exit", "password"), cli_message("identity", "import", "dev.p12", "--name", "dev", setup=_p12_file)),
+    Case("cli", "`identity import` of a file that does not exist", ("exit", "nothing.pem"), cli_message("identity", "import", "nothing.pem", "--name", "dev")),
+    Case("cli", "`tunnel` listening beyond loopback", ("exit 2", "unsafe"), cli_message("tunnel", "--listen", "0.0.0.0:0", "--target", "127.0.0.1:1", "--cert", "c", "--key", "k")),
+]  # fmt: skip
+
+
+# -- at run time: servers that misbehave ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _daemon_with_route(
+    scratch: Path, pki: Pki, port: int, **route: object
+) -> Iterator[Callable[[], dict[str, object]]]:
+    from tests.daemon_runner import DaemonThread
+
+    home = scratch / "home"
+    pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+    config = write_config(
+        home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{port}", "server_name": "localhost",
+                        "ca_file": str(pki.server_ca_file), **route}},
+    )  # fmt: skip
+    with DaemonThread(config, resolve_places(home=home)) as daemon:
+        with contextlib.suppress(OSError), daemon.connect("svc", timeout=10) as sock:
+            sock.sendall(b"hello\n")
+            sock.shutdown(socket.SHUT_WR)
+            recv_all(sock)
+        yield lambda: daemon.status()["routes"]["svc"]
+
+
+def runtime_message(server_kind: str, **route: object) -> Callable[[Path], str]:
+    def run(scratch: Path) -> str:
+        from tests.tlsserver import ScriptedTLSServer
+
+        pki = Pki.create(scratch / "pki")
+        with contextlib.ExitStack() as stack:
+            if server_kind == "refused":
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]  # closed again: nothing listens there
+            else:
+                cert, key = pki.server_cert, pki.server_key
+                client_ca: Path | None = pki.client_ca_file
+                if server_kind == "untrusted":
+                    cert, key = CA("Rogue CA").server("localhost").write_pair(scratch / "rogue", "s")
+                if server_kind == "rejects":
+                    client_ca = CA("Some Other Client CA").write_root(scratch / "other-ca.pem")
+                server = stack.enter_context(
+                    ScriptedTLSServer(cert=cert, key=key, client_ca=client_ca, require_client_cert=True,
+                                      mode="plaintext" if server_kind == "plaintext" else "echo")
+                )  # fmt: skip
+                port = server.port
+            status = stack.enter_context(_daemon_with_route(scratch, pki, port, **route))()
+        failures = status["failures"]
+        assert isinstance(failures, dict)
+        return f"{', '.join(failures)}: {status['last_error']}"
+
+    return run
+
+
+def _port_taken(scratch: Path) -> str:
+    from tests.daemon_runner import DaemonThread
+
+    pki = Pki.create(scratch / "pki")
+    home = scratch / "home"
+    pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        config = write_config(
+            home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "svc": {"listen": f"127.0.0.1:{port}", "target": "127.0.0.1:1", "ca_file": str(pki.server_ca_file)}
+            },
+        )
+        with DaemonThread(config, resolve_places(home=home)) as daemon:
+            return str(daemon.status()["routes"]["svc"]["last_error"])
+
+
+RUNTIME_CASES = [
+    Case("runtime", "a server whose certificate our trust does not cover", ("server_untrusted", "ca_file"), runtime_message("untrusted")),
+    Case("runtime", "a server that presents the wrong name", ("name_mismatch", "not valid for 'other.example.test'"), runtime_message("trusted", server_name="other.example.test")),
+    Case("runtime", "a server that rejects our client certificate", ("server_rejected_certificate",), runtime_message("rejects")),
+    Case("runtime", "nothing listening at the target", ("connect", "refused"), runtime_message("refused")),
+    Case("runtime", "a plaintext server where TLS was expected", ("not_tls",), runtime_message("plaintext")),
+    Case("runtime", "a listen port already taken", ("already in use",), _port_taken),
+]  # fmt: skip
+
+CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES
+
+
+# -- collecting and rendering ---------------------------------------------------------------
+
+_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)? UTC")
+_PORT = re.compile(r"(127\.0\.0\.1|localhost|\[::1\]):\d+")
+_TMP = re.compile(r"/tmp/[^\s'\",;)]*?/scratch-\d+")
+
+
+def normalise(message: str, scratch: Path) -> str:
+    """Strip what changes from run to run (paths, ports, times), so the document is stable."""
+    text = message.replace(str(scratch), "…")
+    text = _TMP.sub("…", text)
+    text = _TIME.sub("<time>", text)
+    text = _PORT.sub(r"\1:PORT", text)
+    return " ".join(text.split())
+
+
+def collect(root: Path) -> list[Row]:
+    rows = []
+    for number, case in enumerate(CASES):
+        scratch = root / f"scratch-{number}"
+        scratch.mkdir(parents=True)
+        rows.append(Row(case, normalise(case.run(scratch), scratch)))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        "# Bad input, and what you are told",
+        "",
+        "Every row is a real run, made by `tests/bad_input_catalogue.py` and checked by",
+        "`tests/test_bad_input_catalogue.py` (which fails when this file and the messages",
+        "disagree). Paths under the test's scratch folder show as `…`, ports as `PORT`, times as",
+        "`<time>`. Regenerate with `python3 -m tests.bad_input_catalogue > docs/bad-inputs.md`.",
+        "",
+        "Other refusals are tested elsewhere: other OS users (`tests/test_other_user.py`),",
+        "server pins, URI SANs and revocation (`tests/test_e2e_policy.py`), faults of targets and",
+        "of the disk (`tests/test_faults*.py`).",
+        "",
+    ]
+    for area, title in (("config", "config.toml"), ("keystore", "The keystore"), ("cli", "The command line"),
+                        ("runtime", "At run time (reason counted in status: message)")):  # fmt: skip
+        lines += [f"## {title}", "", "| bad input | message |", "|---|---|"]
+        for row in rows:
+            if row.case.area == area:
+                message = row.message.replace("|", "\\|")
+                lines.append(f"| {row.case.what} | {message} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ.setdefault("XDG_RUNTIME_DIR", folder)
+        sys.stdout.write(render(collect(Path(folder))))
