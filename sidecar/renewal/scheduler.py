@@ -19,7 +19,7 @@ from sidecar.config import IdentitySpec
 from sidecar.events import EventBus
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection, load_anchor_file
-from sidecar.renewal.providers.base import Provider, ProviderError, RenewalRequest
+from sidecar.renewal.providers.base import CannotEnroll, Provider, ProviderError, RenewalRequest
 from sidecar.renewal.state import Event, RenewalStatus, State
 from sidecar.renewal.store import CredentialRejected, prune_expired, validate_new, write_credential
 from sidecar.renewal.timing import MAX_WAIT, RenewalPolicy, next_retry, renewal_time
@@ -181,6 +181,8 @@ class IdentityRenewer:
             path = write_credential(
                 self.book.folder(self.name), candidate.cert, issued.cert_chain_pem, issued.key_pem, self.clock()
             )
+        except CannotEnroll as exc:
+            return self._failed(_one_line(exc), event=Event.CANNOT_ENROLL)
         except (ProviderError, CredentialRejected, OSError, ValueError) as exc:
             return self._failed(_one_line(exc))
         except Exception as exc:  # a provider bug must not end the renewal task
@@ -214,9 +216,9 @@ class IdentityRenewer:
                 self.book.refresh(self.clock())
         return True
 
-    def _failed(self, reason: str) -> bool:
+    def _failed(self, reason: str, event: Event = Event.FAILED) -> bool:
         now = self.clock()
-        self.status = self.status.apply(Event.FAILED, now, error=reason)
+        self.status = self.status.apply(event, now, error=reason)
         retry = self._retry_at(_not_after(self.book.selection(self.name)))
         self.events.publish(
             "renewal.failed",
@@ -226,6 +228,9 @@ class IdentityRenewer:
             consecutive_failures=self.status.consecutive_failures,
             retry_at=retry.strftime("%Y-%m-%dT%H:%M:%SZ") if retry else None,
         )
+        if event is Event.CANNOT_ENROLL:
+            log.warning("identity %s: no usable certificate and none can be enrolled: %s", self.name, reason)
+            return False
         log.warning(
             "identity %s: renewal failed (%d in a row): %s; next try %s; the current certificate keeps serving",
             self.name,

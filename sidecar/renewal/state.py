@@ -20,6 +20,7 @@ class Event(StrEnum):
     START = "start"  # an attempt begins
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANNOT_ENROLL = "cannot_enroll"  # nothing usable and the provider cannot get one without the user
     EXPIRED = "expired"  # no usable certificate any more
     REPLACED = "replaced"  # a usable certificate that is not yet due appeared (e.g. dropped in by hand)
 
@@ -34,6 +35,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RENEW_DUE, Event.REPLACED): State.VALID,
     (State.RENEWING, Event.SUCCEEDED): State.VALID,
     (State.RENEWING, Event.FAILED): State.FAILING,
+    (State.RENEWING, Event.CANNOT_ENROLL): State.EXPIRED,
     (State.FAILING, Event.START): State.RENEWING,
     (State.FAILING, Event.DUE): State.FAILING,
     (State.FAILING, Event.EXPIRED): State.EXPIRED,
@@ -77,7 +79,7 @@ class RenewalStatus:
             return replace(
                 self, state=state, last_renewed_at=now, last_error=None, consecutive_failures=0, last_failure_at=None
             )
-        if event is Event.FAILED:
+        if event in (Event.FAILED, Event.CANNOT_ENROLL):  # both back off before the next try
             return replace(
                 self,
                 state=state,

@@ -20,4 +20,8 @@ def make_provider(spec: IdentitySpec, context: ProviderContext) -> Provider | No
         from sidecar.renewal.providers.acme import AcmeProvider
 
         return AcmeProvider(spec, context)
+    if spec.renew == "step-ca":
+        from sidecar.renewal.providers.stepca import StepCAProvider
+
+        return StepCAProvider(spec, context)
     return None

@@ -16,6 +16,12 @@ class ProviderError(Exception):
     """A provider could not issue; the message is one readable line (no secrets) for status and logs."""
 
 
+class CannotEnroll(ProviderError):
+    """There is no usable certificate and the provider cannot get a first one on its own (for
+    example step-ca without a provisioner: `/renew` needs a valid certificate). The identity is
+    `expired`, not `failing`; the message says what the user can run."""
+
+
 @dataclass(frozen=True)
 class ProviderContext:
     """Daemon-wide things providers may need."""
