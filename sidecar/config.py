@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from sidecar.errors import ConfigError
+from sidecar.policy import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
 from sidecar.units import parse_duration
 
 DEFAULT_LIFETIME = 7 * 86400.0
@@ -46,7 +47,8 @@ _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "issuer_ca_file", *PROVIDER_OPTION_KEYS)  # fmt: skip
 _ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
-               "connect_timeout", "unsafe_listen", "unsafe_skip_verify")  # fmt: skip
+               "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
+               "pin_sha256", "allowed_uri_sans", "revocation", "crl_file")  # fmt: skip
 _DEMO_KEYS = ("enabled", "listen")
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -114,6 +116,15 @@ class RouteSpec:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     unsafe_listen: bool = False
     unsafe_skip_verify: bool = False
+    pin_sha256: tuple[str, ...] = ()
+    allowed_uri_sans: tuple[str, ...] = ()
+    revocation: str = "off"
+    crl_file: Path | None = None
+
+    @property
+    def checks_after_handshake(self) -> bool:
+        """Pins, URI SANs or revocation: checks the tunnel runs before it forwards a byte."""
+        return bool(self.pin_sha256 or self.allowed_uri_sans or self.revocation != "off")
 
 
 @dataclass(frozen=True)
@@ -529,6 +540,13 @@ def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec
         raise t.error(
             "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
         )
+    if "crl_file" in t.data and t.data.get("revocation", "off") == "off":
+        raise t.error(
+            "crl_file",
+            "crl_file is only read when revocation checking is on",
+            t.data["crl_file"],
+            hint='add revocation = "soft" or revocation = "hard" to this route',
+        )
     return RouteSpec(
         name=t.path[-1],
         listen=listen,
@@ -542,6 +560,10 @@ def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec
         connect_timeout=t.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True),
         unsafe_listen=unsafe_listen,
         unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
+        pin_sha256=_pins(t),
+        allowed_uri_sans=_uri_patterns(t),
+        revocation=t.choice("revocation", REVOCATION_MODES, "revocation mode", "off"),
+        crl_file=t.file("crl_file"),
     )
 
 
@@ -568,6 +590,47 @@ def _alpn(t: _Table) -> tuple[str, ...]:
                 hint='for example ["h2", "http/1.1"]',
             )
     return tuple(items)
+
+
+def _strings(t: _Table, key: str, example: str) -> list[str]:
+    items = t.typed(key, list, f"an array of strings such as {example}") or []
+    for item in items:
+        if not isinstance(item, str):
+            raise t.error(
+                key, f"expected an array of strings, found {_toml_type(item)}", item, hint=f"for example {example}"
+            )
+    return items
+
+
+def _pins(t: _Table) -> tuple[str, ...]:
+    example = '["Base64SHA256OfTheServerKey="]'
+    pins = []
+    for item in _strings(t, "pin_sha256", example):
+        try:
+            pins.append(parse_pin(item))
+        except ValueError as exc:
+            raise t.error(
+                "pin_sha256",
+                f"not a SHA-256 SPKI pin ({exc}): a pin is 44 characters of base64",
+                item,
+                hint=f"get one from the server certificate with: {PIN_HINT}",
+            ) from None
+    return tuple(pins)
+
+
+def _uri_patterns(t: _Table) -> tuple[str, ...]:
+    patterns = _strings(t, "allowed_uri_sans", '["spiffe://example.test/api/*"]')
+    for item in patterns:
+        try:
+            check_uri_pattern(item)
+        except ValueError as exc:
+            raise t.error(
+                "allowed_uri_sans",
+                str(exc),
+                item,
+                hint='for example "spiffe://example.test/api/*"; * matches within one path segment, ** across',
+            ) from None
+    return tuple(patterns)
 
 
 def _parse_demo(top: _Table) -> DemoServiceSpec:
@@ -653,6 +716,10 @@ ca_file = {ca}
 # identity = {quoted}
 # alpn = ["h2", "http/1.1"]
 # connect_timeout = "10s"
+# pin_sha256 = ["base64 SHA-256 of the server's public key"]
+# allowed_uri_sans = ["spiffe://example.test/api/*"]
+# revocation = "soft"              # off, soft (warn when unknown) or hard (refuse when unknown)
+# crl_file = "/path/to/issuer.crl"
 """
 
 

@@ -25,6 +25,7 @@ from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, r
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.paths import Places
+from sidecar.policy import ChainMemory
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import ProviderContext, ProviderError
 from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
@@ -69,6 +70,7 @@ class Daemon:
         self.keystore = config.keystore_dir or places.keystore
         self.book = IdentityBook(config.identities, self.keystore)
         self.contexts = ContextCache()
+        self.chains = ChainMemory()  # verified server chains, for routes' resumed TLS sessions
         self.listeners: dict[str, RouteListener] = {}
         self.demo: DemoService | None = None
         self.ca: DevCA | None = None
@@ -303,7 +305,7 @@ class Daemon:
             self.demo = None
 
     async def _start_route(self, route: RouteSpec) -> RouteListener:
-        listener = RouteListener(route, self.selection_for, self.contexts)
+        listener = RouteListener(route, self.selection_for, self.contexts, self.chains)
         listener.on_failure = self._route_failed
         self.listeners[route.name] = listener
         try:
@@ -461,6 +463,11 @@ class Daemon:
         ]
         if PEER_CHECK.method is None and any(lst.route.listen.kind == "tcp" for lst in self.listeners.values()):
             warnings.append(f"other users' connections to TCP routes are not refused: {PEER_CHECK.detail}")
+        warnings += [
+            f"route {name}: {listener.counters.last_warning}"
+            for name, listener in self.listeners.items()
+            if listener.counters.last_warning
+        ]
         if self.config_error:
             warnings.append(f"config.toml was not applied: {self.config_error}")
         return {
@@ -530,6 +537,15 @@ class Daemon:
             "bytes_out": counters.bytes_out,
             "failures": dict(counters.failures),
             "last_error": listener.last_error or counters.last_error,
+            # connections let through despite a problem (revocation = "soft"), by reason, and the latest
+            "warnings": dict(counters.warnings),
+            "last_warning": counters.last_warning,
+            "policy": {
+                "pins": len(route.pin_sha256),
+                "allowed_uri_sans": list(route.allowed_uri_sans),
+                "revocation": route.revocation,
+                "crl_file": str(route.crl_file) if route.crl_file else None,
+            },
             "verify": not route.unsafe_skip_verify,
             # how connections from other OS users are kept out ("method": null: they cannot be)
             "peer_check": _peer_check(route),

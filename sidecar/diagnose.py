@@ -25,10 +25,13 @@ from typing import Any
 
 from cryptography import x509
 
+from sidecar import failures
 from sidecar.config import RouteSpec
 from sidecar.errors import ConfigError
 from sidecar.failures import ssl_reason
 from sidecar.keystore import Selection
+from sidecar.policy import Verdict, peer_chain, spki_sha256, uri_sans
+from sidecar.revocation import RevocationChecker, check_server_policy
 from sidecar.tlsctx import ServerPolicy, build_client_context
 from sidecar.units import human_duration
 
@@ -48,9 +51,15 @@ NO_USABLE_CERT = "no_usable_certificate"
 ALPN_REFUSED = "alpn_refused"
 TLS_ERROR = "tls_error"
 CONFIG = "config"
+# The route's checks after the handshake (pins, URI SANs, revocation): the tunnel's reason keys.
+PIN_MISMATCH = failures.PIN_MISMATCH
+URI_SAN_NOT_ALLOWED = failures.URI_SAN_NOT_ALLOWED
+SERVER_CERT_REVOKED = failures.SERVER_CERT_REVOKED
+REVOCATION_UNKNOWN = failures.REVOCATION_UNKNOWN
 CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
+    PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN,
 )  # fmt: skip
 
 # How long to listen after our side of the handshake completes: with TLS 1.3 a server
@@ -139,6 +148,9 @@ class Observation:
     server_cert_verified: bool = False
     after_handshake: str | None = None  # "silent", "data" or "closed"
     probe_error: str | None = None
+    # The chain as the handshake verified it (leaf first), and the route's pins/URI SANs/revocation verdict.
+    server_chain: tuple[x509.Certificate, ...] = ()
+    policy: Verdict | None = None
 
     @property
     def target(self) -> str:
@@ -174,6 +186,15 @@ async def check_route(
     observation = await _handshake(observation, ctx, after_handshake_wait)
     if observation.failure is not None and observation.failure.kind == "verify":
         observation = await _probe(observation)
+    if observation.server_chain and route.checks_after_handshake:
+        verdict = await check_server_policy(
+            route,
+            observation.server_chain,
+            RevocationChecker(),
+            now=observation.now,
+            verified=not route.unsafe_skip_verify,
+        )
+        observation = replace(observation, policy=verdict)
     return explain(observation)
 
 
@@ -320,6 +341,7 @@ async def _handshake_on(
     cipher = tls.cipher()
     done = replace(
         obs,
+        server_chain=tuple(peer_chain(tls, verified=not obs.skip_verify)),
         address=address,
         first_bytes=bytes(wire.received),
         tls_version=tls.version(),
@@ -461,6 +483,10 @@ def explain(obs: Observation) -> CheckResult:
     failure = obs.failure
     if obs.client_cert is None and obs.unusable is not None:
         return _no_usable_certificate(obs, details)
+    if obs.policy is not None and not obs.policy.ok:
+        return _policy_refused(obs, obs.policy, details)  # the tunnel checks this before anything else
+    if obs.policy is not None and obs.policy.warning:
+        details["warnings"].append(obs.policy.warning)
     if failure is None and obs.after_handshake == "closed":
         return _hung_up(obs, Failed("after_handshake", "closed"), details)
     if failure is None:
@@ -576,6 +602,34 @@ def _ok(obs: Observation, details: dict[str, Any]) -> CheckResult:
         None,
         details,
     )
+
+
+def _policy_refused(obs: Observation, verdict: Verdict, details: dict[str, Any]) -> CheckResult:
+    """The handshake passed, the route's own checks did not: the tunnel would refuse here."""
+    cause = verdict.reason or TLS_ERROR
+    leaf = obs.server_chain[0] if obs.server_chain else obs.server_cert
+    if cause == PIN_MISMATCH and leaf is not None:
+        details["server_pin"] = spki_sha256(leaf)
+        fix = (
+            f"if the server's key was changed on purpose, check sha256/{spki_sha256(leaf)} with its owner and add "
+            f"it to pin_sha256 for route {obs.route}; otherwise this may not be the real service"
+        )
+    elif cause == URI_SAN_NOT_ALLOWED:
+        held = ", ".join(uri_sans(leaf)) if leaf is not None else ""
+        fix = (
+            f"if this is the service you meant, add a pattern matching {held} to allowed_uri_sans "
+            f"for route {obs.route}; otherwise check target for route {obs.route}"
+            if held
+            else f"check target for route {obs.route}: this server's certificate carries no URI SAN (SPIFFE ID)"
+        )
+    elif cause == SERVER_CERT_REVOKED:
+        fix = "the service needs a new certificate from its CA; nothing to change on this side"
+    else:
+        fix = (
+            f"make the OCSP responder or CRL distribution point reachable from here, set crl_file, "
+            f'or set revocation = "soft" for route {obs.route}'
+        )
+    return CheckResult(False, cause, f"{obs.target}: {verdict.message}", fix, details)
 
 
 def _not_tls(obs: Observation, details: dict[str, Any]) -> CheckResult:

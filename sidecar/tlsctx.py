@@ -34,10 +34,13 @@ class ServerPolicy:
     ca_dir: Path | None = None
     alpn: tuple[str, ...] = ()
     skip_verify: bool = False
+    # Routes with pins, URI SANs or revocation checks get contexts (and so TLS sessions) of
+    # their own: a session made on a route without them is never resumed on one with them.
+    checks_after_handshake: bool = False
 
     @classmethod
     def for_route(cls, route: RouteSpec) -> ServerPolicy:
-        return cls(route.ca_file, route.ca_dir, route.alpn, route.unsafe_skip_verify)
+        return cls(route.ca_file, route.ca_dir, route.alpn, route.unsafe_skip_verify, route.checks_after_handshake)
 
     def describe_trust(self) -> str:
         if self.ca_file:

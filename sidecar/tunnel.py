@@ -19,13 +19,15 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from sidecar import failures
+from sidecar import failures, policy
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.peercred import describe_peer_check, peer_uid, user_name
+from sidecar.revocation import RevocationChecker, check_server_policy
 from sidecar.tlsctx import ContextCache, ServerPolicy
 
 log = logging.getLogger("sidecar.tunnel")
@@ -46,6 +48,9 @@ class RouteCounters:
     bytes_out: int = 0  # local clients → remote service
     failures: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
+    # Connections let through with a warning (revocation = "soft" and no answer), by reason.
+    warnings: Counter[str] = field(default_factory=Counter)
+    last_warning: str | None = None
 
     def fail(self, failure: Failure) -> None:
         self.failures[failure.reason] += 1
@@ -65,11 +70,14 @@ class RouteListener:
         route: RouteSpec,
         selection: SelectionSource,
         contexts: ContextCache,
+        chains: policy.ChainMemory | None = None,
     ) -> None:
         self.route = route
         self.selection = selection
         self.contexts = contexts
         self.policy = ServerPolicy.for_route(route)
+        self.revocation = RevocationChecker()
+        self.chains = chains if chains is not None else policy.ChainMemory()
         self.counters = RouteCounters()
         self.last_error: str | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -192,6 +200,24 @@ class RouteListener:
         if not self._connections:
             self._drained.set()
 
+    async def check_server(self, route: RouteSpec, tls: ssl.SSLObject) -> policy.Verdict:
+        """Pins, URI SANs and revocation, after the handshake and before any byte is forwarded."""
+        verified = not route.unsafe_skip_verify
+        chain = policy.peer_chain(tls, verified=verified)
+        if chain and tls.session_reused:  # no chain in a resumed session: the one from its full handshake
+            chain = self.chains.recall(self.policy, chain[0]) or chain
+        else:
+            self.chains.remember(self.policy, chain)
+        verdict = await check_server_policy(route, chain, self.revocation, now=datetime.now(UTC), verified=verified)
+        if verdict.ok and verdict.warning:
+            if self.counters.last_warning != verdict.warning:
+                log.warning("route %s: %s", self.name, verdict.warning)
+            self.counters.warnings[failures.REVOCATION_UNKNOWN] += 1
+            self.counters.last_warning = verdict.warning
+        elif verdict.ok and route.revocation != "off":
+            self.counters.last_warning = None  # a definite answer again
+        return verdict
+
     def _record_failure(self, failure: failures.Failure) -> None:
         self.counters.fail(failure)
         log.warning("route %s: %s", self.name, failure.message)
@@ -289,7 +315,23 @@ class _PlainSide(asyncio.Protocol):
         if self.closed:  # the local client gave up while we were connecting
             remote.close()
             return
+        if route.checks_after_handshake:
+            assert remote.tls is not None
+            try:
+                verdict = await listener.check_server(route, remote.tls)
+            except asyncio.CancelledError:  # the local client went away meanwhile
+                remote.abort()
+                raise
+            if not verdict.ok:
+                remote.abort()
+                listener._record_failure(failures.Failure(verdict.reason or failures.TLS_ERROR, verdict.message))
+                self.close()
+                return
+            if self.closed:
+                remote.close()
+                return
         self.remote = remote
+        remote.approve()
         log.debug(
             "route %s: connected to %s as serial %x",
             listener.name,
@@ -370,6 +412,9 @@ class _TLSSide(asyncio.Protocol):
         self.eof = False
         self._sent_eof = False
         self._closing = False
+        # Nothing the server sends reaches the local client before the server policy passed.
+        self._approved = False
+        self._eof_pending = False
 
     # --- asyncio callbacks
 
@@ -384,7 +429,7 @@ class _TLSSide(asyncio.Protocol):
         self.incoming.write(data)
         if not self.handshake_done.done():
             self._advance_handshake()
-        if self.handshake_done.done() and not self.handshake_done.exception():
+        if self._approved and self.handshake_done.done() and not self.handshake_done.exception():
             self._read_plaintext()
 
     def eof_received(self) -> bool:
@@ -396,6 +441,9 @@ class _TLSSide(asyncio.Protocol):
                     ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
                 )
             return False
+        if not self._approved:
+            self._eof_pending = True
+            return True
         self._read_plaintext()
         self._remote_eof()
         return True
@@ -417,6 +465,17 @@ class _TLSSide(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     # --- called by the plaintext side
+
+    def approve(self) -> None:
+        """The server passed our checks: pass on what it sent meanwhile, then everything."""
+        self._approved = True
+        if self._closing:
+            return
+        self._read_plaintext()
+        if self._eof_pending:
+            self._remote_eof()
+        if self.transport is None or self.transport.is_closing():
+            self.peer.close()
 
     def send(self, data: bytes) -> None:
         if self.tls is None or self._sent_eof or self._closing:

@@ -73,6 +73,10 @@ CONFIG_CASES = [
     Case("config", "a duration that is not one", ("connect_timeout",), config_message(MINIMAL_ROUTE + 'connect_timeout = "10 parsecs"\n')),
     Case("config", "a password written into the config", ("pkcs12_password_env",), config_message(MINIMAL_ROUTE.replace('renew = "none"', 'renew = "none"\npkcs12_password_env = "hunter2 is my password"'))),
     Case("config", "active_identity not defined", ("active_identity",), config_message('active_identity = "prod"\n' + MINIMAL_ROUTE)),
+    Case("config", "a pin that is not a base64 SHA-256", ("routes.api.pin_sha256", "openssl x509"), config_message(MINIMAL_ROUTE + 'pin_sha256 = ["d6a8c7a1"]\n')),
+    Case("config", "a URI SAN pattern without a scheme", ("allowed_uri_sans", "spiffe://"), config_message(MINIMAL_ROUTE + 'allowed_uri_sans = ["example.test/api/*"]\n')),
+    Case("config", "an unknown revocation mode", ("revocation", "off, soft, hard"), config_message(MINIMAL_ROUTE + 'revocation = "strict"\n')),
+    Case("config", "crl_file with revocation checking off", ("crl_file", 'revocation = "hard"'), config_message(MINIMAL_ROUTE + 'crl_file = "ca.crl"\n')),
 ]  # fmt: skip
 
 
@@ -272,6 +276,34 @@ def _port_taken(scratch: Path) -> str:
             return str(daemon.status()["routes"]["svc"]["last_error"])
 
 
+def _revoked_in_crl_file(scratch: Path) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from tests.tlsserver import ScriptedTLSServer
+
+    pki = Pki.create(scratch / "pki")
+    now = datetime.now(UTC)
+    entry = x509.RevokedCertificateBuilder().serial_number(pki.server.cert.serial_number).revocation_date(now).build()
+    crl = (
+        x509.CertificateRevocationListBuilder().issuer_name(pki.server_ca.root.subject).last_update(now)
+        .next_update(now + timedelta(days=1)).add_revoked_certificate(entry).sign(pki.server_ca.root_key, hashes.SHA256())
+    )  # fmt: skip
+    crl_file = scratch / "server-ca.crl"
+    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
+                              require_client_cert=True, mode="echo")
+        )  # fmt: skip
+        status = stack.enter_context(
+            _daemon_with_route(scratch, pki, server.port, revocation="hard", crl_file=str(crl_file))
+        )()
+    failures = status["failures"]
+    assert isinstance(failures, dict)
+    return f"{', '.join(failures)}: {status['last_error']}"
+
+
 RUNTIME_CASES = [
     Case("runtime", "a server whose certificate our trust does not cover", ("server_untrusted", "ca_file"), runtime_message("untrusted")),
     Case("runtime", "a server that presents the wrong name", ("name_mismatch", "not valid for 'other.example.test'"), runtime_message("trusted", server_name="other.example.test")),
@@ -279,6 +311,10 @@ RUNTIME_CASES = [
     Case("runtime", "nothing listening at the target", ("connect", "refused"), runtime_message("refused")),
     Case("runtime", "a plaintext server where TLS was expected", ("not_tls",), runtime_message("plaintext")),
     Case("runtime", "a listen port already taken", ("already in use",), _port_taken),
+    Case("runtime", "a server key that is not pinned", ("pin_mismatch", "not pinned"), runtime_message("trusted", pin_sha256=["47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="])),
+    Case("runtime", "a server without an allowed URI SAN", ("uri_san_not_allowed", "spiffe://example.test/api/*"), runtime_message("trusted", allowed_uri_sans=["spiffe://example.test/api/*"])),
+    Case("runtime", "a server certificate revoked in crl_file", ("server_certificate_revoked", "CRL file"), _revoked_in_crl_file),
+    Case("runtime", 'revocation = "hard" and nowhere to ask', ("revocation_unknown", 'revocation = "hard"'), runtime_message("trusted", revocation="hard")),
 ]  # fmt: skip
 
 CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES

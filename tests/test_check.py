@@ -682,6 +682,7 @@ def test_every_cause_key_is_reachable_and_stable() -> None:
         "ok", "dns", "refused", "timeout", "connect", "not_tls", "server_untrusted", "name_mismatch",
         "server_cert_expired", "server_cert_not_yet_valid", "server_rejected_certificate",
         "no_usable_certificate", "alpn_refused", "tls_error", "config",
+        "pin_mismatch", "uri_san_not_allowed", "server_certificate_revoked", "revocation_unknown",
     }  # fmt: skip
 
 

@@ -1,0 +1,217 @@
+"""Server policy beyond names: SPKI pins and allowed URI SANs. Pure: certificates in, verdicts out.
+
+Checked by the tunnel after the TLS handshake (which already verified trust and the name)
+and before any byte crosses the tunnel; `mtls-sidecar check` explains the same verdicts.
+
+- Pins (`pin_sha256`): base64 SHA-256 digests of a SubjectPublicKeyInfo. The server passes
+  when any certificate of its *verified* chain (leaf, intermediate or trust anchor) has a
+  pinned key; with `unsafe_skip_verify` only the leaf counts, since an unverified chain can
+  hold any certificate.
+- URI SANs (`allowed_uri_sans`): the leaf must hold at least one URI SAN that matches one
+  pattern. In a pattern `*` matches any run of characters except "/", `**` any run at all;
+  everything else is literal and case-sensitive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import ssl
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from sidecar import failures
+
+REVOCATION_MODES = ("off", "soft", "hard")
+PIN_HINT = (
+    "openssl x509 -in server.pem -pubkey -noout | openssl pkey -pubin -outform der "
+    "| openssl dgst -sha256 -binary | base64"
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of a server check: ok, or a failure reason key and a sentence; maybe a warning."""
+
+    ok: bool
+    reason: str | None = None
+    message: str = ""
+    warning: str | None = None
+
+    @classmethod
+    def passed(cls, warning: str | None = None) -> Verdict:
+        return cls(True, None, "", warning)
+
+    @classmethod
+    def refused(cls, reason: str, message: str) -> Verdict:
+        return cls(False, reason, message)
+
+
+PASS = Verdict.passed()
+
+
+# --- pins -------------------------------------------------------------------------------
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """The base64 SHA-256 of the certificate's SubjectPublicKeyInfo (what `pin_sha256` holds)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
+
+
+def parse_pin(text: str) -> str:
+    """Normalise a pin to plain base64 of 32 bytes; accepts curl's "sha256//" prefix. ValueError if not."""
+    body = text.strip()
+    for prefix in ("sha256//", "sha256/"):
+        if body.lower().startswith(prefix):
+            body = body[len(prefix) :]
+            break
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"decodes to {len(raw)} bytes, a SHA-256 digest has 32")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def check_pins(chain: Sequence[x509.Certificate], pins: Sequence[str], *, verified: bool = True) -> Verdict:
+    """Pass when a certificate of `chain` (leaf first; only the leaf when not `verified`) is pinned."""
+    if not pins:
+        return PASS
+    if not chain:
+        return Verdict.refused(failures.PIN_MISMATCH, "the server sent no certificate to check against pin_sha256")
+    considered = chain if verified else chain[:1]
+    if any(spki_sha256(cert) in pins for cert in considered):
+        return PASS
+    leaf = chain[0]
+    return Verdict.refused(
+        failures.PIN_MISMATCH,
+        f"server certificate {_subject(leaf)} has key sha256/{spki_sha256(leaf)}, which is not pinned "
+        f"(pin_sha256 holds {len(pins)} pin{'s' if len(pins) != 1 else ''}, and no certificate of its chain matches)",
+    )
+
+
+# --- URI SANs ---------------------------------------------------------------------------
+
+
+def uri_glob(pattern: str) -> re.Pattern[str]:
+    """`*` → any run without "/", `**` → any run; the rest literal."""
+    parts = re.split(r"(\*\*|\*)", pattern)
+    regex = "".join(".*" if p == "**" else "[^/]*" if p == "*" else re.escape(p) for p in parts)
+    return re.compile(regex, re.DOTALL)
+
+
+def uri_matches(pattern: str, uri: str) -> bool:
+    return uri_glob(pattern).fullmatch(uri) is not None
+
+
+def check_uri_pattern(pattern: str) -> None:
+    """ValueError when `pattern` cannot be a URI pattern (no scheme, blanks)."""
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", pattern):
+        raise ValueError("a URI pattern starts with a scheme, such as spiffe:// or https://")
+    if any(c.isspace() for c in pattern) or "\0" in pattern:
+        raise ValueError("a URI pattern has no blanks")
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return list(sans.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def check_uri_sans(leaf: x509.Certificate | None, allowed: Sequence[str]) -> Verdict:
+    """Pass when the leaf holds a URI SAN matching one of `allowed` (or when nothing is configured)."""
+    if not allowed:
+        return PASS
+    if leaf is None:
+        return Verdict.refused(failures.URI_SAN_NOT_ALLOWED, "the server sent no certificate to check URI SANs on")
+    held = uri_sans(leaf)
+    if any(uri_matches(p, uri) for p in allowed for uri in held):
+        return PASS
+    wanted = ", ".join(allowed)
+    if not held:
+        return Verdict.refused(
+            failures.URI_SAN_NOT_ALLOWED,
+            f"server certificate {_subject(leaf)} holds no URI SAN; allowed_uri_sans wants one of: {wanted}",
+        )
+    return Verdict.refused(
+        failures.URI_SAN_NOT_ALLOWED,
+        f"server certificate {_subject(leaf)} holds URI SAN {', '.join(held)}, "
+        f"which allowed_uri_sans does not allow (allowed: {wanted})",
+    )
+
+
+def check_identity(
+    chain: Sequence[x509.Certificate], *, pins: Sequence[str], allowed_uri_sans: Sequence[str], verified: bool = True
+) -> Verdict:
+    """Pins, then URI SANs: the first refusal wins."""
+    verdict = check_pins(chain, pins, verified=verified)
+    if not verdict.ok:
+        return verdict
+    return check_uri_sans(chain[0] if chain else None, allowed_uri_sans)
+
+
+# --- the peer's chain, from an ssl object ----------------------------------------------
+
+
+def peer_chain(tls: ssl.SSLObject | ssl.SSLSocket, *, verified: bool = True) -> list[x509.Certificate]:
+    """The server's chain after a handshake, leaf first.
+
+    The verified chain (ending at the trust anchor) when `verified`, else what the server
+    sent. Python 3.13 has public methods; 3.11 and 3.12 have the same on the private object.
+    """
+    name = "get_verified_chain" if verified else "get_unverified_chain"
+    getter: Any = getattr(tls, name, None) or getattr(getattr(tls, "_sslobj", None), name, None)
+    items: list[Any] = (getter() if getter is not None else None) or []
+    chain: list[x509.Certificate] = []
+    for item in items:
+        der = item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+        try:
+            chain.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            break
+    if not chain:
+        der_leaf = tls.getpeercert(binary_form=True)
+        if der_leaf:
+            chain.append(x509.load_der_x509_certificate(der_leaf))
+    return chain
+
+
+class ChainMemory:
+    """Verified chains from full handshakes, for connections that resume a TLS session.
+
+    A resumed session carries the leaf but no verified chain (nothing was verified again),
+    yet pins may name a CA key and revocation needs the issuer. Keys are (the leaf's SHA-256,
+    the trust it was verified under), so a chain is only reused under the same trust.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._chains: OrderedDict[tuple[bytes, object], tuple[x509.Certificate, ...]] = OrderedDict()
+
+    def remember(self, trust: object, chain: Sequence[x509.Certificate]) -> None:
+        if len(chain) < 2:
+            return
+        key = (chain[0].fingerprint(hashes.SHA256()), trust)
+        self._chains[key] = tuple(chain)
+        self._chains.move_to_end(key)
+        while len(self._chains) > self._size:
+            self._chains.popitem(last=False)
+
+    def recall(self, trust: object, leaf: x509.Certificate) -> list[x509.Certificate] | None:
+        chain = self._chains.get((leaf.fingerprint(hashes.SHA256()), trust))
+        return list(chain) if chain is not None else None
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
