@@ -124,6 +124,10 @@ def test_pins_and_uri_san_allow_list(lab: Lab) -> None:
 
     for route in ("pin_leaf", "pin_root_curl_style", "uri_one_segment", "uri_any_depth", "both_ok"):
         assert_passes(daemon, route)
+    # Again: these connections may resume a TLS session, which carries no verified chain; the
+    # root pin must still be found (in the chain its full handshake verified).
+    for _ in range(2):
+        assert talk(daemon, "pin_root_curl_style") == HELLO + SECRET
     status = assert_refused(daemon, lab, "pin_wrong", "orders", "pin_mismatch", "not pinned", spki_sha256(leaf.cert))
     assert status["policy"]["pins"] == 1
     assert_refused(
@@ -254,3 +258,23 @@ def test_check_explains_each_policy_refusal_in_one_line(lab: Lab) -> None:
     assert soft.ok and any("unreachable" in w for w in soft.details["warnings"])
     for result in (pin, uri, gone_result, hard):
         assert "\n" not in result.message and result.message.startswith("127.0.0.1:")
+
+
+def test_soft_warning_clears_once_an_answer_comes(lab: Lab) -> None:
+    """crl_file missing: soft lets the connection through with a warning; once the CRL is
+    there, the next connection gets an answer and the warning is gone from status."""
+    crl_file = lab.folder / "later.crl"
+    leaf = issue(lab.server_ca, "later")
+    lab.route("soft", lab.serve("later", leaf), revocation="soft", crl_file=str(crl_file))
+    daemon = lab.daemon()
+    assert_passes(daemon, "soft")
+    route = daemon.status()["routes"]["soft"]
+    assert "cannot read it: no such file or directory" in route["last_warning"]
+    crl_file.write_bytes(make_crl(lab.server_ca, []))
+    assert_passes(daemon, "soft")
+    status = daemon.status()
+    assert status["routes"]["soft"]["last_warning"] is None
+    assert status["routes"]["soft"]["warnings"] == {"revocation_unknown": 1}
+    assert not any(w.startswith("route soft:") for w in status["warnings"])
+    crl_file.write_bytes(make_crl(lab.server_ca, [leaf.cert]))  # revoked now: refused, soft or not
+    assert_refused(daemon, lab, "soft", "later", "server_certificate_revoked", "CRL file")
