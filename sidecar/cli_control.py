@@ -100,5 +100,7 @@ def cmd_check(places: Places, args: argparse.Namespace) -> int:
     text = ("ok: " if result["ok"] else "problem: ") + result["message"]
     if result.get("fix"):
         text += f"\nfix: {result['fix']}"
+    for warning in (result.get("details") or {}).get("warnings", []):
+        text += f"\nwarning: {warning}"
     _emit(args, result, text)
     return EXIT_OK if result["ok"] else EXIT_FAILURE

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from sidecar.cli import main
 from sidecar.config import load_config
 from sidecar.credentials import Secrets
 from sidecar.diagnose import CheckResult, check_route
@@ -163,7 +164,7 @@ def test_ocsp_with_a_real_openssl_responder(lab: Lab) -> None:
     assert responder.requests == 4
 
 
-def test_unreachable_responder_soft_warns_and_hard_refuses(lab: Lab) -> None:
+def test_unreachable_responder_soft_warns_and_hard_refuses(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/ocsp"  # closed again before use
@@ -182,6 +183,16 @@ def test_unreachable_responder_soft_warns_and_hard_refuses(lab: Lab) -> None:
     assert any(w.startswith("route soft: revocation status") for w in status["warnings"])
     hard = assert_refused(daemon, lab, "hard", "down", "revocation_unknown", "unreachable", 'revocation = "hard"')
     assert hard["last_warning"] is None
+    # `mtls-sidecar check`, through the daemon's control API
+    capsys.readouterr()
+    assert main(["check", "soft"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok: ") and lines[1].startswith("warning: revocation status of server certificate")
+    assert main(["check", "hard"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("problem: 127.0.0.1:") and "connection refused" in out and "fix: make the OCSP responder" in out
+    )
 
 
 def test_crl_from_a_file_and_from_a_distribution_point(lab: Lab) -> None:
