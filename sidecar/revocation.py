@@ -24,11 +24,11 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -408,7 +408,7 @@ class RevocationChecker:
         self.ocsp_cache = AnswerCache()
         self.crl_cache: dict[str, tuple[list[x509.CertificateRevocationList] | str, datetime]] = {}
         self._crl_files: dict[Path, tuple[tuple[int, int], list[x509.CertificateRevocationList] | str]] = {}
-        self._inflight: dict[object, asyncio.Future[object]] = {}
+        self._inflight: dict[object, asyncio.Task[Any]] = {}
         self.fetches = 0
 
     async def check(
@@ -467,14 +467,15 @@ class RevocationChecker:
             try:
                 data = await self._get(url, ocsp_request(leaf, issuer), timeout, MAX_OCSP_BYTES)
             except FetchError as exc:
-                return Answer(UNKNOWN, source, f"the responder is {exc}" if "unreachable" in str(exc) else str(exc))
-            return judge_ocsp(data, leaf, issuer, now, source=source)
+                answer = Answer(UNKNOWN, source, f"the responder is {exc}" if "unreachable" in str(exc) else str(exc))
+            else:
+                answer = judge_ocsp(data, leaf, issuer, now, source=source)
+            self.ocsp_cache.put(key, answer, now)
+            if not answer.definite:
+                log.warning("%s: %s", answer.source, answer.detail)
+            return answer
 
-        answer = await self._once(key, ask)
-        self.ocsp_cache.put(key, answer, now)
-        if not answer.definite:
-            log.warning("%s: %s", answer.source, answer.detail)
-        return answer
+        return await self._once(key, ask)
 
     async def _from_crl_url(
         self, url: str, leaf: x509.Certificate, issuer: x509.Certificate, now: datetime, timeout: float
@@ -483,18 +484,20 @@ class RevocationChecker:
         cached = self.crl_cache.get(url)
         if cached is None or now >= cached[1]:
 
-            async def download() -> list[x509.CertificateRevocationList] | str:
+            async def download() -> tuple[list[x509.CertificateRevocationList] | str, datetime]:
+                crls: list[x509.CertificateRevocationList] | str
                 try:
-                    return load_crls(await self._get(url, None, timeout, MAX_CRL_BYTES))
+                    crls = load_crls(await self._get(url, None, timeout, MAX_CRL_BYTES))
                 except FetchError as exc:
-                    return f"the distribution point is {exc}" if "unreachable" in str(exc) else str(exc)
+                    crls = f"the distribution point is {exc}" if "unreachable" in str(exc) else str(exc)
                 except ValueError:
-                    return "the distribution point's answer is not a CRL"
+                    crls = "the distribution point's answer is not a CRL"
+                answer = judge_crl(crls, leaf, issuer, now, source=source) if isinstance(crls, list) else None
+                entry = (crls, cache_until(answer or Answer(UNKNOWN, source), now))
+                self.crl_cache[url] = entry
+                return entry
 
-            crls = await self._once(("crl", url), download)
-            answer = judge_crl(crls, leaf, issuer, now, source=source) if isinstance(crls, list) else None
-            self.crl_cache[url] = (crls, cache_until(answer or Answer(UNKNOWN, source), now))
-            cached = self.crl_cache[url]
+            cached = await self._once(("crl", url), download)
         crls = cached[0]
         if isinstance(crls, str):
             return Answer(UNKNOWN, source, crls)
@@ -535,27 +538,21 @@ class RevocationChecker:
         except TimeoutError:
             raise FetchError(f"no answer within {timeout:g} s") from None
 
-    async def _once(self, key: object, make: Callable[[], Awaitable[T]]) -> T:
-        """Run `make()` once for concurrent callers with the same key."""
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return cast(T, await asyncio.shield(pending))
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await make()
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # marked as seen: the waiters re-raise it
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
+    async def _once(self, key: object, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run `make()` once for concurrent callers with the same key, in a task of its own, so
+        that a caller who goes away (its local client hung up) cancels nobody else's wait."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(make(), name=f"revocation check {key!r:.80}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        return cast(T, await asyncio.shield(task))
+
+    def _finished(self, key: object, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("revocation check failed: %s", task.exception())
 
 
 async def check_server_policy(

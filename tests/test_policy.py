@@ -434,6 +434,28 @@ def test_concurrent_connections_share_one_request(ca: CA, leaf: Leaf) -> None:
     assert len(fetch.calls) == 1
 
 
+def test_a_caller_that_goes_away_cancels_nobody_else(ca: CA, leaf: Leaf) -> None:
+    """A local client hanging up mid-check cancels its own wait, not the shared request."""
+    fetch = FakeFetch({"http://ocsp.test/": ocsp_response(ca, leaf.cert)})
+    fetch.gate = threading.Event()
+    checker = RevocationChecker(fetch)
+    chain = chain_of(ca, leaf)
+
+    async def scenario() -> revocation.Verdict:
+        first = asyncio.create_task(checker.check(chain, mode="hard", crl_file=None, now=NOW))
+        second = asyncio.create_task(checker.check(chain, mode="hard", crl_file=None, now=NOW))
+        await asyncio.sleep(0)  # a yield, not a wait: both tasks reach the shared request
+        first.cancel()
+        assert fetch.gate is not None
+        fetch.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await second
+
+    assert asyncio.run(scenario()).ok
+    assert len(fetch.calls) == 1 and len(checker.ocsp_cache) == 1
+
+
 def test_checker_sources_in_order(tmp_path: Path, ca: CA) -> None:
     url_ocsp, url_crl = "http://ocsp.test/", "http://crl.test/ca.crl"
     both = issue(ca, "both", ocsp_url=url_ocsp, crl_url=url_crl)
