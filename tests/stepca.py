@@ -39,8 +39,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwk import JWKEC
 
+from tests.pebble import pick_port
 from tests.pki import CA, Key, key_pem, pem
-from tests.realservers import free_port, wait_for_port
+from tests.realservers import wait_for_port
 
 LOOPBACK = "127.0.0.1"
 GOCODE = Path("/usr/share/gocode/src")
@@ -245,7 +246,7 @@ def stepca_server(workdir: Path, *, default_duration: str = "2m", start: bool = 
     chain_file = workdir / "root_and_intermediate.crt"
     chain_file.write_bytes(pem(ca.root) + pem(ca.intermediate))
     provisioner = Provisioner(PROVISIONER, ec.generate_private_key(ec.SECP256R1()))
-    port = free_port()
+    port = pick_port()  # below the ephemeral range: no outgoing connection can take it meanwhile
     config = {
         "root": str(root_file),
         "crt": str(inter_file),
