@@ -431,6 +431,8 @@ class _TLSSide(asyncio.Protocol):
             self._advance_handshake()
         if self._approved and self.handshake_done.done() and not self.handshake_done.exception():
             self._read_plaintext()
+        elif not self._approved and self.handshake_done.done() and self.transport is not None:
+            self.transport.pause_reading()  # held until approve(): what the server sends meanwhile waits in TCP
 
     def eof_received(self) -> bool:
         self.incoming.write_eof()
@@ -471,6 +473,7 @@ class _TLSSide(asyncio.Protocol):
         self._approved = True
         if self._closing:
             return
+        self.resume_reading()
         self._read_plaintext()
         if self._eof_pending:
             self._remote_eof()
