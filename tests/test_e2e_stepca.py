@@ -147,7 +147,7 @@ def test_stepca_rekey_gives_a_new_public_key(isolated_home: Path, tmp_path: Path
             )
     certs = keystore_certs(isolated_home)
     assert public_der(certs[first]) != public_der(certs[second])
-    assert ca.requests_logged("/1.0/rekey") == 1 and ca.requests_logged("/1.0/renew") == 0
+    assert ca.requests_logged("/1.0/rekey") >= 1 and ca.requests_logged("/1.0/renew") == 0
 
 
 def _write_expired(ca: StepCA, home: Path) -> x509.Certificate:

@@ -211,22 +211,31 @@ class StepCAProvider:
     # --- renewal over mutual TLS
 
     async def _renew(self, current: Candidate) -> NewCredential:
-        assert current.key is not None
+        assert current.cert is not None and current.key is not None
         context = self._tls_context()
         load_credential(context, current)
-        key: PrivateKey
-        if self.settings.rekey:
-            key = new_key()
-            body = {"csr": make_csr(key, self.spec.subject, self.settings.common_name)}
-            answer = await asyncio.to_thread(
-                post_json, self.settings.url, "/1.0/rekey", body, context, self.settings.timeout
-            )
-        else:
-            key = current.key
-            answer = await asyncio.to_thread(
-                post_json, self.settings.url, "/1.0/renew", None, context, self.settings.timeout
-            )
-        return NewCredential(cert_chain_pem=parse_certificate_response(answer), key_pem=_key_pem(key))
+        for tries_left in (1, 0):
+            key: PrivateKey
+            if self.settings.rekey:
+                key = new_key()
+                body = {"csr": make_csr(key, self.spec.subject, self.settings.common_name)}
+                answer = await asyncio.to_thread(
+                    post_json, self.settings.url, "/1.0/rekey", body, context, self.settings.timeout
+                )
+            else:
+                key = current.key
+                answer = await asyncio.to_thread(
+                    post_json, self.settings.url, "/1.0/renew", None, context, self.settings.timeout
+                )
+            chain = parse_certificate_response(answer)
+            if tries_left and _same_second(chain, current.cert):
+                # Certificate times have one-second resolution: renewed within the second of the
+                # last issuance, the new certificate ties on notBefore and could lose the
+                # keystore's tie-break (serial). Ask once more in the next second.
+                await asyncio.sleep(1.05 - datetime.now(UTC).microsecond / 1e6)
+                continue
+            break
+        return NewCredential(cert_chain_pem=chain, key_pem=_key_pem(key))
 
     # --- enrollment with a one-time token
 
@@ -379,6 +388,11 @@ def make_token(key: ProvisionerKey, provisioner: str, common_name: str, audience
     )
     token: str = signed.to_compact().decode()
     return token
+
+
+def _same_second(chain_pem: bytes, current: x509.Certificate) -> bool:
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    return leaf.not_valid_before_utc <= current.not_valid_before_utc
 
 
 def parse_certificate_response(body: Mapping[str, Any]) -> bytes:
