@@ -45,6 +45,7 @@ PROVIDER_OPTION_KEYS = (
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
              "demo_service", "identities", "routes")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
+                  "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *PROVIDER_OPTION_KEYS)  # fmt: skip
 _ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
@@ -98,6 +99,9 @@ class IdentitySpec:
     lifetime: float = DEFAULT_LIFETIME
     pkcs12_password_env: str | None = None
     key_password_env: str | None = None
+    # (service, username) in the OS keyring, for the optional `keyring` extra
+    pkcs12_password_keyring: tuple[str, str] | None = None
+    key_password_keyring: tuple[str, str] | None = None
     issuer_ca_file: Path | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -470,9 +474,40 @@ def _parse_identity(t: _Table) -> IdentitySpec:
         lifetime=t.duration("lifetime", DEFAULT_LIFETIME, positive=True),
         pkcs12_password_env=_env_name(t, "pkcs12_password_env"),
         key_password_env=_env_name(t, "key_password_env"),
+        pkcs12_password_keyring=_keyring_entry(t, "pkcs12_password_keyring"),
+        key_password_keyring=_keyring_entry(t, "key_password_keyring"),
         issuer_ca_file=t.file("issuer_ca_file"),
-        options=MappingProxyType(_provider_options(t)),
+        options=MappingProxyType(_renewal_timing_checked(t, _provider_options(t))),
     )
+
+
+def _renewal_timing_checked(t: _Table, options: dict[str, Any]) -> dict[str, Any]:
+    """renew_at / renew_before / prune_after checked here, so a bad one names its line."""
+    from sidecar.renewal.timing import RenewalPolicy  # deferred: renewal imports config
+
+    try:
+        RenewalPolicy.from_options(options)
+    except ValueError as exc:
+        text = str(exc)
+        key = next((k for k in ("renew_at", "renew_before", "prune_after") if text.startswith(k)), "renew_before")
+        detail = text.split(": ", 1)[1] if text.startswith(key) and ": " in text else text
+        raise t.error(key, detail, options.get(key)) from None
+    return options
+
+
+def _keyring_entry(t: _Table, key: str) -> tuple[str, str] | None:
+    value = t.string(key)
+    if value is None:
+        return None
+    service, _, username = value.partition("/")
+    if not service or not username:
+        raise t.error(
+            key,
+            "not a keyring entry",
+            value,
+            hint='write "SERVICE/USERNAME", e.g. "mtls-sidecar/dev", after `keyring set mtls-sidecar dev`',
+        )
+    return (service, username)
 
 
 # Provider options that name files: resolved against the config file's folder like other paths.

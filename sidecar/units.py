@@ -20,6 +20,8 @@ def parse_duration(text: str | int | float) -> float:
         if text < 0:
             raise ValueError("a duration cannot be negative")
         return float(text)
+    if not isinstance(text, str):  # values straight from TOML: a list, a table, a date
+        raise ValueError(f'expected a duration such as "10s", "2m" or "7d", not {type(text).__name__}')
     compact = text.strip().replace(" ", "")
     if not compact:
         raise ValueError('empty duration; write for example "10s", "2m" or "7d"')

@@ -189,10 +189,31 @@ def test_a_demo_service_table_without_enabled_stays_off() -> None:
     assert config.demo_service == DemoServiceSpec(False, ListenAddress("tcp", "::1", 0))
 
 
+TIMING_KEYS = ("renew_at", "renew_before", "prune_after")  # checked at parse time (one of the first two)
+
+
 def test_provider_options_are_kept_verbatim() -> None:
-    body = "\n".join(f"{key} = {json.dumps(key + '-value')}" for key in PROVIDER_OPTION_KEYS)
-    config = parse_config(f'[identities.dev]\nrenew = "command"\n{body}\n')
-    assert dict(config.identities["dev"].options) == {k: f"{k}-value" for k in PROVIDER_OPTION_KEYS}
+    free = [key for key in PROVIDER_OPTION_KEYS if key not in TIMING_KEYS]
+    body = "\n".join(f"{key} = {json.dumps(key + '-value')}" for key in free)
+    config = parse_config(f'[identities.dev]\nrenew = "command"\n{body}\nrenew_before = "8h"\nprune_after = "1d"\n')
+    expected = {k: f"{k}-value" for k in free} | {"renew_before": "8h", "prune_after": "1d"}
+    assert dict(config.identities["dev"].options) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "where"),
+    [
+        ("renew_at = 1.5", "identities.dev.renew_at = 1.5", "c.toml:3:"),
+        ("renew_at = 0", "identities.dev.renew_at = 0", "c.toml:3:"),
+        ('renew_before = "soon"', "identities.dev.renew_before = 'soon'", "c.toml:3:"),
+        ('prune_after = "-"', "identities.dev.prune_after = '-'", "c.toml:3:"),
+        ('renew_at = 0.5\nrenew_before = "8h"', "set renew_at or renew_before, not both", "c.toml:4:"),
+    ],
+)
+def test_renewal_timing_is_checked_with_its_line(line: str, field: str, where: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'[identities.dev]\nrenew = "local-ca"\n{line}\n', source="c.toml")
+    assert field in str(caught.value) and str(caught.value).startswith(where)
 
 
 # --- addresses ---------------------------------------------------------------------------
@@ -698,11 +719,27 @@ _ROUTE_KEYS = st.sampled_from(
         "connect_timeout",
         "unsafe_listen",
         "unsafe_skip_verify",
+        "pin_sha256",
+        "allowed_uri_sans",
+        "revocation",
+        "crl_file",
         "lisen",
     ]
 )
 _IDENTITY_KEYS = st.sampled_from(
-    ["renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env", "issuer_ca_file", "renew_at"]
+    [
+        "renew",
+        "subject",
+        "lifetime",
+        "pkcs12_password_env",
+        "key_password_env",
+        "pkcs12_password_keyring",
+        "key_password_keyring",
+        "issuer_ca_file",
+        "renew_at",
+        "renew_before",
+        "prune_after",
+    ]
 )
 
 

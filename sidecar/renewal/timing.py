@@ -48,17 +48,26 @@ class RenewalPolicy:
                 raise ValueError(f"renew_at = {value!r}: write a fraction of the lifetime between 0 and 1, e.g. 0.66")
             fraction = float(value)
         if "renew_before" in options:
-            try:
-                before = timedelta(seconds=parse_duration(options["renew_before"]))
-            except ValueError as exc:
-                raise ValueError(f"renew_before: {exc}") from exc
+            before = _duration_option(options, "renew_before")
         prune_after = DEFAULT_PRUNE_AFTER
         if "prune_after" in options:
-            try:
-                prune_after = timedelta(seconds=parse_duration(options["prune_after"]))
-            except ValueError as exc:
-                raise ValueError(f"prune_after: {exc}") from exc
+            prune_after = _duration_option(options, "prune_after")
         return cls(fraction=fraction, before=before, prune_after=prune_after)
+
+
+_LONGEST = timedelta(days=100 * 365)  # beyond this, date arithmetic downstream overflows
+
+
+def _duration_option(options: Mapping[str, Any], key: str) -> timedelta:
+    try:
+        seconds = parse_duration(options[key])
+        if seconds != seconds:
+            raise ValueError('not a number; write for example "8h" or "2d"')
+        if seconds > _LONGEST.total_seconds():
+            raise ValueError(f"{options[key]!r} is longer than 100 years")
+        return timedelta(seconds=seconds)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from exc
 
 
 @dataclass(frozen=True)
