@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,25 +18,60 @@ from sidecar.keystore import Selection, load_anchor_file, read_identity_folder, 
 log = logging.getLogger("sidecar.keystore")
 
 
-def secrets_for(spec: IdentitySpec, environ: Mapping[str, str]) -> Secrets:
-    """Passwords for an identity's files, read from the environment variables it names."""
-
-    def password(var: str | None) -> bytes | None:
-        if not var:
-            return None
-        value = environ.get(var)
-        return value.encode() if value is not None else None
-
+def secrets_for(spec: IdentitySpec, environ: Mapping[str, str], keyring_lookup: KeyringLookup | None = None) -> Secrets:
+    """Passwords for an identity's files: from the environment variable it names, else from the
+    OS keyring entry it names. Each password's *source* is described for error messages; the
+    password itself never is."""
+    lookup = keyring_lookup or os_keyring_password
+    pkcs12, pkcs12_source = _password(environ, spec.pkcs12_password_env, spec.pkcs12_password_keyring, lookup)
+    key, key_source = _password(environ, spec.key_password_env, spec.key_password_keyring, lookup)
     return Secrets(
-        pkcs12_password=password(spec.pkcs12_password_env),
-        key_password=password(spec.key_password_env),
-        pkcs12_password_source=f"environment variable {spec.pkcs12_password_env}"
-        if spec.pkcs12_password_env
-        else "pkcs12_password_env is not set for this identity",
-        key_password_source=f"environment variable {spec.key_password_env}"
-        if spec.key_password_env
-        else "key_password_env is not set for this identity",
+        pkcs12_password=pkcs12,
+        key_password=key,
+        pkcs12_password_source=pkcs12_source or "neither pkcs12_password_env nor pkcs12_password_keyring is set",
+        key_password_source=key_source or "neither key_password_env nor key_password_keyring is set",
     )
+
+
+KeyringLookup = Callable[[str, str], "str | None"]
+
+
+def _password(
+    environ: Mapping[str, str], var: str | None, entry: tuple[str, str] | None, lookup: KeyringLookup
+) -> tuple[bytes | None, str | None]:
+    if var:
+        value = environ.get(var)
+        if value is not None or entry is None:
+            return (value.encode() if value is not None else None), f"environment variable {var}"
+    if entry is None:
+        return None, None
+    service, username = entry
+    where = f"OS keyring entry {service}/{username}"
+    try:
+        value = lookup(service, username)
+    except KeyringUnavailable as exc:
+        return None, f"{where}: {exc}"
+    if value is None:
+        return None, f"{where}, which is empty (store it with: keyring set {service} {username})"
+    return value.encode(), where
+
+
+class KeyringUnavailable(Exception):
+    pass
+
+
+def os_keyring_password(service: str, username: str) -> str | None:
+    """The OS keyring's password for (service, username), through the optional `keyring` package."""
+    try:
+        import keyring
+        from keyring.errors import KeyringError
+    except ImportError:
+        raise KeyringUnavailable("the keyring package is not installed (pip install 'mtls-sidecar[keyring]')") from None
+    try:
+        value = keyring.get_password(service, username)
+    except KeyringError as exc:
+        raise KeyringUnavailable(f"the OS keyring did not answer ({type(exc).__name__})") from None
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)

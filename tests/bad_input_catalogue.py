@@ -71,6 +71,8 @@ CONFIG_CASES = [
     Case("config", "a route naming an unknown identity", ("prod",), config_message(MINIMAL_ROUTE + 'identity = "prod"\n')),
     Case("config", "an unknown renewal provider", ("renew", "local-ca"), config_message(MINIMAL_ROUTE.replace('renew = "none"', 'renew = "letsencrypt"'))),
     Case("config", "a duration that is not one", ("connect_timeout",), config_message(MINIMAL_ROUTE + 'connect_timeout = "10 parsecs"\n')),
+    Case("config", "renew_at outside (0, 1)", ("config.toml:3", "renew_at = 1.5", "between 0 and 1"), config_message('[identities.dev]\nrenew = "local-ca"\nrenew_at = 1.5\n')),
+    Case("config", "a keyring entry without SERVICE/USERNAME", ("pkcs12_password_keyring", "SERVICE/USERNAME"), config_message('[identities.dev]\npkcs12_password_keyring = "dev"\n')),
     Case("config", "a password written into the config", ("pkcs12_password_env",), config_message(MINIMAL_ROUTE.replace('renew = "none"', 'renew = "none"\npkcs12_password_env = "hunter2 is my password"'))),
     Case("config", "active_identity not defined", ("active_identity",), config_message('active_identity = "prod"\n' + MINIMAL_ROUTE)),
     Case("config", "a pin that is not a base64 SHA-256", ("routes.api.pin_sha256", "openssl x509"), config_message(MINIMAL_ROUTE + 'pin_sha256 = ["d6a8c7a1"]\n')),
