@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import logging
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,19 +159,44 @@ def _write_expired(ca: StepCA, home: Path) -> x509.Certificate:
     return leaf.cert
 
 
-def test_stepca_expired_certificate_falls_back_to_enrollment(isolated_home: Path, tmp_path: Path) -> None:
+# A stand-in for `step ca token NAME`: prints a one-time token made from the provisioner key.
+TOKEN_SCRIPT = """
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from sidecar.renewal.providers.stepca import load_provisioner_key, make_token
+key_file, provisioner, name, url = sys.argv[1:]
+print("(step would print a notice on stderr; stdout ends with the token)")
+print(make_token(load_provisioner_key(Path(key_file)), provisioner, name, url + "/1.0/sign", datetime.now(UTC)))
+"""
+
+
+@pytest.mark.parametrize("enroll_with", ["provisioner_key", "token_command"])
+def test_stepca_expired_certificate_falls_back_to_enrollment(
+    isolated_home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, enroll_with: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
     with stepca_server(tmp_path / "ca") as ca:
         expired = _write_expired(ca, isolated_home)
         key_file = ca.provisioner.write_private_jwk(tmp_path / "secrets" / "provisioner.json")
-        config = write_config(
-            isolated_home / "config.toml", identities={"dev": stepca_identity(ca, key_file)}, routes={}
-        )
+        if enroll_with == "provisioner_key":
+            identity = stepca_identity(ca, key_file)
+        else:
+            command = [sys.executable, "-c", TOKEN_SCRIPT, str(key_file), ca.provisioner.name, NAME, ca.url]
+            identity = stepca_identity(ca, None, step_ca_token_command=command)
+        config = write_config(isolated_home / "config.toml", identities={"dev": identity}, routes={})
         with DaemonThread(config) as daemon:
             serial = wait_until(lambda: serial_of(daemon.status()), timeout=30, what="enrollment after expiry")
             status = daemon.status()
+            events = daemon.call(lambda d: list(d.events.history))
     assert serial != expired.serial_number
     assert renewal_of(status)["state"] == "valid"
     assert ca.requests_logged("/1.0/sign") == 1 and ca.requests_logged("/1.0/renew") == 0
+    # neither the provisioner's private key nor the token reaches status, events or the log
+    secret_d = json.loads(key_file.read_text())["d"]
+    assert "identity dev: enrollment succeeded" in caplog.text  # the log was captured
+    shown = json.dumps(status) + json.dumps(events) + caplog.text
+    assert secret_d not in shown and "eyJ" not in shown
 
 
 def test_stepca_expired_without_provisioner_is_expired_and_says_what_to_run(
