@@ -6,17 +6,18 @@ import asyncio
 import json
 import re
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from josepy import jws
-from josepy.jwk import JWKEC
+from josepy.jwk import JWKEC, JWKRSA
 
 from sidecar.config import IdentitySpec
+from sidecar.credentials import Candidate
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import CannotEnroll, ProviderContext, ProviderError, RenewalRequest
 from sidecar.renewal.providers.stepca import (
@@ -74,6 +75,22 @@ def test_token_is_an_es256_jwt_with_the_claims_step_ca_checks(provisioner: tuple
 
     again = json.loads(jws.JWS.from_compact(make_token(key, "admin", "x", URL, NOW).encode()).payload)
     assert again["jti"] != claims["jti"]  # one-time: a fresh id every time
+
+
+@pytest.mark.parametrize(
+    ("key", "alg"),
+    [
+        (ec.generate_private_key(ec.SECP384R1()), "ES384"),
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+    ],
+)
+def test_other_provisioner_key_types_sign_with_their_algorithm(tmp_path: Path, key: Any, alg: str) -> None:
+    jwk = (JWKRSA if isinstance(key, rsa.RSAPrivateKey) else JWKEC)(key=key)
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps({**jwk.to_json(), "kid": "k1"}))
+    token = make_token(load_provisioner_key(path), "admin", "laptop", URL, NOW)
+    assert json.loads(jws.b64.b64decode(token.split(".")[0]))["alg"] == alg
+    assert jws.JWS.from_compact(token.encode()).verify(jwk.public_key())
 
 
 def test_kid_defaults_to_the_jwk_thumbprint(tmp_path: Path, provisioner: tuple[Provisioner, Path]) -> None:
@@ -234,6 +251,16 @@ def test_no_usable_certificate_and_no_provisioner_cannot_enroll(tmp_path: Path) 
     message = str(caught.value)
     assert f"step ca certificate laptop.example.test {tmp_path}/laptop/laptop.example.test.crt" in message
     assert f"--ca-url {URL}" in message
+
+
+def test_an_expired_current_certificate_is_not_sent_to_renew(tmp_path: Path) -> None:
+    """/renew refuses an expired certificate in the handshake: go straight to enrollment."""
+    leaf = CA("Step", with_intermediate=True).client("laptop.example.test", lifetime=timedelta(hours=1))
+    current = Candidate(file="old.pem", cert=leaf.cert, chain=tuple(leaf.chain), key=leaf.key)
+    provider = StepCAProvider(spec(), ProviderContext(keystore=tmp_path))
+    later = leaf.cert.not_valid_after_utc + timedelta(seconds=1)
+    with pytest.raises(CannotEnroll):  # no network was tried: URL is not even resolvable
+        asyncio.run(provider.issue(RenewalRequest(spec(), tmp_path, current, later)))
 
 
 def test_cannot_enroll_moves_the_identity_to_expired_not_failing() -> None:

@@ -203,7 +203,7 @@ class StepCAProvider:
             current is not None
             and current.cert is not None
             and current.key is not None
-            and datetime.now(UTC) < current.cert.not_valid_after_utc
+            and request.now < current.cert.not_valid_after_utc
         ):
             return await self._renew(current)
         return await self._enroll(request)
