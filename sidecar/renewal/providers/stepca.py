@@ -35,6 +35,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import signal
 import ssl
 from collections.abc import Mapping, Sequence
@@ -258,11 +259,13 @@ class StepCAProvider:
         return NewCredential(cert_chain_pem=parse_certificate_response(answer), key_pem=_key_pem(key))
 
     def _what_to_run(self, request: RenewalRequest) -> str:
-        cn, folder = self.settings.common_name, request.folder
-        root = f" --root {self.settings.root}" if self.settings.root else ""
+        cn = self.settings.common_name
+        argv = ["step", "ca", "certificate", cn, str(request.folder / f"{cn}.crt"), str(request.folder / f"{cn}.key")]
+        argv += ["--ca-url", self.settings.url]
+        if self.settings.root:
+            argv += ["--root", str(self.settings.root)]
         return (
-            f"no usable certificate, and step-ca renews only a valid one: run "
-            f"`step ca certificate {cn} {folder}/{cn}.crt {folder}/{cn}.key --ca-url {self.settings.url}{root}`, "
+            f"no usable certificate, and step-ca renews only a valid one: run `{shlex.join(argv)}`, "
             f"or set step_ca_provisioner and step_ca_provisioner_key (or step_ca_token_command) "
             f"on identities.{self.spec.name} to enroll automatically"
         )
