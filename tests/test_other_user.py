@@ -108,8 +108,9 @@ def test_another_user_is_refused_before_tls_and_the_owner_is_served(
                 port = daemon.port(route)
                 assert own_echo(host, port) == b"from the owner\n"
                 answer = as_user(other_user, host, str(port))
-                # closed without a byte of the service's answer (a reset or an empty read)
-                assert answer in ("received 0", "error ConnectionResetError 104"), answer
+                # closed without a byte of the service's answer (a reset or an empty read; a reset
+                # that lands before the client's shutdown() makes that fail with ENOTCONN)
+                assert answer in ("received 0", "error ConnectionResetError 104", "error OSError 107"), answer
                 wait_until(
                     lambda route=route: daemon.status()["routes"][route]["failures"].get("other_user") == 1,
                     timeout=10,
