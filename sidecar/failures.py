@@ -25,6 +25,9 @@ URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
 SERVER_CERT_REVOKED = "server_certificate_revoked"
 REVOCATION_UNKNOWN = "revocation_unknown"
 OTHER_USER = "other_user"  # a local connection from another OS user, refused before any TLS
+# The remote broke an established tunnel: reset (RST), or closed TCP without TLS close_notify.
+RESET = "reset"
+TRUNCATED = "truncated"
 
 # OpenSSL X509_V_ERR_* codes that Python reports in SSLCertVerificationError.verify_code.
 _UNTRUSTED_CODES = {2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32}
@@ -71,14 +74,37 @@ class Failure:
     message: str
 
 
-def classify(exc: BaseException, *, target: str, server_name: str, trust: str) -> Failure:
-    """Turn an exception from connecting or handshaking into a reason key and a sentence."""
+def classify(
+    exc: BaseException,
+    *,
+    target: str,
+    server_name: str,
+    trust: str,
+    connected: bool = False,
+    timeout: float | None = None,
+) -> Failure:
+    """Turn an exception from connecting or handshaking into a reason key and a sentence.
+
+    `connected`: the TCP connection was made (a timeout then means no TLS answer); `timeout`:
+    the route's connect_timeout in seconds, named in the message.
+    """
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _verification_failure(exc, target=target, server_name=server_name, trust=trust)
     if isinstance(exc, ssl.SSLError):
         return classify_ssl_error(exc, target=target)
     if isinstance(exc, TimeoutError):
-        return Failure(TIMEOUT, f"timed out connecting to {target}")
+        within = f" within {timeout:g}s (connect_timeout)" if timeout is not None else ""
+        if connected:
+            return Failure(
+                TIMEOUT,
+                f"timed out connecting to {target}: it accepted the TCP connection but did not "
+                f"complete the TLS handshake{within} (is it overloaded, or not a TLS port?)",
+            )
+        return Failure(
+            TIMEOUT,
+            f"timed out connecting to {target}: no TCP connection{within} "
+            "(is it overloaded, or is a firewall dropping packets?)",
+        )
     if isinstance(exc, ConnectionRefusedError):
         return Failure(CONNECT, f"connection to {target} refused (is the service running?)")
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
@@ -88,6 +114,21 @@ def classify(exc: BaseException, *, target: str, server_name: str, trust: str) -
     if isinstance(exc, OSError):
         return Failure(CONNECT, f"cannot connect to {target}: {exc.strerror or exc}")
     return Failure(TLS_ERROR, f"{type(exc).__name__} talking to {target}: {exc}")
+
+
+def broken_stream(exc: BaseException | None, *, target: str, received: int) -> Failure:
+    """The remote ended an established tunnel abnormally (`exc` None: TCP closed without close_notify)."""
+    after = f"after {received} byte{'' if received == 1 else 's'} of its answer"
+    if exc is None:
+        return Failure(
+            TRUNCATED,
+            f"{target} closed the connection without TLS close_notify {after}; the answer may be cut short",
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
+        return Failure(RESET, f"{target} reset the connection {after}; the local connection was reset too")
+    if isinstance(exc, OSError):
+        return Failure(RESET, f"the connection to {target} broke {after}: {exc.strerror or exc}")
+    return Failure(RESET, f"the connection to {target} broke {after}: {type(exc).__name__}: {exc}")
 
 
 def classify_ssl_error(exc: ssl.SSLError, *, target: str) -> Failure:

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -308,6 +309,8 @@ class _PlainSide(asyncio.Protocol):
                 target=listener.target,
                 server_name=route.server_name,
                 trust=listener.policy.describe_trust(),
+                connected=remote is not None,
+                timeout=route.connect_timeout,
             )
             listener._record_failure(failure)
             self.close()
@@ -390,6 +393,17 @@ class _PlainSide(asyncio.Protocol):
         if self.remote is not None:
             self.remote.abort()
 
+    def reset(self) -> None:
+        """The remote reset us: pass on what it sent, then reset the local client too (RST, not FIN),
+        so that it cannot take a cut-off answer for a whole one."""
+        if self.closed:
+            return
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and sock.family != socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -412,6 +426,7 @@ class _TLSSide(asyncio.Protocol):
         self.eof = False
         self._sent_eof = False
         self._closing = False
+        self.received = 0  # plaintext bytes from the server, for the failure message
         # Nothing the server sends reaches the local client before the server policy passed.
         self._approved = False
         self._eof_pending = False
@@ -456,7 +471,18 @@ class _TLSSide(asyncio.Protocol):
                 exc or ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
             )
         elif self.peer.remote is self:
-            self.peer.close()
+            if exc is not None and not self._closing:  # reset (or broken) mid-stream
+                # What the server sent just before (an alert, the end of its answer) may still wait
+                # in the socket: asyncio reports a failed write before it reads. It may explain why.
+                self._drain_socket()
+                self._read_plaintext()
+            if exc is not None and not self._closing:  # nothing it sent explains it: say so
+                self.peer.listener._record_failure(
+                    failures.broken_stream(exc, target=self.peer.listener.target, received=self.received)
+                )
+                self.peer.reset()
+            else:
+                self.peer.close()
 
     def pause_writing(self) -> None:
         if self.peer.transport is not None:
@@ -530,6 +556,27 @@ class _TLSSide(asyncio.Protocol):
 
     # --- internals
 
+    def _drain_socket(self) -> None:
+        """Move what the kernel still holds for us into the TLS input (during connection_lost, when
+        asyncio has stopped reading but not yet closed the socket). Best effort, bounded."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return
+        try:
+            raw = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a duplicate: asyncio keeps its own
+        except (OSError, ValueError, AttributeError):
+            return
+        with raw:
+            raw.setblocking(False)
+            for _ in range(16):
+                try:
+                    data = raw.recv(READ_CHUNK)
+                except OSError:  # nothing left (BlockingIOError), or the reset itself after the data
+                    return
+                if not data:
+                    return
+                self.incoming.write(data)
+
     def _advance_handshake(self) -> None:
         assert self.tls is not None
         try:
@@ -556,7 +603,15 @@ class _TLSSide(asyncio.Protocol):
             except ssl.SSLZeroReturnError:  # the server's close_notify
                 self._remote_eof()
                 break
-            except ssl.SSLEOFError:  # TCP closed without close_notify: common, and just an EOF
+            except ssl.SSLEOFError:  # TCP closed without close_notify: an EOF, and the answer may be cut
+                # (once the local client has finished, a server that does not say goodbye is common)
+                if not self._closing and not self.eof and not self._sent_eof:
+                    self.peer.listener._record_failure(
+                        failures.broken_stream(None, target=self.peer.listener.target, received=self.received)
+                    )
+                    self._remote_eof()
+                    self.peer.close()  # the TLS session is broken: nothing more can pass either way
+                    break
                 self._remote_eof()
                 break
             except ssl.SSLError as exc:
@@ -565,6 +620,7 @@ class _TLSSide(asyncio.Protocol):
             if not chunk:
                 self._remote_eof()
                 break
+            self.received += len(chunk)
             self.peer.write(chunk)
         self._flush()  # TLS 1.3 key updates and the like are answered from inside read()
 

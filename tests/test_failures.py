@@ -46,3 +46,27 @@ def test_connection_errors() -> None:
         == failures.CONNECT
     )
     assert failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x").reason == failures.TIMEOUT
+
+
+def test_timeouts_say_which_step_got_no_answer() -> None:
+    tcp = failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x", connected=False, timeout=0.5)
+    tls = failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x", connected=True, timeout=0.5)
+    assert tcp.reason == tls.reason == failures.TIMEOUT
+    assert "no TCP connection within 0.5s" in tcp.message
+    assert "accepted the TCP connection but did not complete the TLS handshake within 0.5s" in tls.message
+
+
+def test_broken_streams_name_reset_and_truncation_with_the_byte_count() -> None:
+    reset = failures.broken_stream(ConnectionResetError(104, "Connection reset by peer"), target="t:1", received=1)
+    assert (reset.reason, reset.message) == (
+        failures.RESET,
+        "t:1 reset the connection after 1 byte of its answer; the local connection was reset too",
+    )
+    cut = failures.broken_stream(None, target="t:1", received=73)
+    assert cut.reason == failures.TRUNCATED
+    assert "without TLS close_notify after 73 bytes" in cut.message
+    broken = failures.broken_stream(TimeoutError(110, "Connection timed out"), target="t:1", received=0)
+    assert (broken.reason, broken.message) == (
+        failures.RESET,
+        "the connection to t:1 broke after 0 bytes of its answer: Connection timed out",
+    )

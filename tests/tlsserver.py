@@ -22,28 +22,51 @@ Modes (what each accepted connection gets):
                 b"got N bytes\\n" and close.
 - "stall":      accept TCP, read and record whatever arrives, never answer (not even the
                 handshake) until the client goes away or the server stops.
+- "partial_reset": read one chunk, send PARTIAL_ANSWER (the start of an HTTP answer that
+                promises more), then reset (RST via SO_LINGER 0): a server that crashes mid-answer.
+- "partial_close": the same, then close TCP without TLS close_notify (a FIN only): a server
+                process that dies mid-answer.
+
+`full_backlog()` gives a port whose listener never accepts and whose queue is full: the
+kernel drops new SYNs, so connecting there hangs (a server too slow to accept).
 
 With tls=False the modes apply to the plain TCP stream.
 """
 
 from __future__ import annotations
 
+import fcntl
 import selectors
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 LOOPBACK = "127.0.0.1"
-MODES = frozenset({"echo", "hello", "plaintext", "close", "reset", "reset_on_accept", "halfclose", "stall"})
+MODES = frozenset(
+    {
+        "echo",
+        "hello",
+        "plaintext",
+        "close",
+        "reset",
+        "reset_on_accept",
+        "halfclose",
+        "stall",
+        "partial_reset",
+        "partial_close",
+    }
+)
 PLAINTEXT_ANSWER = b"HTTP/1.0 200 OK\r\n\r\nplain\n"
+PARTIAL_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial answer, cut short here"
 _CHUNK = 65536
 
 
@@ -180,6 +203,14 @@ class TLSStream:
     def close(self) -> None:
         self.sock.close()
 
+    def wait_sent(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until the peer has acknowledged everything written (Linux TIOCOUTQ)."""
+        deadline = time.monotonic() + timeout
+        while fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the peer did not acknowledge our data within {timeout:g}s")
+            time.sleep(0.005)  # a poll against the deadline
+
     def reset(self) -> None:
         """Close with RST instead of FIN."""
         with suppress(OSError):
@@ -210,6 +241,29 @@ class ConnectionRecord:
             f"handshake_error={self.handshake_error!r}, io_error={self.io_error!r}, "
             f"eof_kind={self.eof_kind!r}, closed={self.closed})"
         )
+
+
+@contextmanager
+def full_backlog() -> Iterator[int]:
+    """A loopback port whose listener never accepts, its queue filled by one connection of ours.
+
+    Linux queues backlog + 1 connections and then drops SYNs (tcp_abort_on_overflow = 0, the
+    default), so a connect() there neither succeeds nor fails until the caller gives up.
+    """
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection((LOOPBACK, port), timeout=5):  # fills the one queue slot
+            with socket.socket() as probe:  # prove the queue is full: a SYN now goes unanswered
+                probe.settimeout(0.3)
+                try:
+                    probe.connect((LOOPBACK, port))
+                except TimeoutError:
+                    pass
+                else:
+                    raise AssertionError(f"the accept queue of port {port} is not full; tcp_abort_on_overflow?")
+            yield port
 
 
 class ScriptedTLSServer:
@@ -422,6 +476,17 @@ class ScriptedTLSServer:
             self._cond.notify_all()
         if mode == "reset":
             stream.reset()
+            return
+        if mode in ("partial_reset", "partial_close"):
+            self._app(record, stream.recv())
+            stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream.sendall(PARTIAL_ANSWER)
+            if mode == "partial_reset":
+                # a reset discards what is still queued: let the answer reach the peer first
+                stream.wait_sent()
+                stream.reset()
+            else:
+                stream.close()  # TCP FIN, no close_notify
             return
         if mode == "close":
             stream.close_write()

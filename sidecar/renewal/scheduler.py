@@ -21,7 +21,13 @@ from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection, load_anchor_file
 from sidecar.renewal.providers.base import CannotEnroll, Provider, ProviderError, RenewalRequest
 from sidecar.renewal.state import Event, RenewalStatus, State
-from sidecar.renewal.store import CredentialRejected, prune_expired, validate_new, write_credential
+from sidecar.renewal.store import (
+    CredentialNotWritten,
+    CredentialRejected,
+    prune_expired,
+    validate_new,
+    write_credential,
+)
 from sidecar.renewal.timing import MAX_WAIT, RenewalPolicy, next_retry, renewal_time
 
 log = logging.getLogger("sidecar.renewal")
@@ -183,7 +189,7 @@ class IdentityRenewer:
             )
         except CannotEnroll as exc:
             return self._failed(_one_line(exc), event=Event.CANNOT_ENROLL)
-        except (ProviderError, CredentialRejected, OSError, ValueError) as exc:
+        except (ProviderError, CredentialRejected, CredentialNotWritten, OSError, ValueError) as exc:
             return self._failed(_one_line(exc))
         except Exception as exc:  # a provider bug must not end the renewal task
             log.exception("identity %s: %s failed unexpectedly", self.name, kind)

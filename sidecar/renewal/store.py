@@ -6,6 +6,7 @@ than the grace period ago.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 
 from sidecar.credentials import Candidate, Secrets, candidates_from_files
+from sidecar.errors import SidecarError
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 from sidecar.keystore import Selection, evaluate, select
 
@@ -27,6 +29,21 @@ ISSUE_SKEW = timedelta(minutes=5)
 
 class CredentialRejected(Exception):
     """What a provider returned is not something we will present; the message says why."""
+
+
+class CredentialNotWritten(SidecarError):
+    """The keystore folder would not take the new credential (disk full, read-only, ...)."""
+
+
+# Why a write failed, in words, and what to do about it.
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: ("the disk is full (no space left on device)", "free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space"),
+    errno.EFBIG: ("the file size limit was reached (file too large; see `ulimit -f`)", "raise the limit"),
+    errno.EROFS: ("the file system is read-only", "make it writable"),
+    errno.EACCES: ("permission denied (a read-only folder, or another user's?)", "make it writable"),
+    errno.EPERM: ("operation not permitted (an immutable folder, or another user's?)", "make it writable"),
+}
 
 
 def validate_new(
@@ -63,11 +80,18 @@ def write_credential(
 
     One file per credential means a crash leaves the whole credential or none of it: never a
     certificate without its key, nor a key without its certificate.
+
+    Raises CredentialNotWritten, saying why in words, when the folder will not take it; nothing
+    in the folder is changed then.
     """
-    ensure_private_dir(folder)
     path = folder / f"{now.strftime('%Y%m%dT%H%M%SZ')}-{cert.serial_number:x}"[:40]
     path = path.with_name(path.name + ".pem")
-    atomic_write(path, cert_chain_pem.strip() + b"\n" + key_pem, PRIVATE_FILE_MODE)
+    try:
+        ensure_private_dir(folder)
+        atomic_write(path, cert_chain_pem.strip() + b"\n" + key_pem, PRIVATE_FILE_MODE)
+    except OSError as exc:
+        why, fix = _WRITE_PROBLEMS.get(exc.errno or 0, (exc.strerror or str(exc), "fix it"))
+        raise CredentialNotWritten(f"cannot write the new certificate into {folder}: {why}; {fix}") from exc
     return path
 
 
