@@ -11,6 +11,7 @@ import os
 import secrets
 import ssl
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from sidecar.credentials import Candidate
 from sidecar.errors import ConfigError
 
 log = logging.getLogger("sidecar.tlsctx")
+
+# A resumed connection takes the server's newer ticket only once the kept one is this old (s).
+SESSION_REFRESH = 60.0
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,42 @@ def _transient_file(data: bytes) -> Iterator[str]:
 
 
 class ContextCache:
-    """One context per (credential, policy); a small LRU so renewals don't accumulate."""
+    """One context per (credential, policy); a small LRU so renewals don't accumulate.
+
+    It also keeps the newest TLS session per context and server (`session`/`remember`), so a
+    route's next connection resumes instead of repeating the full handshake. A session never
+    crosses identities or policies: it is filed under the very context that made it, and
+    dropped with it.
+    """
 
     def __init__(self, size: int = 32) -> None:
         self._size = size
         self._contexts: OrderedDict[tuple[str, ServerPolicy], ssl.SSLContext] = OrderedDict()
+        self._sessions: dict[tuple[int, str, str], tuple[ssl.SSLContext, ssl.SSLSession, float]] = {}
         self.builds = 0
+
+    def session(self, ctx: ssl.SSLContext, server_name: str, target: str) -> ssl.SSLSession | None:
+        """The session to offer for a new connection made with `ctx` to `server_name` at `target`."""
+        entry = self._sessions.get((id(ctx), server_name, target))
+        return entry[1] if entry is not None and entry[0] is ctx else None
+
+    def session_is_fresh(self, ctx: ssl.SSLContext, server_name: str, target: str) -> bool:
+        """True while the kept session is younger than SESSION_REFRESH: no need to read a new one.
+
+        Reading a session out of a connection costs about as much as a resumed handshake
+        (Python copies it through DER), so resumed connections skip it while this holds.
+        """
+        entry = self._sessions.get((id(ctx), server_name, target))
+        return entry is not None and entry[0] is ctx and time.monotonic() - entry[2] < SESSION_REFRESH
+
+    def remember(self, ctx: ssl.SSLContext, server_name: str, target: str, session: ssl.SSLSession) -> None:
+        if len(self._sessions) >= 4 * self._size:
+            self._sessions.clear()
+        self._sessions[(id(ctx), server_name, target)] = (ctx, session, time.monotonic())
+
+    def _forget_sessions(self, ctx: ssl.SSLContext) -> None:
+        for key in [k for k, (c, _, _) in self._sessions.items() if c is ctx]:
+            del self._sessions[key]
 
     def get(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext:
         key = (credential.fingerprint, policy)
@@ -142,7 +176,7 @@ class ContextCache:
             self.builds += 1
             self._contexts[key] = ctx
             while len(self._contexts) > self._size:
-                self._contexts.popitem(last=False)
+                self._forget_sessions(self._contexts.popitem(last=False)[1])
         else:
             self._contexts.move_to_end(key)
         return ctx

@@ -292,7 +292,7 @@ class _PlainSide(asyncio.Protocol):
         try:
             async with asyncio.timeout(route.connect_timeout):
                 _, remote = await loop.create_connection(
-                    lambda: _TLSSide(self, ctx, route.server_name),
+                    lambda: _TLSSide(self, ctx, route.server_name, listener.contexts),
                     route.target_host,
                     route.target_port,
                 )
@@ -414,10 +414,13 @@ class _PlainSide(asyncio.Protocol):
 class _TLSSide(asyncio.Protocol):
     """TLS to the remote service over memory BIOs, feeding plaintext to `_PlainSide`."""
 
-    def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext, server_name: str) -> None:
+    def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext, server_name: str, sessions: ContextCache) -> None:
         self.peer = peer
         self.ctx = ctx
         self.server_name = server_name
+        # TLS session resumption: offer the route's last session, keep this connection's ticket.
+        self.sessions = sessions
+        self._session_saved = False
         self.transport: asyncio.Transport | None = None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -437,7 +440,10 @@ class _TLSSide(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.tls = self.ctx.wrap_bio(self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name)
+        session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
+        self.tls = self.ctx.wrap_bio(
+            self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name, session=session
+        )
         self._advance_handshake()
 
     def data_received(self, data: bytes) -> None:
@@ -623,6 +629,20 @@ class _TLSSide(asyncio.Protocol):
             self.received += len(chunk)
             self.peer.write(chunk)
         self._flush()  # TLS 1.3 key updates and the like are answered from inside read()
+        if not self._session_saved:
+            self._save_session()
+
+    def _save_session(self) -> None:
+        """Keep the server's session ticket (TLS 1.3 sends it after the handshake) for the next connection."""
+        assert self.tls is not None
+        target = self.peer.listener.target
+        if self.tls.session_reused and self.sessions.session_is_fresh(self.ctx, self.server_name, target):
+            self._session_saved = True
+            return
+        session = self.tls.session
+        if session is not None and session.has_ticket:
+            self._session_saved = True
+            self.sessions.remember(self.ctx, self.server_name, target, session)
 
     def _remote_eof(self) -> None:
         if self.eof:
