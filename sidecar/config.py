@@ -516,6 +516,10 @@ _PROVIDER_PATH_KEYS = ("acme_ca_file", "step_ca_root", "step_ca_provisioner_key"
 
 def _provider_options(t: _Table) -> dict[str, Any]:
     options = {k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}
+    if "rekey" in options and not isinstance(options["rekey"], bool):
+        raise t.error(
+            "rekey", "must be true or false", options["rekey"], hint="rekey = true asks for a new key each time"
+        )
     for key in _PROVIDER_PATH_KEYS:
         if isinstance(options.get(key), str):
             options[key] = str(t.file(key))

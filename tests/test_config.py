@@ -189,14 +189,16 @@ def test_a_demo_service_table_without_enabled_stays_off() -> None:
     assert config.demo_service == DemoServiceSpec(False, ListenAddress("tcp", "::1", 0))
 
 
-TIMING_KEYS = ("renew_at", "renew_before", "prune_after")  # checked at parse time (one of the first two)
+TIMING_KEYS = ("renew_at", "renew_before", "prune_after", "rekey")  # checked at parse time
 
 
 def test_provider_options_are_kept_verbatim() -> None:
     free = [key for key in PROVIDER_OPTION_KEYS if key not in TIMING_KEYS]
     body = "\n".join(f"{key} = {json.dumps(key + '-value')}" for key in free)
-    config = parse_config(f'[identities.dev]\nrenew = "command"\n{body}\nrenew_before = "8h"\nprune_after = "1d"\n')
-    expected = {k: f"{k}-value" for k in free} | {"renew_before": "8h", "prune_after": "1d"}
+    config = parse_config(
+        f'[identities.dev]\nrenew = "command"\n{body}\nrenew_before = "8h"\nprune_after = "1d"\nrekey = true\n'
+    )
+    expected = {k: f"{k}-value" for k in free} | {"renew_before": "8h", "prune_after": "1d", "rekey": True}
     assert dict(config.identities["dev"].options) == expected
 
 
