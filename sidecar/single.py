@@ -10,7 +10,7 @@ import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sidecar import logsetup
+from sidecar import eventloop, logsetup
 from sidecar.config import DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
@@ -113,7 +113,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
     logsetup.configure(args.log_level or "info")
     route = route_from_flags(args)
     credentials = FlagCredentials(args)
-    asyncio.run(_serve(route, credentials))
+    eventloop.run(_serve(route, credentials))
     return 0
 
 

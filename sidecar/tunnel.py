@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from sidecar import failures, policy
 from sidecar.config import ListenAddress, RouteSpec
@@ -254,9 +255,10 @@ class _PlainSide(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self._task: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.pause_reading()
         refusal = self.listener._refusal(transport)
@@ -342,12 +344,23 @@ class _PlainSide(asyncio.Protocol):
             selection.selected.cert.serial_number if selection.selected.cert else 0,
         )
         assert self.transport is not None
+        for data in self._early:
+            remote.send(data)
+        self._early.clear()
+        if self.eof:  # the client already finished sending (uvloop read its EOF early)
+            remote.send_eof()
+            return
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.listener.counters.bytes_out += len(data)
         if self.remote is not None:
             self.remote.send(data)
+        elif not self.closed and self.transport is not None:
+            # uvloop starts reading after connection_made() whatever it asked: hold what came
+            # early until the remote is ready (pausing works from here on).
+            self._early.append(data)
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -437,7 +450,7 @@ class _TLSSide(asyncio.Protocol):
     # --- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
         session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
