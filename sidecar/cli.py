@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback listen address (other machines can use your identity)",
     )
+    tunnel.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the listen port (Linux, SO_REUSEPORT; default 1)",
+    )
 
     ca = commands.add_parser("ca", help="the embedded development CA")
     ca_commands = commands.add_subparsers(ca, dest="ca_command", metavar="CA_COMMAND")

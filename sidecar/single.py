@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +27,7 @@ log = logging.getLogger("sidecar.tunnel")
 
 SOURCE = "command line"
 SHUTDOWN_GRACE = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
 
 
 class FlagCredentials:
@@ -112,18 +116,63 @@ def route_from_flags(args: argparse.Namespace) -> RouteSpec:
 def run_tunnel(args: argparse.Namespace) -> int:
     logsetup.configure(args.log_level or "info")
     route = route_from_flags(args)
+    workers = _check_workers(args, route)
     credentials = FlagCredentials(args)
-    eventloop.run(_serve(route, credentials))
+    children = [_fork_worker(route, credentials) for _ in range(workers - 1)]
+    try:
+        eventloop.run(_serve(route, credentials, reuse_port=workers > 1))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.waitpid(pid, 0)
     return 0
 
 
-async def _serve(route: RouteSpec, credentials: FlagCredentials) -> None:
+def _check_workers(args: argparse.Namespace, route: RouteSpec) -> int:
+    workers = int(getattr(args, "workers", 1) or 1)
+    if workers == 1:
+        return 1
+    if workers < 1 or workers > 64:
+        raise ConfigError("must be between 1 and 64", source=SOURCE, field="--workers", value=workers)
+    if not sys.platform.startswith("linux"):
+        raise ConfigError("several workers need Linux (SO_REUSEPORT)", source=SOURCE, field="--workers", value=workers)
+    if route.listen.kind != "tcp" or route.listen.port == 0:
+        raise ConfigError(
+            "several workers share a fixed TCP port", source=SOURCE, field="--workers", hint="give --listen HOST:PORT"
+        )
+    return workers
+
+
+def _fork_worker(route: RouteSpec, credentials: FlagCredentials) -> int:
+    """A child process serving the same port; it ends when asked or when its parent dies."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(0)
+        eventloop.run(_serve(route, credentials, reuse_port=True))
+    except BaseException:
+        log.exception("tunnel worker %d failed", os.getpid())
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
 
     async def current(_: RouteSpec) -> Selection:
         return credentials.current
 
     listener = RouteListener(route, current, ContextCache())
+    listener.reuse_port = reuse_port
     await listener.start()
     watch = None
     if credentials.folder is not None:

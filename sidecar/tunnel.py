@@ -87,6 +87,7 @@ class RouteListener:
         self._drained = asyncio.Event()
         self._drained.set()
         self.bound: ListenAddress | None = None
+        self.reuse_port = False  # several processes share one TCP port (SO_REUSEPORT)
         self.on_failure: Callable[[str, Failure], None] | None = None
 
     @property
@@ -123,7 +124,11 @@ class RouteListener:
                 self.bound = listen
             else:
                 self._server = await loop.create_server(
-                    self._new_connection, listen.host, listen.port, reuse_address=True
+                    self._new_connection,
+                    listen.host,
+                    listen.port,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
                 )
                 port = self._server.sockets[0].getsockname()[1]
                 self.bound = ListenAddress("tcp", listen.host, port)
