@@ -218,8 +218,10 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
     from sidecar.control.server import ControlServer, socket_path
     from sidecar.daemon import Daemon, log_file_path
     from sidecar.firstrun import load_or_create_config
+    from sidecar.limits import raise_open_file_limit
 
     logsetup.configure(args.log_level or "info", log_file_path(places))
+    raise_open_file_limit()  # two descriptors per tunnelled connection
     config, _ = load_or_create_config(places)
     if args.log_level is None:
         logging.getLogger("sidecar").setLevel(config.log_level.upper())
