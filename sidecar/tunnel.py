@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import struct
+from asyncio.trsock import TransportSocket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -599,14 +600,21 @@ class _TLSSide(asyncio.Protocol):
     def _drain_socket(self) -> None:
         """Move what the kernel still holds for us into the TLS input (during connection_lost, when
         asyncio has stopped reading but not yet closed the socket). Best effort, bounded."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is None:
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        # Only asyncio's own transports promise that the socket is still open here; elsewhere
+        # (uvloop) its number may already belong to another connection.
+        if not isinstance(sock, TransportSocket):
             return
         try:
             raw = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a duplicate: asyncio keeps its own
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             return
         with raw:
+            with contextlib.suppress(OSError):
+                if raw.getsockname() != self.transport.get_extra_info("sockname"):
+                    return  # not our connection's socket any more
             raw.setblocking(False)
             for _ in range(16):
                 try:
