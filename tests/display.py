@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.realservers import stop_process
 from tests.waiting import wait_until
 
 SCREEN = "800x600x24"
@@ -345,19 +346,6 @@ def _spawn(args: list[str], env: dict[str, str], log: Path, pass_fds: tuple[int,
         )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait, then SIGKILL the process group (only while the leader is unreaped)."""
-    if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            proc.terminate()
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=STOP_DEADLINE_S)
-    if proc.poll() is None:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=STOP_DEADLINE_S)
-
-
 def _pid_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie awaiting its reaper counts as gone)."""
     try:
@@ -413,7 +401,7 @@ def _start_xvfb(stack: ExitStack, base_env: dict[str, str], logs: Path, pids: di
             log,
             pass_fds=(write_fd,),
         )
-        stack.callback(_stop, proc)
+        stack.callback(stop_process, proc)
         pids["Xvfb"] = proc.pid
         os.close(write_fd)
         write_fd = -1
@@ -549,7 +537,7 @@ def tray_display(workdir: Path, artifacts: Path | None = None) -> Iterator[Displ
         dunstrc.write_text(_DUNSTRC)
         dunst_log = logs / "dunst.log"
         dunst = _spawn(["dunst", "-config", str(dunstrc)], env, dunst_log)
-        stack.callback(_stop, dunst)
+        stack.callback(stop_process, dunst)
         pids["dunst"] = dunst.pid
 
         def dunst_ready() -> bool:
@@ -560,7 +548,7 @@ def tray_display(workdir: Path, artifacts: Path | None = None) -> Iterator[Displ
 
         trayer_log = logs / "trayer.log"
         trayer = _spawn(["trayer", *TRAYER_ARGS], env, trayer_log)
-        stack.callback(_stop, trayer)
+        stack.callback(stop_process, trayer)
         pids["trayer"] = trayer.pid
         screen = Display(env=env, workdir=workdir, display=display, pids=pids)
 

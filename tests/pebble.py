@@ -16,25 +16,24 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.pki import CA, key_pem
+from tests.realservers import stop_process
 from tests.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 START_DEADLINE_S = 15.0
-STOP_DEADLINE_S = 10.0
 # Below Linux's ephemeral range here (32768-60999), so no outgoing connection can hold them.
 _PORT_RANGE = (20000, 32767)
 _PORT_ATTEMPTS = 50
@@ -164,16 +163,7 @@ class Pebble:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=STOP_DEADLINE_S)
-        if proc.poll() is None:
-            # Only while the leader is unreaped can its group id not have been reused.
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_DEADLINE_S)
+        stop_process(proc)
 
 
 def _write_listener_certificate(workdir: Path) -> tuple[Path, Path, Path]:

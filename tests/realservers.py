@@ -139,7 +139,7 @@ def wait_for_port(
             time.sleep(pause)
 
 
-def _stop_process(proc: subprocess.Popen[bytes], first_signal: int) -> None:
+def stop_process(proc: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM) -> None:
     """Signal, wait, then kill the whole process group (nginx workers included).
 
     The group is killed only while its leader is unreaped, so its id cannot have been reused.
@@ -342,7 +342,7 @@ def nginx_mtls(
                 ready = partial(_pid_file_says, pid_file, proc.pid)
                 wait_for_port(LOOPBACK, chosen, START_DEADLINE_S, proc, ready=ready)
             except (ServerStartError, TimeoutError) as exc:
-                _stop_process(proc, signal.SIGTERM)
+                stop_process(proc)
                 log = _read_text(error_log, log_offset) + _read_text(stderr_path)
                 if port is None and _is_address_in_use(log):
                     failures.append(f"port {chosen}: address in use")
@@ -362,7 +362,7 @@ def nginx_mtls(
             yield server
             return
         finally:
-            _stop_process(proc, signal.SIGTERM)
+            stop_process(proc)
     raise ServerStartError(f"nginx: no free port after {attempts} attempts: {failures}")
 
 
@@ -432,7 +432,7 @@ def redis_tls(
                 ready = partial(_log_says, log, log_offset, "Ready to accept connections")
                 wait_for_port(LOOPBACK, chosen, START_DEADLINE_S, proc, ready=ready)
             except (ServerStartError, TimeoutError) as exc:
-                _stop_process(proc, signal.SIGTERM)
+                stop_process(proc)
                 text = _read_text(log, log_offset)
                 if port is None and _is_address_in_use(text):
                     failures.append(f"port {chosen}: address in use")
@@ -443,5 +443,5 @@ def redis_tls(
             yield RedisServer(host=LOOPBACK, port=chosen, workdir=workdir, log=log, pid=proc.pid)
             return
         finally:
-            _stop_process(proc, signal.SIGTERM)
+            stop_process(proc)
     raise ServerStartError(f"redis-server: no free port after {attempts} attempts: {failures}")

@@ -23,7 +23,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -31,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from josepy.jwk import JWKEC
 
 from tests.pebble import pick_port
 from tests.pki import CA, Key, key_pem, pem
-from tests.realservers import wait_for_port
+from tests.realservers import stop_process, wait_for_port
 
 LOOPBACK = "127.0.0.1"
 GOCODE = Path("/usr/share/gocode/src")
@@ -49,7 +48,6 @@ LIBRARY = GOCODE / "github.com/smallstep/certificates"
 MAIN_GO = Path(__file__).parent / "stepca" / "main.go"
 BUILD_DEADLINE_S = 300.0
 START_DEADLINE_S = 20.0
-STOP_DEADLINE_S = 10.0
 _INSTALL_HINT = "apt-get install golang-go golang-github-smallstep-certificates-dev (.ci/run does this)"
 _LOG_TAIL = 4000
 PROVISIONER = "tests@example.test"
@@ -213,15 +211,7 @@ class StepCA:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=STOP_DEADLINE_S)
-        if proc.poll() is None:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # only while the leader is unreaped
-            proc.wait(timeout=STOP_DEADLINE_S)
+        stop_process(proc)
 
 
 def _write_key(path: Path, key: Key) -> Path:
