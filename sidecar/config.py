@@ -47,7 +47,7 @@ _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *PROVIDER_OPTION_KEYS)  # fmt: skip
-_ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
+ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
                "pin_sha256", "allowed_uri_sans", "revocation", "crl_file")  # fmt: skip
 _DEMO_KEYS = ("enabled", "listen")
@@ -568,7 +568,7 @@ def _active_identity(top: _Table, identities: Mapping[str, IdentitySpec]) -> str
 
 
 def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
-    t.check_keys(_ROUTE_KEYS)
+    t.check_keys(ROUTE_KEYS)
     unsafe_listen = t.boolean("unsafe_listen")
     listen = t.address("listen", parse_listen, "127.0.0.1:8443")
     if not listen.is_loopback and not unsafe_listen:

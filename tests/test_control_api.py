@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import re
 import socket
@@ -184,6 +186,38 @@ def test_adding_a_route_on_a_taken_port_is_refused_and_not_saved(pki: Pki, isola
             assert taken.value.status == 409 and "address already in use" in str(taken.value)
             assert "db" not in daemon.status()["routes"]
     assert config.read_text() == before
+
+
+def test_a_route_added_through_the_api_takes_every_route_key(pki: Pki, isolated_home: Path) -> None:
+    """POST /v1/routes accepts what a [routes.NAME] table does, server policy included."""
+    wrong_pin = base64.b64encode(bytes(32)).decode()
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        port = free_port()
+        with DaemonThread(config) as daemon:
+            client = daemon.client()
+            client.post(
+                "/v1/routes",
+                {
+                    "name": "pinned",
+                    "listen": f"127.0.0.1:{port}",
+                    "target": f"127.0.0.1:{server.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki.server_ca_file),
+                    "pin_sha256": [wrong_pin],
+                },
+            )
+            with contextlib.suppress(ConnectionResetError):
+                assert _echo(port, b"pinned\n") == b""
+            wait_until(
+                lambda: daemon.status()["routes"]["pinned"]["failures"] == {"pin_mismatch": 1},
+                timeout=10,
+                what="the pin to refuse the server",
+            )
+            with pytest.raises(ApiCallError) as unknown:
+                client.post("/v1/routes", {"name": "x", "listen": "127.0.0.1:0", "target": "x.test:1", "pin": []})
+            assert unknown.value.status == 400 and "unknown route field(s): pin" in str(unknown.value)
+    assert wrong_pin in config.read_text()  # saved like the other keys
 
 
 def _echo(port: int, data: bytes) -> bytes:

@@ -22,22 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import __version__
+from sidecar.config import ROUTE_KEYS
 from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
 
 MAX_BODY = 1 << 20
-ROUTE_FIELDS = (
-    "listen",
-    "target",
-    "server_name",
-    "ca_file",
-    "ca_dir",
-    "identity",
-    "alpn",
-    "connect_timeout",
-    "unsafe_listen",
-    "unsafe_skip_verify",
-)
 
 
 class EventFeed:
@@ -143,10 +132,10 @@ async def _list_routes(daemon: Daemon, params: dict[str, str], body: Any) -> Api
 
 async def _add_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
     name = _name_field(body, "route")
-    unknown = sorted(set(body) - {"name", *ROUTE_FIELDS})
+    unknown = sorted(set(body) - {"name", *ROUTE_KEYS})
     if unknown:
-        raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_FIELDS)}")
-    fields = {key: body[key] for key in ROUTE_FIELDS if key in body}
+        raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_KEYS)}")
+    fields = {key: body[key] for key in ROUTE_KEYS if key in body}
     await daemon.add_route(name, fields)
     return ApiResponse(201, daemon.status()["routes"][name])
 
