@@ -8,10 +8,7 @@ afterwards. The daemon validates the result before accepting it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -20,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
 from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
+from sidecar.renewal.providers.run import run_setting_command
 from sidecar.units import parse_duration
 
 DEFAULT_TIMEOUT = 60.0
-_STDERR_TAIL = 300
 
 
 class CommandProvider:
@@ -57,7 +54,7 @@ class CommandProvider:
                 current_cert, current_key = _write_current(request.current, Path(out_dir))
                 env["MTLS_SIDECAR_CURRENT_CERT"] = str(current_cert)
                 env["MTLS_SIDECAR_CURRENT_KEY"] = str(current_key)
-            await self._run(env)
+            await run_setting_command(self.argv, setting="renew_command", timeout=self.timeout, env=env)
             missing = [
                 f"{var} ({path})"
                 for var, path in (("MTLS_SIDECAR_OUT_CERT", out_cert), ("MTLS_SIDECAR_OUT_KEY", out_key))
@@ -66,32 +63,6 @@ class CommandProvider:
             if missing:
                 raise ProviderError(f"renew_command finished but did not write {' and '.join(missing)}")
             return NewCredential(cert_chain_pem=out_cert.read_bytes(), key_pem=out_key.read_bytes())
-
-    async def _run(self, env: dict[str, str]) -> None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise ProviderError(f"cannot run renew_command {self.argv[0]!r}: {exc.strerror or exc}") from exc
-        try:
-            _, stderr = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: scripts leave children behind
-            await proc.wait()
-            raise ProviderError(f"renew_command {self.argv[0]!r} did not finish within {self.timeout:g}s") from None
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        if proc.returncode != 0:
-            raise ProviderError(f"renew_command {self.argv[0]!r} exited with status {proc.returncode}: {_tail(stderr)}")
 
 
 def _write_current(current: Candidate, folder: Path) -> tuple[Path, Path]:
@@ -112,12 +83,3 @@ def _write_current(current: Candidate, folder: Path) -> tuple[Path, Path]:
             )
         )
     return cert_path, key_path
-
-
-def _tail(stderr: bytes) -> str:
-    """The program's last words, short, and never a key it may have printed."""
-    text = stderr.decode(errors="replace").strip()
-    if "PRIVATE KEY" in text:
-        return "(its error output mentions a private key and is not shown)"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "no error output")[-_STDERR_TAIL:]

@@ -36,7 +36,6 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from sidecar.renewal.providers.base import (
     ProviderError,
     RenewalRequest,
 )
+from sidecar.renewal.providers.run import run_setting_command
 from sidecar.tlsctx import load_credential
 from sidecar.units import parse_duration
 
@@ -465,29 +465,7 @@ def post_json(
 
 async def run_token_command(argv: Sequence[str], timeout: float) -> str:
     """Run `step_ca_token_command`; its last output line is the token (never logged)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise ProviderError(f"cannot run step_ca_token_command {argv[0]!r}: {exc.strerror or exc}") from exc
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise ProviderError(f"step_ca_token_command {argv[0]!r} did not finish within {timeout:g}s") from None
-    if proc.returncode != 0:
-        lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-        last = lines[-1].strip()[-_MESSAGE_MAX:] if lines else "no error output"
-        raise ProviderError(f"step_ca_token_command {argv[0]!r} exited with status {proc.returncode}: {last}")
+    stdout = await run_setting_command(argv, setting="step_ca_token_command", timeout=timeout)
     lines = [line.strip() for line in stdout.decode(errors="replace").splitlines() if line.strip()]
     token = lines[-1] if lines else ""
     if token.count(".") != 2 or any(c.isspace() for c in token):
