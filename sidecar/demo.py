@@ -21,6 +21,7 @@ from sidecar.config import ListenAddress
 from sidecar.credentials import Candidate
 from sidecar.devca import DevCA
 from sidecar.errors import LocalSetupError
+from sidecar.h11io import next_event, send_response
 from sidecar.tlsctx import load_credential
 
 log = logging.getLogger("sidecar.demo")
@@ -83,18 +84,11 @@ class DemoService:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
         try:
             while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(_MAX_REQUEST), 30)
-                    conn.receive_data(data)
-                    continue
+                event = await next_event(conn, reader, _MAX_REQUEST, 30)
                 if isinstance(event, h11.Request):
                     body = greeting(peer)
                     headers = [("content-type", "text/plain"), ("content-length", str(len(body)))]
-                    writer.write(conn.send(h11.Response(status_code=200, headers=headers)) or b"")
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
+                    await send_response(conn, writer, 200, headers, body)
                 elif isinstance(event, h11.EndOfMessage) and conn.our_state is h11.DONE:
                     if conn.their_state is h11.DONE:
                         conn.start_next_cycle()

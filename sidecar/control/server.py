@@ -23,6 +23,7 @@ from sidecar.control.api import MAX_BODY, ApiResponse, dispatch
 from sidecar.daemon import Daemon
 from sidecar.errors import LocalSetupError
 from sidecar.files import ensure_private_dir
+from sidecar.h11io import next_event, send_response
 
 log = logging.getLogger("sidecar.control")
 
@@ -92,11 +93,7 @@ class ControlServer:
         request: h11.Request | None = None
         body = bytearray()
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(_READ_CHUNK), _IDLE_TIMEOUT)
-                conn.receive_data(data)
-                continue
+            event = await next_event(conn, reader, _READ_CHUNK, _IDLE_TIMEOUT)
             if isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.Data):
@@ -120,10 +117,7 @@ class ControlServer:
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: ApiResponse) -> None:
         payload = json.dumps(response.body, indent=None).encode() + b"\n"
         headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
-        writer.write(conn.send(h11.Data(data=payload)) or b"")
-        writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
+        await send_response(conn, writer, response.status, headers, payload)
 
     async def _stream(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: ApiResponse

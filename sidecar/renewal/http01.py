@@ -19,6 +19,8 @@ import threading
 
 import h11
 
+from sidecar.h11io import next_event, send_response
+
 log = logging.getLogger("sidecar.renewal.http01")
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -91,11 +93,7 @@ class Http01Responder:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
         try:
             while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(_MAX_REQUEST), _READ_TIMEOUT_S)
-                    conn.receive_data(data)
-                    continue
+                event = await next_event(conn, reader, _MAX_REQUEST, _READ_TIMEOUT_S)
                 if isinstance(event, h11.Request):
                     await self._respond(conn, writer, event)
                 break
@@ -130,8 +128,4 @@ class Http01Responder:
             ("content-length", str(len(body))),
             ("connection", "close"),
         ]
-        writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-        if method != "HEAD":
-            writer.write(conn.send(h11.Data(data=body)) or b"")
-        writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
+        await send_response(conn, writer, status, headers, None if method == "HEAD" else body)
