@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.realservers import stop_process
+from tests.realservers import start_process, stop_process
 from tests.waiting import wait_until
 
 SCREEN = "800x600x24"
@@ -333,19 +333,6 @@ class Display:
 # starting and stopping
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            args,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
-
-
 def _pid_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie awaiting its reaper counts as gone)."""
     try:
@@ -395,10 +382,10 @@ def _start_xvfb(stack: ExitStack, base_env: dict[str, str], logs: Path, pids: di
     try:
         # -noreset: without it the server resets whenever its last client leaves (e.g. between
         # xdpyinfo and trayer), and a client that connects during the reset is refused.
-        proc = _spawn(
+        proc = start_process(
             ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", SCREEN, "-nolisten", "tcp", "-noreset"],
-            base_env,
             log,
+            env=base_env,
             pass_fds=(write_fd,),
         )
         stack.callback(stop_process, proc)
@@ -536,7 +523,7 @@ def tray_display(workdir: Path, artifacts: Path | None = None) -> Iterator[Displ
         dunstrc = workdir / "dunstrc"
         dunstrc.write_text(_DUNSTRC)
         dunst_log = logs / "dunst.log"
-        dunst = _spawn(["dunst", "-config", str(dunstrc)], env, dunst_log)
+        dunst = start_process(["dunst", "-config", str(dunstrc)], dunst_log, env=env)
         stack.callback(stop_process, dunst)
         pids["dunst"] = dunst.pid
 
@@ -547,7 +534,7 @@ def tray_display(workdir: Path, artifacts: Path | None = None) -> Iterator[Displ
         wait_until(dunst_ready, timeout=START_DEADLINE_S, what="dunst to own org.freedesktop.Notifications")
 
         trayer_log = logs / "trayer.log"
-        trayer = _spawn(["trayer", *TRAYER_ARGS], env, trayer_log)
+        trayer = start_process(["trayer", *TRAYER_ARGS], trayer_log, env=env)
         stack.callback(stop_process, trayer)
         pids["trayer"] = trayer.pid
         screen = Display(env=env, workdir=workdir, display=display, pids=pids)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.pki import CA, key_pem
-from tests.realservers import stop_process
+from tests.realservers import start_process, stop_process
 from tests.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
@@ -130,18 +130,13 @@ class Pebble:
         else:
             env.pop("PEBBLE_VA_ALWAYS_VALID", None)
         self.starts += 1
-        with self.log_file.open("ab") as log:
-            log.write(f"--- start {self.starts}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [self.binary, "-config", str(self.config_file), "-dnsserver", f"{LOOPBACK}:1"],
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._proc = start_process(
+            [self.binary, "-config", str(self.config_file), "-dnsserver", f"{LOOPBACK}:1"],
+            self.log_file,
+            cwd=self.workdir,
+            env=env,
+            header=f"--- start {self.starts}\n",
+        )
         try:
             wait_until(self._directory_answers, timeout=START_DEADLINE_S, what=f"pebble at {self.directory_url}")
         except BaseException:

@@ -139,6 +139,33 @@ def wait_for_port(
             time.sleep(pause)
 
 
+def start_process(
+    argv: list[str],
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    header: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server with its output appended to `log` (after `header`, if given), in a session
+    of its own so that `stop_process` can stop it with everything it started."""
+    with log.open("ab") as out:
+        if header is not None:
+            out.write(header.encode())
+            out.flush()
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+
+
 def stop_process(proc: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM) -> None:
     """Signal, wait, then kill the whole process group (nginx workers included).
 
@@ -418,15 +445,7 @@ def redis_tls(
             "--daemonize", "no",
             "--protected-mode", "no",
         ]  # fmt: skip
-        with log.open("ab") as log_file:
-            proc = subprocess.Popen(
-                argv,
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_process(argv, log, cwd=workdir)
         try:
             try:
                 ready = partial(_log_says, log, log_offset, "Ready to accept connections")

@@ -40,7 +40,7 @@ from josepy.jwk import JWKEC
 
 from tests.pebble import pick_port
 from tests.pki import CA, Key, key_pem, pem
-from tests.realservers import stop_process, wait_for_port
+from tests.realservers import start_process, stop_process, wait_for_port
 
 LOOPBACK = "127.0.0.1"
 GOCODE = Path("/usr/share/gocode/src")
@@ -181,18 +181,13 @@ class StepCA:
         self.starts += 1
         steppath = self.workdir / "steppath"
         steppath.mkdir(exist_ok=True)
-        with self.log_file.open("ab") as log:
-            log.write(f"--- start {self.starts}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [str(self.binary), str(self.config_file)],
-                cwd=self.workdir,
-                env={**os.environ, "STEPPATH": str(steppath), "HOME": str(self.workdir)},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._proc = start_process(
+            [str(self.binary), str(self.config_file)],
+            self.log_file,
+            cwd=self.workdir,
+            env={**os.environ, "STEPPATH": str(steppath), "HOME": str(self.workdir)},
+            header=f"--- start {self.starts}\n",
+        )
         try:
             wait_for_port(LOOPBACK, self.port, START_DEADLINE_S, self._proc, ready=self._health_ok)
         except BaseException as exc:
