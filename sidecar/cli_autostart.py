@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from sidecar.autostart.manage import Autostart, Report, current_launch, user_folders
-from sidecar.paths import HOME_ENV, Places
+from sidecar.paths import CONFIG_ENV, HOME_ENV, Places
 
 EXIT_OK = 0
 
@@ -16,7 +16,7 @@ EXIT_OK = 0
 def autostart_for(places: Places, home: str | None, config: str | None, method: str | None = None) -> Autostart:
     """The autostart of this installation, for the places the caller uses (flags or env)."""
     home = home or os.environ.get(HOME_ENV)
-    config = config or os.environ.get("MTLS_SIDECAR_CONFIG")
+    config = config or os.environ.get(CONFIG_ENV)
     return Autostart(user_folders(places), current_launch(home, config), method=method)
 
 
