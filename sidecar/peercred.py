@@ -37,7 +37,10 @@ def describe_peer_check() -> PeerCheck:
     if not hasattr(os, "getuid"):
         return PeerCheck(None, "cannot tell which user owns a local connection on this platform")
     if sys.platform.startswith("linux") and os.path.exists("/proc/net/tcp"):
-        return PeerCheck("proc-net-tcp", "TCP peers are matched to their owner in /proc/net/tcp and /proc/net/tcp6")
+        return PeerCheck(
+            "proc-net-tcp",
+            "TCP peers are matched to their owner by the kernel (sock_diag), else in /proc/net/tcp and /proc/net/tcp6",
+        )
     try:
         import psutil  # noqa: F401  # optional: only where /proc is not there
     except ImportError:
