@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(places: Places, args: argparse.Namespace) -> int:
     from sidecar import logsetup
-    from sidecar.control.server import ControlServer, socket_path
+    from sidecar.control.server import ControlServer
     from sidecar.daemon import Daemon, log_file_path
     from sidecar.firstrun import load_or_create_config
     from sidecar.limits import raise_open_file_limit
@@ -234,7 +234,7 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         daemon = Daemon(config, places)
-        control = ControlServer(daemon, socket_path(places.run))
+        control = ControlServer(daemon, places.control_socket)
         await control.start()  # first: a second daemon stops here, before it touches any port
         try:
             await daemon.start()

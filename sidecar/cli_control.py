@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.control.client import ControlClient
-from sidecar.control.server import socket_path
 from sidecar.paths import Places
 from sidecar.statusview import countdown, render_status
 
@@ -20,7 +19,7 @@ EXIT_NOT_RUNNING = 3
 
 
 def client_for(places: Places) -> ControlClient:
-    return ControlClient(socket_path(places.run))
+    return ControlClient(places.control_socket)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Where things live: config, keystore, dev CA, logs and the runtime socket.
+"""Where things live: config, keystore, dev CA, logs, the runtime folder and its control socket.
 
 Everything sits under `$MTLS_SIDECAR_HOME` when it is set (or `--home`); otherwise in the
 folders `platformdirs` gives for the app name. `$MTLS_SIDECAR_CONFIG` (or `--config`)
@@ -14,6 +14,7 @@ from pathlib import Path
 APP_NAME = "mtls-sidecar"
 HOME_ENV = "MTLS_SIDECAR_HOME"
 CONFIG_ENV = "MTLS_SIDECAR_CONFIG"
+CONTROL_SOCKET_NAME = "control.sock"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class Places:
 
     def identity_folder(self, identity: str) -> Path:
         return self.keystore / identity
+
+    @property
+    def control_socket(self) -> Path:
+        """The daemon's control API (a Unix socket, 0600, in the 0700 runtime folder)."""
+        return self.run / CONTROL_SOCKET_NAME
 
 
 def resolve_places(

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from sidecar.config import Config, load_config
 from sidecar.control.client import ControlClient
-from sidecar.control.server import ControlServer, socket_path
+from sidecar.control.server import ControlServer
 from sidecar.daemon import Daemon
 from sidecar.paths import Places, resolve_places
 
@@ -25,7 +25,7 @@ class DaemonThread:
         self.config = load_config(config) if isinstance(config, Path) else config
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
-        self.socket = socket_path(self.places.run)
+        self.socket = self.places.control_socket
         self._started: Future[None] = Future()
         self._thread = threading.Thread(target=self._main, name="daemon-under-test", daemon=True)
 

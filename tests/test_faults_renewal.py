@@ -37,7 +37,6 @@ from typing import Any
 import pytest
 
 from sidecar.control.client import ControlClient, DaemonNotRunning
-from sidecar.control.server import socket_path
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca, write_credential
 from sidecar.paths import resolve_places
 from sidecar.renewal import store
@@ -124,7 +123,7 @@ def daemon_process(
         stdout=subprocess.DEVNULL,
         stderr=stderr,
     )
-    client = ControlClient(socket_path(setup.places.run), timeout=10)
+    client = ControlClient(setup.places.control_socket, timeout=10)
 
     def up() -> bool:
         assert proc.poll() is None, f"the daemon exited: {(setup.tmp / 'daemon.stderr').read_text()[-2000:]}"

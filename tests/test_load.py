@@ -36,7 +36,6 @@ from typing import Any
 import pytest
 
 from sidecar.control.client import ControlClient, DaemonNotRunning
-from sidecar.control.server import socket_path
 from sidecar.paths import resolve_places
 from tests.scenario import Pki, route_to, write_config
 from tests.waiting import wait_until
@@ -187,7 +186,7 @@ def desktop_file_limit() -> None:
 
 @contextlib.contextmanager
 def daemon_process(log: Path) -> Iterator[tuple[int, ControlClient]]:
-    client = ControlClient(socket_path(resolve_places().run), timeout=60)
+    client = ControlClient(resolve_places().control_socket, timeout=60)
     with log.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--log-level", "warning"],

@@ -22,7 +22,6 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.control.client import ControlClient
-from sidecar.control.server import socket_path
 from sidecar.paths import resolve_places
 from tests.scenario import Pki, mtls_server, route_to, write_config
 from tests.waiting import wait_until
@@ -104,7 +103,7 @@ def test_no_password_or_key_bytes_in_anything_the_daemon_or_cli_writes(isolated_
             text=True,
         )
         try:
-            client = ControlClient(socket_path(resolve_places().run), timeout=10)
+            client = ControlClient(resolve_places().control_socket, timeout=10)
             wait_until(lambda: _answers(client), timeout=30, what="the daemon's control API")
             events: list[dict[str, Any]] = []
             follower = threading.Thread(target=lambda: _collect(client, events), daemon=True)

@@ -21,7 +21,6 @@ from typing import Any
 
 from sidecar.autostart.manage import Autostart
 from sidecar.control.client import ApiCallError, ControlClient, DaemonNotRunning
-from sidecar.control.server import socket_path
 from sidecar.errors import SidecarError
 from sidecar.paths import Places, resolve_places
 from tray.icons import icon_image
@@ -76,7 +75,7 @@ class TrayApp:
     ) -> None:
         self.places = places
         self.autostart = autostart  # None: no "Start at login" item (unsupported here)
-        self.client = ControlClient(socket_path(places.run), timeout=10)
+        self.client = ControlClient(places.control_socket, timeout=10)
         self.pystray = pystray
         self.status: dict[str, Any] | None = None
         self.error: str | None = None

@@ -1,7 +1,8 @@
 """HTTP/1.1 on the control socket: h11 frames it, `api.dispatch` answers it.
 
-The socket lives in the runtime folder (0700) with mode 0600, so only the user reaches it.
-A path held by another user, or answered by another running daemon, is refused.
+The socket (`Places.control_socket`) lives in the runtime folder (0700) with mode 0600, so
+only the user reaches it. A path held by another user, or answered by another running daemon,
+is refused.
 """
 
 from __future__ import annotations
@@ -27,13 +28,8 @@ from sidecar.h11io import next_event, send_response
 
 log = logging.getLogger("sidecar.control")
 
-SOCKET_NAME = "control.sock"
 _READ_CHUNK = 64 * 1024
 _IDLE_TIMEOUT = 300.0
-
-
-def socket_path(run_dir: Path) -> Path:
-    return run_dir / SOCKET_NAME
 
 
 class ControlServer:
