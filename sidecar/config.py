@@ -7,24 +7,22 @@ value and what would be valid.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 
 from sidecar.errors import ConfigError
 from sidecar.policy import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
-from sidecar.units import parse_duration
+from sidecar.tablereader import Document, Table, toml_key, toml_string
 
 DEFAULT_LIFETIME = 7 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -52,16 +50,11 @@ ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity"
                "pin_sha256", "allowed_uri_sans", "revocation", "crl_file")  # fmt: skip
 _DEMO_KEYS = ("enabled", "listen")
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-_MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic downstream overflows
 _LOOPBACK_HINT = "use 127.0.0.1:PORT, [::1]:PORT or unix:/path, or set unsafe_listen = true on this route"
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -261,143 +254,6 @@ def _wildcard_covers(wild: set[object], other: set[object]) -> bool:
     )
 
 
-# --- the document: where a field is, and errors that say so --------------------------------
-
-
-class _Doc:
-    """The raw text (to find a field's line), the source name and the folder for relative paths."""
-
-    def __init__(self, text: str, source: str, base_dir: Path | None) -> None:
-        self.lines = text.split("\n")
-        self.headers = [i for i, line in enumerate(self.lines) if re.match(r"\s*\[", line)]
-        self.source, self.base_dir = source, base_dir
-
-    def error(self, path: tuple[str, ...], message: str, value: object = None, hint: str | None = None) -> ConfigError:
-        return ConfigError(
-            message, source=self.source, line=self.line(path), field=_dotted(path), value=value, hint=hint
-        )
-
-    def line(self, path: tuple[str, ...]) -> int | None:
-        """The table's header, else the key's line in the nearest table, else the nearest header."""
-        header = self._header(path)
-        if header is not None:
-            return header + 1
-        for split in range(len(path) - 1, -1, -1):
-            start = self._header(path[:split]) if split else -1
-            if start is None:
-                continue
-            end = next((i for i in self.headers if i > start), len(self.lines))
-            key = re.compile(rf"\s*{_dotted_pattern(path[split:])}\s*=")
-            found = next((i for i in range(start + 1, end) if key.match(self.lines[i])), None)
-            if found is not None:
-                return found + 1
-        headers = (self._header(path[:split]) for split in range(len(path) - 1, 0, -1))
-        return next((h + 1 for h in headers if h is not None), None)
-
-    def _header(self, table: tuple[str, ...]) -> int | None:
-        pattern = re.compile(rf"\s*\[\[?\s*{_dotted_pattern(table)}\s*\]")
-        return next((i for i in self.headers if pattern.match(self.lines[i])), None)
-
-
-def _dotted_pattern(parts: tuple[str, ...]) -> str:
-    quoted = (f"(?:{re.escape(p)}|\"{re.escape(p)}\"|'{re.escape(p)}')" for p in parts)
-    return r"\s*\.\s*".join(quoted)
-
-
-def _dotted(path: Sequence[str]) -> str:
-    return ".".join(_toml_key(p) for p in path)
-
-
-class _Table:
-    """One TOML table with its dotted path, and getters that raise precise ConfigErrors."""
-
-    def __init__(self, doc: _Doc, data: dict[str, Any], path: tuple[str, ...]) -> None:
-        self.doc, self.data, self.path = doc, data, path
-
-    def error(self, key: str, message: str, value: object = None, hint: str | None = None) -> ConfigError:
-        return self.doc.error((*self.path, key), message, value, hint)
-
-    def check_keys(self, known: Sequence[str]) -> None:
-        for key in self.data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
-                raise self.error(key, "unknown key", hint=hint)
-
-    def typed(self, key: str, kind: type[T], expected: str) -> T | None:
-        value = self.data.get(key)
-        if value is None or isinstance(value, kind):
-            return value
-        raise self.error(key, f"expected {expected}, got {_toml_type(value)}", value)
-
-    def string(self, key: str) -> str | None:
-        return self.typed(key, str, "a string")
-
-    def boolean(self, key: str) -> bool:
-        return self.typed(key, bool, "true or false") or False
-
-    def choice(self, key: str, choices: Sequence[str], what: str, default: str) -> str:
-        value = self.string(key) or default
-        if value not in choices:
-            raise self.error(key, f"unknown {what}", value, hint="use one of: " + ", ".join(choices))
-        return value
-
-    def address(self, key: str, parser: Callable[..., T], example: str) -> T:
-        text = self.string(key)
-        if text is None:
-            raise self.error(key, "required key is missing", hint=f'add {key} = "{example}"')
-        line = self.doc.line((*self.path, key))
-        return parser(text, field=_dotted((*self.path, key)), source=self.doc.source, line=line)
-
-    def duration(self, key: str, default: float, *, positive: bool) -> float:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.error(key, f'expected a duration such as "10s" or "7d", got {_toml_type(value)}', value)
-        try:
-            seconds = parse_duration(value)
-        except (ValueError, OverflowError) as exc:
-            raise self.error(key, str(exc), value) from None
-        if not math.isfinite(seconds) or seconds > _MAX_DURATION:
-            raise self.error(key, "duration is too long (at most 100 years)", value)
-        if positive and seconds <= 0:
-            raise self.error(key, "duration must be longer than zero", value)
-        return seconds
-
-    def file(self, key: str) -> Path | None:
-        text = self.string(key)
-        if text is None:
-            return None
-        if not text or "\0" in text:
-            raise self.error(key, "expected a file path", text)
-        expanded = os.path.expanduser(text)
-        if expanded.startswith("~"):
-            raise self.error(key, "cannot expand ~: no such user", text)
-        path = Path(expanded)
-        base = self.doc.base_dir
-        return base / path if base is not None and not path.is_absolute() else path
-
-    def tables(self, key: str) -> dict[str, _Table]:
-        """The named sub-tables [KEY.NAME], each NAME checked against [A-Za-z0-9_.-]+."""
-        outer = self.typed(key, dict, f"tables written as [{key}.NAME]") or {}
-        result: dict[str, _Table] = {}
-        for name, value in outer.items():
-            path = (*self.path, key, name)
-            if not _NAME.fullmatch(name) or set(name) == {"."}:
-                raise self.doc.error(path, "invalid name: use letters, digits, '_', '.' and '-' (and not only dots)")
-            if not isinstance(value, dict):
-                raise self.doc.error(path, f"expected a table [{_dotted(path)}], got {_toml_type(value)}", value)
-            result[name] = _Table(self.doc, value, path)
-        return result
-
-
-def _toml_type(value: object) -> str:
-    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a float",
-             list: "an array", dict: "a table"}  # fmt: skip
-    return names.get(type(value), "a date/time")
-
-
 # --- the schema --------------------------------------------------------------------------
 
 
@@ -422,8 +278,8 @@ def load_config(path: Path) -> Config:
 
 def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Config:
     """Parse TOML text into a frozen `Config`; relative paths resolve against `base_dir`."""
-    doc = _Doc(text, source, base_dir)
-    top = _Table(doc, _load_toml(text, source), ())
+    doc = Document(text, source, base_dir)
+    top = Table(doc, _load_toml(text, source), ())
     top.check_keys(_TOP_KEYS)
     identities = {name: _parse_identity(t) for name, t in top.tables("identities").items()}
     active = _active_identity(top, identities)
@@ -465,7 +321,7 @@ def _load_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError("invalid TOML: arrays or tables nested too deeply", source=source) from None
 
 
-def _parse_identity(t: _Table) -> IdentitySpec:
+def _parse_identity(t: Table) -> IdentitySpec:
     t.check_keys(_IDENTITY_KEYS)
     return IdentitySpec(
         name=t.path[-1],
@@ -481,7 +337,7 @@ def _parse_identity(t: _Table) -> IdentitySpec:
     )
 
 
-def _renewal_timing_checked(t: _Table, options: dict[str, Any]) -> dict[str, Any]:
+def _renewal_timing_checked(t: Table, options: dict[str, Any]) -> dict[str, Any]:
     """renew_at / renew_before / prune_after checked here, so a bad one names its line."""
     from sidecar.renewal.timing import RenewalPolicy  # deferred: renewal imports config
 
@@ -495,7 +351,7 @@ def _renewal_timing_checked(t: _Table, options: dict[str, Any]) -> dict[str, Any
     return options
 
 
-def _keyring_entry(t: _Table, key: str) -> tuple[str, str] | None:
+def _keyring_entry(t: Table, key: str) -> tuple[str, str] | None:
     value = t.string(key)
     if value is None:
         return None
@@ -514,7 +370,7 @@ def _keyring_entry(t: _Table, key: str) -> tuple[str, str] | None:
 _PROVIDER_PATH_KEYS = ("acme_ca_file", "step_ca_root", "step_ca_provisioner_key")
 
 
-def _provider_options(t: _Table) -> dict[str, Any]:
+def _provider_options(t: Table) -> dict[str, Any]:
     options = {k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}
     if "rekey" in options and not isinstance(options["rekey"], bool):
         raise t.error(
@@ -526,7 +382,7 @@ def _provider_options(t: _Table) -> dict[str, Any]:
     return options
 
 
-def _subject(t: _Table) -> str:
+def _subject(t: Table) -> str:
     subject = t.string("subject")
     if subject is None:
         return f"CN={t.path[-1]}"
@@ -541,7 +397,7 @@ def _subject(t: _Table) -> str:
     return subject
 
 
-def _env_name(t: _Table, key: str) -> str | None:
+def _env_name(t: Table, key: str) -> str | None:
     value = t.string(key)
     if value is not None and not _ENV_NAME.fullmatch(value):
         # The value is left out of the error: people paste the password itself here.
@@ -553,7 +409,7 @@ def _env_name(t: _Table, key: str) -> str | None:
     return value
 
 
-def _active_identity(top: _Table, identities: Mapping[str, IdentitySpec]) -> str:
+def _active_identity(top: Table, identities: Mapping[str, IdentitySpec]) -> str:
     known = ", ".join(identities) or "none configured"
     name = top.string("active_identity")
     if name is None and len(identities) > 1:
@@ -567,7 +423,7 @@ def _active_identity(top: _Table, identities: Mapping[str, IdentitySpec]) -> str
     return name
 
 
-def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
+def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
     t.check_keys(ROUTE_KEYS)
     unsafe_listen = t.boolean("unsafe_listen")
     listen = t.address("listen", parse_listen, "127.0.0.1:8443")
@@ -606,7 +462,7 @@ def _parse_route(t: _Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec
     )
 
 
-def _server_name(t: _Table) -> str | None:
+def _server_name(t: Table) -> str | None:
     name = t.string("server_name")
     try:
         if name is not None:
@@ -618,7 +474,7 @@ def _server_name(t: _Table) -> str | None:
     return name
 
 
-def _alpn(t: _Table) -> tuple[str, ...]:
+def _alpn(t: Table) -> tuple[str, ...]:
     items = t.typed("alpn", list, 'an array of strings such as ["h2", "http/1.1"]') or []
     for item in items:
         if not isinstance(item, str) or not 0 < len(item.encode("utf-8", "surrogatepass")) < 256:
@@ -631,20 +487,10 @@ def _alpn(t: _Table) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _strings(t: _Table, key: str, example: str) -> list[str]:
-    items = t.typed(key, list, f"an array of strings such as {example}") or []
-    for item in items:
-        if not isinstance(item, str):
-            raise t.error(
-                key, f"expected an array of strings, found {_toml_type(item)}", item, hint=f"for example {example}"
-            )
-    return items
-
-
-def _pins(t: _Table) -> tuple[str, ...]:
+def _pins(t: Table) -> tuple[str, ...]:
     example = '["Base64SHA256OfTheServerKey="]'
     pins = []
-    for item in _strings(t, "pin_sha256", example):
+    for item in t.strings("pin_sha256", example):
         try:
             pins.append(parse_pin(item))
         except ValueError as exc:
@@ -657,8 +503,8 @@ def _pins(t: _Table) -> tuple[str, ...]:
     return tuple(pins)
 
 
-def _uri_patterns(t: _Table) -> tuple[str, ...]:
-    patterns = _strings(t, "allowed_uri_sans", '["spiffe://example.test/api/*"]')
+def _uri_patterns(t: Table) -> tuple[str, ...]:
+    patterns = t.strings("allowed_uri_sans", '["spiffe://example.test/api/*"]')
     for item in patterns:
         try:
             check_uri_pattern(item)
@@ -672,11 +518,11 @@ def _uri_patterns(t: _Table) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def _parse_demo(top: _Table) -> DemoServiceSpec:
+def _parse_demo(top: Table) -> DemoServiceSpec:
     raw = top.typed("demo_service", dict, "a table [demo_service]")
     if raw is None:
         return DemoServiceSpec()
-    t = _Table(top.doc, raw, ("demo_service",))
+    t = Table(top.doc, raw, ("demo_service",))
     t.check_keys(_DEMO_KEYS)
     if "listen" not in raw:
         return DemoServiceSpec(enabled=t.boolean("enabled"))
@@ -691,7 +537,7 @@ def _parse_demo(top: _Table) -> DemoServiceSpec:
     return DemoServiceSpec(enabled=t.boolean("enabled"), listen=listen)
 
 
-def _check_clashes(doc: _Doc, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
+def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
     taken = [("the demo service", demo.listen)] if demo.enabled else []
     for route in routes.values():
         for owner, listen in taken:
@@ -711,8 +557,8 @@ def _check_clashes(doc: _Doc, routes: Mapping[str, RouteSpec], demo: DemoService
 def default_config_text(*, user: str, ca_file: Path, route_port: int, demo_port: int) -> str:
     """A commented config for a first run: one identity, the demo service and a demo route."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", user).strip("-.") or "dev"
-    key, quoted = _toml_key(name), _toml_string(name)
-    ca = _toml_string(str(ca_file if ca_file.is_absolute() else ca_file.absolute()))
+    key, quoted = toml_key(name), toml_string(name)
+    ca = toml_string(str(ca_file if ca_file.is_absolute() else ca_file.absolute()))
     return f"""\
 # mtls-sidecar configuration (TOML), written on first run. Edit freely.
 # Durations take a unit: "500ms", "10s", "2m", "1h", "7d".
@@ -760,14 +606,3 @@ ca_file = {ca}
 # revocation = "soft"              # off, soft (warn when unknown) or hard (refuse when unknown)
 # crl_file = "/path/to/issuer.crl"
 """
-
-
-def _toml_key(name: str) -> str:
-    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
-
-
-def _toml_string(text: str) -> str:
-    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-               "\r": "\\r"}  # fmt: skip
-    out = (escapes.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in text)
-    return '"' + "".join(out) + '"'
