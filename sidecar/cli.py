@@ -231,6 +231,8 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
         places.config_file,
         config.keystore_dir or places.keystore,
     )
+    if places.run_fallback:  # said once, here; the client commands name the socket when it is not there
+        log.info("%s: the runtime folder (control socket) is %s, yours only (0700)", places.run_fallback, places.run)
 
     async def serve() -> None:
         daemon = Daemon(config, places)

@@ -1,8 +1,8 @@
 """HTTP/1.1 on the control socket: h11 frames it, `api.dispatch` answers it.
 
 The socket (`Places.control_socket`) lives in the runtime folder (0700) with mode 0600, so
-only the user reaches it. A path held by another user, or answered by another running daemon,
-is refused.
+only the user reaches it. A folder or path held by another user, or answered by another
+running daemon, is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ControlServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        ensure_private_dir(self.path.parent)
+        own_private_folder(self.path.parent)
         _claim(self.path)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
@@ -145,6 +145,30 @@ class ControlServer:
 
 def _line(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+
+def own_private_folder(folder: Path) -> None:
+    """Create the runtime folder 0700, or tighten ours; refuse a symlink or another user's folder."""
+    _refuse_foreign_folder(folder)  # first: never chmod what is not ours
+    try:
+        ensure_private_dir(folder)
+    except OSError as exc:
+        raise LocalSetupError(f"cannot create the runtime folder {folder}: {exc.strerror or exc}") from exc
+    _refuse_foreign_folder(folder)  # and what is there now is a folder of ours
+
+
+def _refuse_foreign_folder(folder: Path) -> None:
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):  # lstat: a symlink is not a folder here
+        raise LocalSetupError(f"the runtime folder {folder} is a symlink or a file, not a folder; move it away")
+    if info.st_uid != os.getuid():
+        raise LocalSetupError(
+            f"the runtime folder {folder} belongs to another user (uid {info.st_uid}); refusing to use it. "
+            "Point MTLS_SIDECAR_HOME (or XDG_RUNTIME_DIR) at a folder of your own"
+        )
 
 
 def _claim(path: Path) -> None:
