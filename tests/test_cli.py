@@ -87,6 +87,8 @@ def test_first_run_creates_everything_and_the_demo_route_works(isolated_home: Pa
         assert "hello from the mtls-sidecar demo service" in result.stdout
         assert re.search(r"client subject: CN=\S+", result.stdout)
         log.wait_for(r"listening on 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+ as \S+ \(serial [0-9a-f]+, expires ")
+        log.wait_for(r"identity \S+: no certificate yet: enrolling")  # the first run enrolls; nothing "expired"
+        assert "expired" not in log.text, log.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, log.text
     assert (isolated_home / "config.toml").exists()

@@ -79,6 +79,47 @@ def test_enrolls_when_nothing_is_usable_then_waits_until_due(tmp_path: Path, ca:
     assert new.cert.public_key() != selected.cert.public_key()  # rekey by default
 
 
+def test_the_first_enrollment_reads_as_one_in_the_log(
+    tmp_path: Path, ca: DevCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"\nlifetime = "3h"', clock, ca)
+    with caplog.at_level("INFO", logger="sidecar.renewal"):
+        assert renewer.plan(clock()).enrolling
+        assert asyncio.run(renewer.attempt(enrolling=True))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert lines[:3] == [
+        "identity dev: no certificate yet: enrolling",
+        "identity dev: enrollment started (local-ca)",
+        "identity dev: renewal state renewing → valid",
+    ]
+    assert len(lines) == 4 and lines[3].startswith("identity dev: enrollment succeeded in ")
+
+    # a certificate that really expires later still says so
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert is not None
+    clock.now = selected.cert.not_valid_after_utc + timedelta(minutes=1)
+    renewer.book.refresh(clock())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sidecar.renewal"):
+        assert renewer.plan(clock()).enrolling
+    assert [r.getMessage() for r in caplog.records] == ["identity dev: renewal state valid → expired"]
+
+
+def test_a_first_look_at_only_unusable_certificates_says_so(
+    tmp_path: Path, ca: DevCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    old = ca.issue_client("CN=dev", timedelta(hours=1), clock() - timedelta(hours=5))
+    write_credential(tmp_path / "keystore" / "dev", old, clock() - timedelta(hours=5))
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
+    with caplog.at_level("INFO", logger="sidecar.renewal"):
+        assert renewer.plan(clock()).enrolling
+    assert [r.getMessage() for r in caplog.records] == [
+        "identity dev: no usable certificate (see `mtls-sidecar status`): enrolling"
+    ]
+
+
 def test_rekey_false_keeps_the_key(tmp_path: Path, ca: DevCA) -> None:
     clock = Clock(datetime.now(UTC))
     renewer = renewer_for(tmp_path, 'renew = "local-ca"\nrekey = false', clock, ca)

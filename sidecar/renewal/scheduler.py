@@ -92,7 +92,17 @@ class IdentityRenewer:
                 previous=str(old.state),
                 last_error=new.last_error,
             )
-            log.info("identity %s: renewal state %s → %s", self.name, old.state, new.state)
+            # Entering `renewing` is told by attempt()'s own line ("enrollment started", "renewal started").
+            log.log(logging.DEBUG if new.state is State.RENEWING else logging.INFO, "%s", self._change_line(old, new))
+
+    def _change_line(self, old: RenewalStatus, new: RenewalStatus) -> str:
+        """A state change in words; the first look at an identity with nothing usable reads as enrollment,
+        not as `valid → expired` (its `valid` was only the starting value)."""
+        if new.state is State.EXPIRED and old == RenewalStatus(provider=old.provider):
+            if self.book.selection(self.name).rejected:
+                return f"identity {self.name}: no usable certificate (see `mtls-sidecar status`): enrolling"
+            return f"identity {self.name}: no certificate yet: enrolling"
+        return f"identity {self.name}: renewal state {old.state} → {new.state}"
 
     # --- asked from outside
 
