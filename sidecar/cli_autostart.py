@@ -60,7 +60,13 @@ def format_status(status: dict[str, Any]) -> str:
         state = "partly installed (run: mtls-sidecar autostart install, or uninstall)"
     else:
         state = "not installed (run: mtls-sidecar autostart install)"
-    lines = [f"launch at login: {state}", f"  method: {status['description']}", f"  this version: {status['version']}"]
+    lines = [f"launch at login: {state}", f"  method: {status['description']}"]
+    if status.get("method_from") == "installed" and status["method"] != status["default_method"]:
+        lines.append(
+            f"  installed with --method {status['method']}; the default here is {status['default_method']} "
+            "(`autostart install` without --method would switch to it)"
+        )
+    lines.append(f"  this version: {status['version']}")
     for entry in status["entries"]:
         if entry["foreign"]:
             what = "a file not written by mtls-sidecar is in the way"

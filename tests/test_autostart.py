@@ -34,6 +34,7 @@ from sidecar.autostart.plan import (
     systemd_exec,
     written_by_version,
 )
+from sidecar.cli_autostart import format_status
 
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 
@@ -199,6 +200,35 @@ def test_xdg_method_starts_the_daemon_from_an_autostart_entry_and_switching_clea
     assert xdg.status()["installed"] and xdg.status()["other_method_files"] == []
 
 
+def test_status_reports_what_is_installed_by_whichever_method(tmp_path: Path) -> None:
+    """`install --method systemd` where systemd does not run now: status (no --method) reports that install."""
+    folders = folders_in(tmp_path)
+    launch = this_launch()
+    bare = Autostart(folders, launch, platform="linux", systemd=False)  # the default here: xdg
+    nothing = bare.status()
+    assert (nothing["method"], nothing["method_from"], nothing["installed"]) == ("xdg", "default", False)
+
+    Autostart(folders, launch, platform="linux", method="systemd", systemd=False).install()
+    status = bare.status()
+    assert (status["method"], status["method_from"], status["default_method"]) == ("systemd", "installed", "xdg")
+    assert status["installed"] and status["current"] and not status["partly_installed"]
+    assert status["other_method_files"] == [] and bare.is_installed()
+    text = format_status(status)
+    assert text.startswith("launch at login: installed, current\n  method: systemd user unit")
+    assert "installed with --method systemd; the default here is xdg" in text
+    assert "partly" not in text and "other method" not in text
+
+    # asked for by name, the other method is what it is: not installed, our unit noticed
+    asked = Autostart(folders, launch, platform="linux", method="xdg", systemd=False).status()
+    assert (asked["method"], asked["method_from"], asked["installed"]) == ("xdg", "--method", False)
+    assert asked["other_method_files"] == [str(folders.xdg_config / "systemd" / "user" / "mtls-sidecar.service")]
+
+    Autostart(folders, launch, platform="linux", method="xdg", systemd=False).install()  # switching
+    switched = bare.status()
+    assert (switched["method"], switched["method_from"], switched["installed"]) == ("xdg", "installed", True)
+    assert "installed with --method" not in format_status(switched)  # it is the default
+
+
 def test_a_file_not_ours_is_never_overwritten_or_removed(tmp_path: Path) -> None:
     folders = folders_in(tmp_path)
     entry = folders.xdg_config / "autostart" / "mtls-sidecar-tray.desktop"
@@ -310,6 +340,18 @@ def test_cli_install_status_uninstall(tmp_path: Path, isolated_home: Path) -> No
     assert f"keystore {isolated_home / 'keystore'}" in removed.stdout  # says what is kept, and where
     assert not unit.exists()
     assert json.loads(cli("autostart", "status", "--method", "systemd", "--json", env=env).stdout)["installed"] is False
+
+
+def test_cli_status_without_method_reports_the_systemd_install(tmp_path: Path, isolated_home: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path / "user")}
+    installed = cli("autostart", "install", "--method", "systemd", env=env)
+    assert installed.returncode == 0, installed.stderr
+    status = json.loads(cli("autostart", "status", "--json", env=env).stdout)
+    assert status["method"] == "systemd" and status["installed"] and status["current"]
+    assert not status["partly_installed"] and status["other_method_files"] == []
+    text = cli("autostart", "status", env=env).stdout
+    assert text.startswith("launch at login: installed, current\n  method: systemd user unit"), text
+    assert "partly" not in text and "other method" not in text
 
 
 # -- the tray's checkbox uses the same code -------------------------------------------------

@@ -113,7 +113,9 @@ class Autostart:
         self.platform = platform
         self.runner = runner
         self.systemd = systemd_available() if systemd is None else systemd
-        self.method = method or self._default_method()
+        self.default_method = self._default_method()
+        self.method_given = method is not None  # `--method`: status reports that method, installed or not
+        self.method = method or self.default_method
 
     def _default_method(self) -> str:
         if self.platform == "darwin":
@@ -125,10 +127,24 @@ class Autostart:
     def plan(self, method: str | None = None) -> Plan:
         return plan_for(self.platform, method or self.method, self.launch, self.folders)
 
-    def _other_plans(self) -> list[Plan]:
-        if self.method in LINUX_METHODS:
-            return [self.plan(m) for m in LINUX_METHODS if m != self.method]
+    def _other_plans(self, method: str | None = None) -> list[Plan]:
+        method = method or self.method
+        if method in LINUX_METHODS:
+            return [self.plan(m) for m in LINUX_METHODS if m != method]
         return []
+
+    def installed_method(self) -> str | None:
+        """The Linux method whose daemon file is ours (this one first), or None when neither is."""
+        for method in (self.method, *(m for m in LINUX_METHODS if m != self.method)):
+            if method in LINUX_METHODS and self._daemon_file_is_ours(self.plan(method)):
+                return method
+        return None
+
+    def _daemon_file_is_ours(self, plan: Plan) -> bool:
+        return any(
+            planned.role == "daemon" and (text := _read(planned.path)) is not None and written_by_us(text)
+            for planned in plan.files
+        )
 
     # -- install -------------------------------------------------------------------------
 
@@ -237,19 +253,25 @@ class Autostart:
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        plan = self.plan()
+        """What is installed: by `--method` when one was given, else by whichever method installed it
+        (`install --method systemd` where systemd does not run now is reported as the systemd install)."""
+        found = None if self.method_given else self.installed_method()
+        plan = self.plan(found)
         entries = [self._entry(planned) for planned in plan.files]
         links_ok = all(link.is_symlink() and Path(os.readlink(link)) == target for link, target in plan.links)
         installed = all(e["installed"] for e in entries) and links_ok
         others = [
             str(planned.path)
-            for other in self._other_plans()
+            for other in self._other_plans(plan.method)
             for planned in other.files
             if (text := _read(planned.path)) is not None and written_by_us(text) and planned.role == "daemon"
         ]
         return {
             "platform": self.platform,
             "method": plan.method,
+            # "--method" (asked for), "installed" (found by its files) or "default" (nothing found)
+            "method_from": "--method" if self.method_given else ("installed" if found else "default"),
+            "default_method": self.default_method,
             "description": plan.description,
             "installed": installed,
             "partly_installed": not installed and (any(e["installed"] for e in entries) or bool(others)),
