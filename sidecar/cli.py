@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a runtime failure (could not start, remote refused, `check` found a
 problem); 2 bad usage or bad configuration (the message names the file, line and field);
-3 the daemon is not running (for commands that talk to it).
+3 the daemon is not running (for commands that talk to it); 130 `run` was stopped by a second
+Ctrl-C, which cut the open connections instead of letting them finish.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: `run` stopped by a second Ctrl-C, open connections cut
 
 EPILOG = """exit codes: 0 success; 1 runtime failure (or `check` found a problem); 2 bad usage or
-configuration; 3 the daemon is not running.
+configuration; 3 the daemon is not running; 130 `run` cut short by a second Ctrl-C.
 environment: MTLS_SIDECAR_HOME (everything under one folder), MTLS_SIDECAR_CONFIG (config file)."""
 
 
@@ -234,7 +236,8 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
     if places.run_fallback:  # said once, here; the client commands name the socket when it is not there
         log.info("%s: the runtime folder (control socket) is %s, yours only (0700)", places.run_fallback, places.run)
 
-    async def serve() -> None:
+    async def serve() -> bool:
+        """True when a second Ctrl-C cut the shutdown short."""
         daemon = Daemon(config, places)
         control = ControlServer(daemon, places.control_socket)
         await control.start()  # first: a second daemon stops here, before it touches any port
@@ -246,9 +249,9 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
             await daemon.run_until_stopped()
         finally:
             await control.stop()
+        return daemon.forced
 
-    asyncio.run(serve())
-    return EXIT_OK
+    return EXIT_INTERRUPTED if asyncio.run(serve()) else EXIT_OK
 
 
 def _cmd_ca_export(places: Places) -> int:

@@ -86,6 +86,7 @@ class Daemon:
         self._config_text = _read_text(places.config_file)
         self._config_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()  # a second Ctrl-C: cut open connections instead of waiting
         self.ready = asyncio.Event()
 
     @property
@@ -124,20 +125,46 @@ class Daemon:
         self._spawn(self._watch_clock(), "clock watch")
         self.ready.set()
 
+    @property
+    def forced(self) -> bool:
+        """Whether a second Ctrl-C cut the shutdown short (`run` then exits 130)."""
+        return self._force.is_set()
+
     async def run_until_stopped(self) -> None:
-        """Serve until SIGINT/SIGTERM (or `request_stop()`), then shut down in stages."""
+        """Serve until SIGINT/SIGTERM (or `request_stop()`), then shut down in stages.
+
+        A second SIGINT during the shutdown cuts the open connections at once (as uvicorn does);
+        a second SIGTERM changes nothing.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # Not possible off the main thread (tests) or on Windows: then request_stop() it is.
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self._signalled, sig)
         await self._stop.wait()
         await self.shutdown()
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        if self._stop.is_set() and sig is signal.SIGINT:
+            self.force_stop()
+        else:
+            self.request_stop()
 
     def request_stop(self) -> None:
         if self._stop.is_set():
             return
-        log.info("stopping: no new connections; open ones have %.0fs to finish", self.config.shutdown_grace)
+        log.info(
+            "stopping: no new connections; open ones have %.0fs to finish (Ctrl-C again to cut them now)",
+            self.config.shutdown_grace,
+        )
+        self._stop.set()
+
+    def force_stop(self) -> None:
+        """Stop without waiting for open connections: they are cut at once."""
+        if self._force.is_set():
+            return
+        log.warning("second Ctrl-C: cutting open connections now instead of waiting for them")
+        self._force.set()
         self._stop.set()
 
     async def shutdown(self) -> None:
@@ -150,10 +177,29 @@ class Daemon:
         for watch in self._watches:
             watch.stop()
         self._watches = []
-        await asyncio.gather(*(listener.stop(self.config.shutdown_grace) for listener in self.listeners.values()))
+        await self._stop_listeners()
         if self.demo is not None:
             await self.demo.stop()
         log.info("stopped")
+
+    async def _stop_listeners(self) -> None:
+        """Stop accepting; give open connections the grace, or less when force_stop() comes."""
+        listeners = list(self.listeners.values())
+        grace = asyncio.ensure_future(
+            asyncio.gather(*(listener.stop(self.config.shutdown_grace) for listener in listeners))
+        )
+        forced = asyncio.ensure_future(self._force.wait())
+        waiting: set[asyncio.Future[Any]] = {grace, forced}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if grace.done():
+            await grace  # what a listener's stop raised, if anything
+            return
+        grace.cancel()
+        await asyncio.gather(grace, return_exceptions=True)
+        await asyncio.gather(*(listener.drain(0) for listener in listeners))  # cut what is still open
 
     # --- configuration: one path for start-up, reloads and API changes
 
