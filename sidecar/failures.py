@@ -1,76 +1,19 @@
-"""Why a connection to a remote service failed, in words a developer can act on. Pure."""
+"""The tunnel's sentences for a failed or broken connection. Pure.
+
+The key of every failure is a `Cause`, decided by `causes.cause_of` exactly as `check`
+decides it; this module only words the tunnel's one-line `last_error` for it.
+"""
 
 from __future__ import annotations
 
-import errno
-import re
-import ssl
 from dataclasses import dataclass
 
-# Reason keys, as counted per route and shown in status.
-CONNECT = "connect"
-TIMEOUT = "timeout"
-SERVER_UNTRUSTED = "server_untrusted"
-NAME_MISMATCH = "name_mismatch"
-SERVER_CERT_EXPIRED = "server_certificate_expired"
-SERVER_REJECTED_CERT = "server_rejected_certificate"
-NO_USABLE_CERT = "no_usable_certificate"
-NOT_TLS = "not_tls"
-ALPN_REFUSED = "alpn_refused"
-TLS_ERROR = "tls_error"
-ROUTE_ERROR = "route_error"
-# Server policy beyond names (sidecar/policy.py, sidecar/revocation.py), after the handshake.
-PIN_MISMATCH = "pin_mismatch"
-URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
-SERVER_CERT_REVOKED = "server_certificate_revoked"
-REVOCATION_UNKNOWN = "revocation_unknown"
-OTHER_USER = "other_user"  # a local connection from another OS user, refused before any TLS
-# The remote broke an established tunnel: reset (RST), or closed TCP without TLS close_notify.
-RESET = "reset"
-TRUNCATED = "truncated"
-
-# OpenSSL X509_V_ERR_* codes that Python reports in SSLCertVerificationError.verify_code.
-_UNTRUSTED_CODES = {2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32}
-_EXPIRED_CODES = {9, 10}  # not yet valid, expired
-_HOSTNAME_MISMATCH = 62
-_IP_MISMATCH = 64
-
-# Alerts a server sends when it does not accept the client certificate.
-_REJECTED_ALERTS = (
-    "CERTIFICATE_REQUIRED",
-    "BAD_CERTIFICATE",
-    "UNKNOWN_CA",
-    "CERTIFICATE_EXPIRED",
-    "CERTIFICATE_REVOKED",
-    "UNSUPPORTED_CERTIFICATE",
-    "CERTIFICATE_UNKNOWN",
-    "ACCESS_DENIED",
-    "HANDSHAKE_FAILURE",
-    "DECRYPT_ERROR",
-)
-
-
-_SSL_TEXT = re.compile(r"(?:\[[^\]]*\]\s*)?([a-z0-9 ]+?)\s*(?:\(_ssl\.c:\d+\))?$")
-
-
-def ssl_reason(exc: ssl.SSLError) -> str | None:
-    """OpenSSL's reason code name, e.g. "TLSV1_ALERT_UNKNOWN_CA".
-
-    Python 3.11 knows no name for reasons newer than its table (it then writes
-    "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"): rebuild it from the text.
-    """
-    reason = getattr(exc, "reason", None)
-    if reason:
-        return str(reason)
-    match = _SSL_TEXT.match(str(exc.args[1]) if len(exc.args) > 1 else str(exc))
-    if match is None:
-        return None
-    return match.group(1).strip().upper().replace(" ", "_") or None
+from sidecar.causes import VERIFY_UNTRUSTED, Cause, Fault, cause_of, fault_from, printable
 
 
 @dataclass(frozen=True)
 class Failure:
-    reason: str
+    reason: Cause
     message: str
 
 
@@ -82,38 +25,65 @@ def classify(
     trust: str,
     connected: bool = False,
     timeout: float | None = None,
+    first_bytes: bytes = b"",
 ) -> Failure:
-    """Turn an exception from connecting or handshaking into a reason key and a sentence.
+    """Turn an exception from connecting or handshaking into a cause and a sentence.
 
     `connected`: the TCP connection was made (a timeout then means no TLS answer); `timeout`:
-    the route's connect_timeout in seconds, named in the message.
+    the route's connect_timeout in seconds, named in the message; `first_bytes`: the start of
+    what the server sent (a plaintext answer means it is not a TLS port).
     """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _verification_failure(exc, target=target, server_name=server_name, trust=trust)
-    if isinstance(exc, ssl.SSLError):
-        return classify_ssl_error(exc, target=target)
-    if isinstance(exc, TimeoutError):
+    fault = fault_from("handshake" if connected else "connect", exc, first_bytes=first_bytes)
+    return describe(fault, target=target, server_name=server_name, trust=trust, timeout=timeout)
+
+
+def describe(
+    fault: Fault, *, target: str, server_name: str = "", trust: str = "", timeout: float | None = None
+) -> Failure:
+    cause = cause_of(fault)
+    if cause == Cause.TIMEOUT:
         within = f" within {timeout:g}s (connect_timeout)" if timeout is not None else ""
-        if connected:
+        if fault.stage != "connect":
             return Failure(
-                TIMEOUT,
+                cause,
                 f"timed out connecting to {target}: it accepted the TCP connection but did not "
                 f"complete the TLS handshake{within} (is it overloaded, or not a TLS port?)",
             )
         return Failure(
-            TIMEOUT,
+            cause,
             f"timed out connecting to {target}: no TCP connection{within} "
             "(is it overloaded, or is a firewall dropping packets?)",
         )
-    if isinstance(exc, ConnectionRefusedError):
-        return Failure(CONNECT, f"connection to {target} refused (is the service running?)")
-    if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
-        return Failure(CONNECT, f"{target} reset the connection during the TLS handshake")
-    if isinstance(exc, OSError) and "Name or service not known" in str(exc):
-        return Failure(CONNECT, f"cannot resolve the name in {target}")
-    if isinstance(exc, OSError):
-        return Failure(CONNECT, f"cannot connect to {target}: {exc.strerror or exc}")
-    return Failure(TLS_ERROR, f"{type(exc).__name__} talking to {target}: {exc}")
+    if cause == Cause.REFUSED:
+        return Failure(cause, f"connection to {target} refused (is the service running?)")
+    if cause == Cause.DNS:
+        return Failure(cause, f"cannot resolve the name in {target} ({fault.text})")
+    if cause in (
+        Cause.NAME_MISMATCH,
+        Cause.SERVER_CERT_EXPIRED,
+        Cause.SERVER_CERT_NOT_YET_VALID,
+        Cause.SERVER_UNTRUSTED,
+    ):
+        return _verification_failure(cause, fault, target=target, server_name=server_name, trust=trust)
+    if cause == Cause.SERVER_REJECTED_CERT:
+        return Failure(cause, f"{target} rejected our client certificate (TLS alert: {fault.alert})")
+    if cause == Cause.NOT_TLS:
+        said = f': it answered "{printable(fault.first_bytes)}"' if fault.first_bytes else ""
+        return Failure(cause, f"{target} did not answer with TLS (is it a plaintext port?){said}")
+    if cause == Cause.ALPN_REFUSED:
+        return Failure(cause, f"{target} accepts none of the configured ALPN protocols")
+    if cause == Cause.TLS_ERROR:
+        return Failure(cause, f"TLS error with {target}: {fault.ssl_reason or fault.text}")
+    if fault.kind in ("reset", "closed") and fault.stage in ("connect", "handshake"):
+        return Failure(cause, f"{target} reset the connection during the TLS handshake")
+    if fault.kind in ("reset", "closed"):
+        return Failure(cause, f"{target} closed the connection right after the TLS handshake")
+    return Failure(cause, f"cannot connect to {target}: {fault.text}")
+
+
+def classify_ssl_error(exc: BaseException, *, target: str) -> Failure:
+    """An error after the handshake; with TLS 1.3 this is how a server rejects our certificate."""
+    return describe(fault_from("after_handshake", exc), target=target)
 
 
 def broken_stream(exc: BaseException | None, *, target: str, received: int) -> Failure:
@@ -121,47 +91,31 @@ def broken_stream(exc: BaseException | None, *, target: str, received: int) -> F
     after = f"after {received} byte{'' if received == 1 else 's'} of its answer"
     if exc is None:
         return Failure(
-            TRUNCATED,
+            Cause.TRUNCATED,
             f"{target} closed the connection without TLS close_notify {after}; the answer may be cut short",
         )
-    if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
-        return Failure(RESET, f"{target} reset the connection {after}; the local connection was reset too")
+    fault = fault_from("established", exc)
+    if fault.kind == "reset":
+        return Failure(Cause.RESET, f"{target} reset the connection {after}; the local connection was reset too")
     if isinstance(exc, OSError):
-        return Failure(RESET, f"the connection to {target} broke {after}: {exc.strerror or exc}")
-    return Failure(RESET, f"the connection to {target} broke {after}: {type(exc).__name__}: {exc}")
+        return Failure(Cause.RESET, f"the connection to {target} broke {after}: {exc.strerror or exc}")
+    return Failure(Cause.RESET, f"the connection to {target} broke {after}: {type(exc).__name__}: {exc}")
 
 
-def classify_ssl_error(exc: ssl.SSLError, *, target: str) -> Failure:
-    """Errors after or during the handshake that are not our verification of the server."""
-    reason = (ssl_reason(exc) or "").upper()
-    if "ALERT" in reason and any(alert in reason for alert in _REJECTED_ALERTS):
-        alert = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
+def _verification_failure(cause: Cause, fault: Fault, *, target: str, server_name: str, trust: str) -> Failure:
+    detail = fault.verify_message or fault.text
+    if cause == Cause.NAME_MISMATCH:
         return Failure(
-            SERVER_REJECTED_CERT,
-            f"{target} rejected our client certificate (TLS alert: {alert})",
-        )
-    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
-        return Failure(NOT_TLS, f"{target} did not answer with TLS (is it a plaintext port?)")
-    if "NO_APPLICATION_PROTOCOL" in reason:
-        return Failure(ALPN_REFUSED, f"{target} accepts none of the configured ALPN protocols")
-    return Failure(TLS_ERROR, f"TLS error with {target}: {exc.reason or exc}")
-
-
-def _verification_failure(exc: ssl.SSLCertVerificationError, *, target: str, server_name: str, trust: str) -> Failure:
-    code = exc.verify_code
-    detail = exc.verify_message or str(exc)
-    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
-        return Failure(
-            NAME_MISMATCH,
+            cause,
             f"{target}'s certificate is not valid for {server_name!r} ({detail}); "
             "set server_name to a name the certificate holds, or fix the server certificate",
         )
-    if code in _EXPIRED_CODES:
-        return Failure(SERVER_CERT_EXPIRED, f"{target}'s certificate is not valid now ({detail})")
-    if code in _UNTRUSTED_CODES:
+    if cause in (Cause.SERVER_CERT_EXPIRED, Cause.SERVER_CERT_NOT_YET_VALID):
+        return Failure(cause, f"{target}'s certificate is not valid now ({detail})")
+    if fault.verify_code is not None and fault.verify_code in VERIFY_UNTRUSTED:
         return Failure(
-            SERVER_UNTRUSTED,
+            cause,
             f"{target}'s certificate is not trusted by {trust} ({detail}); "
             "set ca_file to the CA that issued the server's certificate",
         )
-    return Failure(SERVER_UNTRUSTED, f"{target}'s certificate failed verification ({detail})")
+    return Failure(cause, f"{target}'s certificate failed verification ({detail})")

@@ -27,7 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from sidecar import failures
+from sidecar.causes import Cause
 
 REVOCATION_MODES = ("off", "soft", "hard")
 PIN_HINT = (
@@ -41,7 +41,7 @@ class Verdict:
     """The outcome of a server check: ok, or a failure reason key and a sentence; maybe a warning."""
 
     ok: bool
-    reason: str | None = None
+    reason: Cause | None = None
     message: str = ""
     warning: str | None = None
 
@@ -50,7 +50,7 @@ class Verdict:
         return cls(True, None, "", warning)
 
     @classmethod
-    def refused(cls, reason: str, message: str) -> Verdict:
+    def refused(cls, reason: Cause, message: str) -> Verdict:
         return cls(False, reason, message)
 
 
@@ -87,13 +87,13 @@ def check_pins(chain: Sequence[x509.Certificate], pins: Sequence[str], *, verifi
     if not pins:
         return PASS
     if not chain:
-        return Verdict.refused(failures.PIN_MISMATCH, "the server sent no certificate to check against pin_sha256")
+        return Verdict.refused(Cause.PIN_MISMATCH, "the server sent no certificate to check against pin_sha256")
     considered = chain if verified else chain[:1]
     if any(spki_sha256(cert) in pins for cert in considered):
         return PASS
     leaf = chain[0]
     return Verdict.refused(
-        failures.PIN_MISMATCH,
+        Cause.PIN_MISMATCH,
         f"server certificate {_subject(leaf)} has key sha256/{spki_sha256(leaf)}, which is not pinned "
         f"(pin_sha256 holds {len(pins)} pin{'s' if len(pins) != 1 else ''}, and no certificate of its chain matches)",
     )
@@ -134,18 +134,18 @@ def check_uri_sans(leaf: x509.Certificate | None, allowed: Sequence[str]) -> Ver
     if not allowed:
         return PASS
     if leaf is None:
-        return Verdict.refused(failures.URI_SAN_NOT_ALLOWED, "the server sent no certificate to check URI SANs on")
+        return Verdict.refused(Cause.URI_SAN_NOT_ALLOWED, "the server sent no certificate to check URI SANs on")
     held = uri_sans(leaf)
     if any(uri_matches(p, uri) for p in allowed for uri in held):
         return PASS
     wanted = ", ".join(allowed)
     if not held:
         return Verdict.refused(
-            failures.URI_SAN_NOT_ALLOWED,
+            Cause.URI_SAN_NOT_ALLOWED,
             f"server certificate {_subject(leaf)} holds no URI SAN; allowed_uri_sans wants one of: {wanted}",
         )
     return Verdict.refused(
-        failures.URI_SAN_NOT_ALLOWED,
+        Cause.URI_SAN_NOT_ALLOWED,
         f"server certificate {_subject(leaf)} holds URI SAN {', '.join(held)}, "
         f"which allowed_uri_sans does not allow (allowed: {wanted})",
     )

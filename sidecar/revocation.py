@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from sidecar import failures
+from sidecar.causes import Cause
 from sidecar.config import RouteSpec
 from sidecar.policy import Verdict, check_identity
 
@@ -296,14 +296,14 @@ def decide(mode: str, leaf: x509.Certificate, answers: Sequence[Answer]) -> Verd
     for answer in answers:
         if answer.status == REVOKED:
             return Verdict.refused(
-                failures.SERVER_CERT_REVOKED, f"{who} is revoked: {answer.detail} (according to {answer.source})"
+                Cause.SERVER_CERT_REVOKED, f"{who} is revoked: {answer.detail} (according to {answer.source})"
             )
     if any(a.status == GOOD for a in answers):
         return Verdict.passed()
     why = "; ".join(f"{a.source}: {a.detail}" if a.source else a.detail for a in answers) or "nowhere to ask"
     if mode == "hard":
         return Verdict.refused(
-            failures.REVOCATION_UNKNOWN,
+            Cause.REVOCATION_UNKNOWN,
             f'cannot tell whether {who} is revoked ({why}); revocation = "hard" refuses it',
         )
     return Verdict.passed(warning=f'revocation status of {who} is unknown ({why}); allowed because revocation = "soft"')

@@ -1,9 +1,15 @@
 """Listeners on loopback that tunnel each plaintext connection to a remote over mutual TLS.
 
-Each accepted connection is a pair of protocols: `_PlainSide` faces the local client,
-`_TLSSide` faces the remote service and runs TLS itself over memory BIOs. asyncio's own
-SSL transport cannot half-close (no `write_eof`), and a tunnel must pass a client's EOF on
-as TLS close_notify while still reading the server's answer.
+Each accepted connection is a chain (docs/architecture.md has the picture):
+
+    local client ─▶ _PlainSide ─▶ protocol stage ─▶ TLSPipe ─▶ _RemoteSide ─▶ remote socket
+
+`_PlainSide` faces the local client and drives the chain; the protocol stage
+(`sidecar.stages`, sans-I/O) may speak before TLS starts and rewrite bytes after, and steps
+aside once it has nothing to add (the `tcp` protocol's `PassThrough` always has); the TLS is
+our own `TLSPipe` over memory BIOs, so a half-close stays a half-close in each direction
+(asyncio's own SSL transport cannot write an EOF); `_RemoteSide` owns the remote socket.
+All the asyncio I/O of a tunnel is in this module.
 """
 
 from __future__ import annotations
@@ -25,13 +31,27 @@ from datetime import UTC, datetime
 from typing import cast
 
 from sidecar import failures, policy
+from sidecar.causes import Cause, Fault, cause_of, fault_from
 from sidecar.config import ListenAddress, RouteSpec
-from sidecar.errors import LocalSetupError
+from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.peercred import describe_peer_check, peer_uid, user_name
 from sidecar.revocation import RevocationChecker, check_server_policy
+from sidecar.stages import Command, EndLocal, EndRemote, PassThrough, Refuse, SendLocal, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ContextCache, ServerPolicy
+from sidecar.tlspipe import (
+    CertificateRejected,
+    CloseNotify,
+    Event,
+    Failed,
+    Flow,
+    HandshakeDone,
+    Received,
+    Reset,
+    TLSPipe,
+    Truncated,
+)
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -90,6 +110,8 @@ class RouteListener:
         self.bound: ListenAddress | None = None
         self.reuse_port = False  # several processes share one TCP port (SO_REUSEPORT)
         self.on_failure: Callable[[str, Failure], None] | None = None
+        # A new protocol stage per connection (sidecar.stages); `tcp` passes bytes untouched.
+        self.stage_factory: Callable[[], Stage] = PassThrough
 
     @property
     def name(self) -> str:
@@ -190,7 +212,7 @@ class RouteListener:
             return None
         who = "a user it could not identify (the connection was gone)" if uid is None else f"uid {user_name(uid)}"
         return failures.Failure(
-            failures.OTHER_USER,
+            Cause.OTHER_USER,
             f"refused a local connection from {who}: this route uses the identity of uid {user_name(OWN_UID)} "
             "and serves only that user",
         )
@@ -220,7 +242,7 @@ class RouteListener:
         if verdict.ok and verdict.warning:
             if self.counters.last_warning != verdict.warning:
                 log.warning("route %s: %s", self.name, verdict.warning)
-            self.counters.warnings[failures.REVOCATION_UNKNOWN] += 1
+            self.counters.warnings[Cause.REVOCATION_UNKNOWN] += 1
             self.counters.last_warning = verdict.warning
         elif verdict.ok and route.revocation != "off":
             self.counters.last_warning = None  # a definite answer again
@@ -252,13 +274,19 @@ def _listen_error(route: RouteSpec, exc: OSError) -> str:
 
 
 class _PlainSide(asyncio.Protocol):
-    """The local client's connection. Reading stays paused until the TLS side is ready."""
+    """The local client's connection, and the driver of its chain of stages.
+
+    Reading stays paused until the remote is ready: connected, through the protocol stage's
+    prelude and the TLS handshake, and checked (pins, URI SANs, revocation).
+    """
 
     def __init__(self, listener: RouteListener) -> None:
         self.listener = listener
+        self.stage: Stage = listener.stage_factory()
         self.transport: asyncio.Transport | None = None
-        self.remote: _TLSSide | None = None
-        self.eof = False
+        self.remote: _RemoteSide | None = None
+        self.ready = False  # the remote passed every check: bytes flow
+        self.eof = False  # the local client finished sending
         self.closed = False
         self.lost = False  # the local connection is gone
         self._task: asyncio.Task[None] | None = None
@@ -286,7 +314,7 @@ class _PlainSide(asyncio.Protocol):
         selection = await listener.selection(route)
         if selection.selected is None:
             listener._record_failure(
-                failures.Failure(failures.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")
+                failures.Failure(Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")
             )
             self.close()
             return
@@ -294,17 +322,23 @@ class _PlainSide(asyncio.Protocol):
         try:
             ctx = listener.contexts.get(selection.selected, listener.policy)
         except Exception as exc:
-            listener._record_failure(failures.Failure(failures.ROUTE_ERROR, f"cannot build TLS context: {exc}"))
+            fault = fault_from("setup", exc)
+            kind = "config" if isinstance(exc, ConfigError) else "credential"
+            listener._record_failure(
+                failures.Failure(cause_of(Fault("setup", kind)), f"cannot build TLS context: {fault.text}")
+            )
             self.close()
             return
-        remote: _TLSSide | None = None
+        remote: _RemoteSide | None = None
         try:
             async with asyncio.timeout(route.connect_timeout):
                 _, remote = await loop.create_connection(
-                    lambda: _TLSSide(self, ctx, route.server_name, listener.contexts),
+                    lambda: _RemoteSide(self, ctx, route.server_name, listener.contexts),
                     route.target_host,
                     route.target_port,
                 )
+                self.remote = remote
+                self._run(self.stage.connected())
                 await remote.handshake_done
         except asyncio.CancelledError:  # the local client went away while we connected
             if remote is not None:
@@ -320,6 +354,7 @@ class _PlainSide(asyncio.Protocol):
                 trust=listener.policy.describe_trust(),
                 connected=remote is not None,
                 timeout=route.connect_timeout,
+                first_bytes=remote.first_bytes() if remote is not None else b"",
             )
             listener._record_failure(failure)
             self.close()
@@ -328,21 +363,21 @@ class _PlainSide(asyncio.Protocol):
             remote.close()
             return
         if route.checks_after_handshake:
-            assert remote.tls is not None
+            assert remote.pipe is not None
             try:
-                verdict = await listener.check_server(route, remote.tls)
+                verdict = await listener.check_server(route, remote.pipe.tls)
             except asyncio.CancelledError:  # the local client went away meanwhile
                 remote.abort()
                 raise
             if not verdict.ok:
                 remote.abort()
-                listener._record_failure(failures.Failure(verdict.reason or failures.TLS_ERROR, verdict.message))
+                listener._record_failure(failures.Failure(verdict.reason or Cause.TLS_ERROR, verdict.message))
                 self.close()
                 return
             if self.closed:
                 remote.close()
                 return
-        self.remote = remote
+        self.ready = True
         remote.approve()
         log.debug(
             "route %s: connected to %s as serial %x",
@@ -350,19 +385,73 @@ class _PlainSide(asyncio.Protocol):
             listener.target,
             selection.selected.cert.serial_number if selection.selected.cert else 0,
         )
+        if self.closed:
+            return
         assert self.transport is not None
         for data in self._early:
-            remote.send(data)
+            self._from_local(data)
         self._early.clear()
         if self.eof:  # the client already finished sending (uvloop read its EOF early)
-            remote.send_eof()
+            self._local_eof()
             return
         self.transport.resume_reading()
 
+    # --- the chain: local ⇄ stage ⇄ remote
+
+    def _run(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, SendRemote):
+                if self.remote is not None:
+                    self.remote.send(command.data)
+            elif isinstance(command, SendLocal):
+                self.write(command.data)
+            elif isinstance(command, EndRemote):
+                if self.remote is not None:
+                    self.remote.send_eof()
+            elif isinstance(command, EndLocal):
+                self.write_eof()
+            elif isinstance(command, StartTLS):
+                if self.remote is not None:
+                    self.remote.start_tls(command.leftover)
+            elif isinstance(command, Refuse):
+                self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message))
+                self.close()
+
+    def _from_local(self, data: bytes) -> None:
+        if self.stage.transparent:
+            if self.remote is not None:
+                self.remote.send(data)
+        else:
+            self._run(self.stage.from_local(data))
+
+    def _local_eof(self) -> None:
+        if self.stage.transparent:
+            if self.remote is not None:
+                self.remote.send_eof()
+        else:
+            self._run(self.stage.local_eof())
+        if self.remote is not None and self.remote.eof:
+            self.close()
+
+    def from_remote(self, data: bytes) -> None:
+        """Bytes from the remote: raw before the protocol stage's StartTLS, plaintext after."""
+        if self.stage.transparent:
+            self.write(data)
+        else:
+            self._run(self.stage.from_remote(data))
+
+    def remote_eof(self) -> None:
+        if self.stage.transparent:
+            self.write_eof()
+        else:
+            self._run(self.stage.remote_eof())
+
+    # --- asyncio callbacks
+
     def data_received(self, data: bytes) -> None:
         self.listener.counters.bytes_out += len(data)
-        if self.remote is not None:
-            self.remote.send(data)
+        if self.ready or not self.stage.transparent:
+            self._from_local(data)
         elif not self.closed and self.transport is not None:
             # uvloop starts reading after connection_made() whatever it asked: hold what came
             # early until the remote is ready (pausing works from here on).
@@ -371,10 +460,8 @@ class _PlainSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.remote is not None:
-            self.remote.send_eof()
-            if self.remote.eof:
-                self.close()
+        if self.ready or not self.stage.transparent:
+            self._local_eof()
         return True  # keep our write side open for the server's remaining answer
 
     def pause_writing(self) -> None:
@@ -391,7 +478,8 @@ class _PlainSide(asyncio.Protocol):
             self.transport.write(data)
 
     def write_eof(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        """The remote finished sending: pass its EOF on; the local client may go on sending."""
+        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
         if self.eof:
             self.close()
@@ -430,12 +518,12 @@ class _PlainSide(asyncio.Protocol):
         self.close()
         self.listener._closed(self)
         self.lost = True
-        if self.remote is not None and self.remote.tls is None:  # both sides gone: no cycle left
+        if self.remote is not None and self.remote.lost:  # both sides gone: no cycle left
             self.remote = None
 
 
-class _TLSSide(asyncio.Protocol):
-    """TLS to the remote service over memory BIOs, feeding plaintext to `_PlainSide`."""
+class _RemoteSide(asyncio.Protocol):
+    """The TCP connection to the remote service: raw until StartTLS, then through a `TLSPipe`."""
 
     def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext, server_name: str, sessions: ContextCache) -> None:
         self.peer = peer
@@ -445,17 +533,14 @@ class _TLSSide(asyncio.Protocol):
         self.sessions = sessions
         self._session_saved = False
         self.transport: asyncio.Transport | None = None
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls: ssl.SSLObject | None = None
+        self.pipe: TLSPipe | None = None
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.eof = False
-        self._sent_eof = False
+        self.eof = False  # the remote finished sending (close_notify or a bare FIN)
+        self.lost = False
         self._closing = False
-        self.received = 0  # plaintext bytes from the server, for the failure message
+        self._raw_first = b""  # before TLS: what the server sent first (a plaintext server says who it is)
         # Nothing the server sends reaches the local client before the server policy passed.
         self._approved = False
-        self._eof_pending = False
 
     # --- asyncio callbacks
 
@@ -463,58 +548,54 @@ class _TLSSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
-        self.tls = self.ctx.wrap_bio(
-            self.incoming, self.outgoing, server_side=False, server_hostname=self.server_name, session=session
-        )
-        self._advance_handshake()
 
     def data_received(self, data: bytes) -> None:
-        self.incoming.write(data)
-        if not self.handshake_done.done():
-            self._advance_handshake()
-        if self._approved and self.handshake_done.done() and not self.handshake_done.exception():
-            self._read_plaintext()
-        elif not self._approved and self.handshake_done.done() and self.transport is not None:
+        if self.pipe is None:  # before StartTLS: the protocol stage's prelude
+            if len(self._raw_first) < 256:
+                self._raw_first += data[: 256 - len(self._raw_first)]
+            self.peer.from_remote(data)
+            return
+        self.pipe.receive_data(data)
+        if self._approved or not self.pipe.handshake_complete:
+            self._pump()
+        elif self.transport is not None:
             self.transport.pause_reading()  # held until approve(): what the server sends meanwhile waits in TCP
 
     def eof_received(self) -> bool:
-        self.incoming.write_eof()
-        if not self.handshake_done.done():
-            self._advance_handshake()  # surfaces the alert, if the server sent one first
+        if self.pipe is None:
             if not self.handshake_done.done():
-                self.handshake_done.set_exception(
-                    ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
-                )
+                self.handshake_done.set_exception(ConnectionResetError(errno.ECONNRESET, "closed before TLS started"))
             return False
-        if not self._approved:
-            self._eof_pending = True
-            return True
-        self._read_plaintext()
-        self._remote_eof()
-        return True
+        self.pipe.receive_eof()
+        if not self.pipe.handshake_complete:
+            self._pump()
+            return False
+        if self._approved:
+            self._pump()
+        return True  # our side stays open: the local client may go on sending (a half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if not self.handshake_done.done():
             self.handshake_done.set_exception(
                 exc or ConnectionResetError(errno.ECONNRESET, "closed during the TLS handshake")
             )
             self._release()
-        elif self.peer.remote is self:
-            if exc is not None and not self._closing:  # reset (or broken) mid-stream
+            return
+        if self.pipe is not None and not self._closing:
+            if exc is not None:  # reset (or broken) mid-stream
                 # What the server sent just before (an alert, the end of its answer) may still wait
                 # in the socket: asyncio reports a failed write before it reads. It may explain why.
                 self._drain_socket()
-                self._read_plaintext()
-            if exc is not None and not self._closing:  # nothing it sent explains it: say so
-                self.peer.listener._record_failure(
-                    failures.broken_stream(exc, target=self.peer.listener.target, received=self.received)
-                )
-                self.peer.reset()
+                self.pipe.receive_reset(exc)
             else:
-                self.peer.close()
-            self._release()
-        # else: approve() has yet to read what arrived (an alert?); it lets go after
+                self.pipe.receive_eof()
+            if self._approved:
+                self._pump()
+            else:
+                return  # approve() reads what arrived (an alert?), then lets go
+        self.peer.close()
+        self._release()
 
     def pause_writing(self) -> None:
         if self.peer.transport is not None:
@@ -524,7 +605,17 @@ class _TLSSide(asyncio.Protocol):
         if self.peer.transport is not None and not self.peer.closed:
             self.peer.transport.resume_reading()
 
-    # --- called by the plaintext side
+    # --- called by the local side
+
+    def first_bytes(self) -> bytes:
+        return self.pipe.first_bytes if self.pipe is not None else self._raw_first
+
+    def start_tls(self, leftover: bytes = b"") -> None:
+        session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
+        self.pipe = TLSPipe(self.ctx, self.server_name, session=session)
+        if leftover:
+            self.pipe.receive_data(leftover)
+        self._pump()
 
     def approve(self) -> None:
         """The server passed our checks: pass on what it sent meanwhile, then everything."""
@@ -532,32 +623,27 @@ class _TLSSide(asyncio.Protocol):
         if self._closing:
             return
         self.resume_reading()
-        self._read_plaintext()
-        if self._eof_pending:
-            self._remote_eof()
-        if self.transport is None or self.transport.is_closing():
+        self._pump()
+        if self.lost and not self._closing:
             self.peer.close()
             self._release()
 
     def send(self, data: bytes) -> None:
-        if self.tls is None or self._sent_eof or self._closing:
+        if self._closing or self.transport is None:
             return
-        try:
-            self.tls.write(data)
-        except ssl.SSLError as exc:
-            self._fail_established(exc)
+        if self.pipe is None:  # before StartTLS: raw
+            self.transport.write(data)
             return
+        self._handle(self.pipe.send(data))
         self._flush()
 
     def send_eof(self) -> None:
         """Pass the client's EOF on: close_notify, then TCP half-close, and keep reading."""
-        if self.tls is None or self._sent_eof or self._closing:
+        if self._closing or self.pipe is None or Flow.CAN_SEND not in self.pipe.flow:
             return
-        self._sent_eof = True
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self.tls.unwrap()
+        self.pipe.send_eof()
         self._flush()
-        if self.transport is not None and self.transport.can_write_eof():
+        if self.transport is not None and self.transport.can_write_eof() and not self.transport.is_closing():
             self.transport.write_eof()
 
     def pause_reading(self) -> None:
@@ -571,12 +657,10 @@ class _TLSSide(asyncio.Protocol):
     def close(self) -> None:
         if self._closing:
             return
-        self._closing = True
-        if self.tls is not None and not self._sent_eof and self.handshake_done.done():
-            self._sent_eof = True
-            with contextlib.suppress(ssl.SSLError):
-                self.tls.unwrap()
+        if self.pipe is not None and self.pipe.handshake_complete:
+            self.pipe.send_eof()
             self._flush()
+        self._closing = True
         if self.transport is not None:
             self.transport.close()
 
@@ -589,18 +673,62 @@ class _TLSSide(asyncio.Protocol):
 
     # --- internals
 
+    def _pump(self) -> None:
+        assert self.pipe is not None
+        events = self.pipe.events()
+        self._flush()  # handshake flights, our alert, answers to key updates
+        self._handle(events)
+        self._flush()
+
+    def _handle(self, events: list[Event]) -> None:
+        listener = self.peer.listener
+        for event in events:
+            if isinstance(event, Received):
+                self.peer.from_remote(event.data)
+            elif isinstance(event, HandshakeDone):
+                if not self.handshake_done.done():
+                    self.handshake_done.set_result(None)
+            elif isinstance(event, CloseNotify | Truncated):
+                if isinstance(event, Truncated) and self.pipe is not None and Flow.CAN_SEND in self.pipe.flow:
+                    # The local client has not finished: the answer it waits for may be cut short.
+                    listener._record_failure(
+                        failures.broken_stream(None, target=listener.target, received=event.received)
+                    )
+                self._remote_eof()
+            elif isinstance(event, Reset):
+                listener._record_failure(
+                    failures.broken_stream(event.error, target=listener.target, received=event.received)
+                )
+                self.peer.reset()
+            elif isinstance(event, CertificateRejected | Failed):
+                if not self.handshake_done.done():
+                    self.handshake_done.set_exception(event.error)
+                    continue
+                # After the handshake; with TLS 1.3 this is how a server rejects our certificate.
+                listener._record_failure(failures.classify_ssl_error(event.error, target=listener.target))
+                self.abort()
+                self.peer.close()
+        if self._approved and not self._session_saved and self.pipe is not None and self.pipe.handshake_complete:
+            self._save_session()
+
+    def _remote_eof(self) -> None:
+        if self.eof:
+            return
+        self.eof = True
+        self.peer.remote_eof()
+
     def _release(self) -> None:
         """Let go of the TLS state once the connection is gone. The two sides of a pair point at
         each other, so they wait for the cycle collector; the OpenSSL connection (some 40 KiB of
         buffers) should not wait with them: under load that was tens of MiB held for minutes."""
-        self.tls = None
+        self.pipe = None
         if self.peer.lost and self.peer.remote is self:  # both sides gone: no cycle left
             self.peer.remote = None
 
     def _drain_socket(self) -> None:
         """Move what the kernel still holds for us into the TLS input (during connection_lost, when
         asyncio has stopped reading but not yet closed the socket). Best effort, bounded."""
-        if self.transport is None:
+        if self.transport is None or self.pipe is None:
             return
         sock = self.transport.get_extra_info("socket")
         # Only asyncio's own transports promise that the socket is still open here; elsewhere
@@ -623,83 +751,24 @@ class _TLSSide(asyncio.Protocol):
                     return
                 if not data:
                     return
-                self.incoming.write(data)
-
-    def _advance_handshake(self) -> None:
-        assert self.tls is not None
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except (ssl.SSLError, OSError) as exc:
-            self._flush()
-            if not self.handshake_done.done():
-                self.handshake_done.set_exception(exc)
-            return
-        self._flush()
-        if not self.handshake_done.done():
-            self.handshake_done.set_result(None)
-
-    def _read_plaintext(self) -> None:
-        assert self.tls is not None
-        while True:
-            try:
-                chunk = self.tls.read(READ_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:  # the server's close_notify
-                self._remote_eof()
-                break
-            except ssl.SSLEOFError:  # TCP closed without close_notify: an EOF, and the answer may be cut
-                # (once the local client has finished, a server that does not say goodbye is common)
-                if not self._closing and not self.eof and not self._sent_eof:
-                    self.peer.listener._record_failure(
-                        failures.broken_stream(None, target=self.peer.listener.target, received=self.received)
-                    )
-                    self._remote_eof()
-                    self.peer.close()  # the TLS session is broken: nothing more can pass either way
-                    break
-                self._remote_eof()
-                break
-            except ssl.SSLError as exc:
-                self._fail_established(exc)
-                return
-            if not chunk:
-                self._remote_eof()
-                break
-            self.received += len(chunk)
-            self.peer.write(chunk)
-        self._flush()  # TLS 1.3 key updates and the like are answered from inside read()
-        if not self._session_saved:
-            self._save_session()
+                self.pipe.receive_data(data)
 
     def _save_session(self) -> None:
         """Keep the server's session ticket (TLS 1.3 sends it after the handshake) for the next connection."""
-        assert self.tls is not None
+        assert self.pipe is not None
+        tls = self.pipe.tls
         target = self.peer.listener.target
-        if self.tls.session_reused and self.sessions.session_is_fresh(self.ctx, self.server_name, target):
+        if tls.session_reused and self.sessions.session_is_fresh(self.ctx, self.server_name, target):
             self._session_saved = True
             return
-        session = self.tls.session
+        session = tls.session
         if session is not None and session.has_ticket:
             self._session_saved = True
             self.sessions.remember(self.ctx, self.server_name, target, session)
 
-    def _remote_eof(self) -> None:
-        if self.eof:
-            return
-        self.eof = True
-        self.peer.write_eof()
-
-    def _fail_established(self, exc: ssl.SSLError) -> None:
-        """An error after the handshake; with TLS 1.3 this is how a server rejects our certificate."""
-        listener = self.peer.listener
-        failure = failures.classify_ssl_error(exc, target=listener.target)
-        listener._record_failure(failure)
-        self.abort()
-        self.peer.close()
-
     def _flush(self) -> None:
-        if self.outgoing.pending and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.outgoing.read())
+        if self.pipe is None or self.transport is None or self.transport.is_closing():
+            return
+        data = self.pipe.data_to_send()
+        if data:
+            self.transport.write(data)

@@ -19,19 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from sidecar.causes import Fault as Failed
+from sidecar.causes import alert_name, printable
+from sidecar.check.explain import CAUSES, CheckResult, Observation, explain
+from sidecar.check.observe import certificate_from_tls12_flight, check_route
 from sidecar.config import ListenAddress, RouteSpec, parse_config
 from sidecar.credentials import Secrets, candidates_from_files
-from sidecar.diagnose import (
-    CAUSES,
-    CheckResult,
-    Failed,
-    Observation,
-    alert_name,
-    certificate_from_tls12_flight,
-    check_route,
-    explain,
-    printable,
-)
 from sidecar.keystore import Selection, read_identity_folder, select
 from tests.pki import CA, Leaf, now
 from tests.realservers import free_port, nginx_mtls
@@ -224,7 +217,7 @@ def test_expired_server_certificate_says_when(pki: Pki, dev: Selection, tmp_path
     leaf = server_leaf(pki.server_ca, "localhost", not_before=start, not_after=start + timedelta(days=27))
     with serving(leaf, tmp_path / "srv") as server:
         result = check(route_to(pki, server.port), dev)
-    assert result.cause == "server_cert_expired"
+    assert result.cause == "server_certificate_expired"
     ended = leaf.cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
     assert result.message == f"127.0.0.1:{server.port}: server certificate CN=localhost expired 3 days ago ({ended})"
     assert "renewed" in (result.fix or "") and "clock" in (result.fix or "")
@@ -235,7 +228,7 @@ def test_server_certificate_not_yet_valid_says_when(pki: Pki, dev: Selection, tm
     leaf = server_leaf(pki.server_ca, "localhost", not_before=start)
     with serving(leaf, tmp_path / "srv") as server:
         result = check(route_to(pki, server.port), dev)
-    assert result.cause == "server_cert_not_yet_valid"
+    assert result.cause == "server_certificate_not_yet_valid"
     assert f"is not valid until {start.strftime('%Y-%m-%d %H:%M UTC')} (in 2 days)" in result.message
     assert "clock" in (result.fix or "")
 
@@ -581,7 +574,7 @@ def test_explain_other_verification_errors_say_openssl_words() -> None:
 
 def test_explain_expired_chain_certificate_when_the_leaf_is_current() -> None:
     result = explain(observation(failure=verify_failed(10, "certificate has expired"), server_cert=SERVER.cert))
-    assert result.cause == "server_cert_expired"
+    assert result.cause == "server_certificate_expired"
     assert result.message == (
         "api.example.test:8443: a certificate in the server's chain has expired (certificate has expired)"
     )
@@ -680,7 +673,7 @@ def test_explain_ipv6_target() -> None:
 def test_every_cause_key_is_reachable_and_stable() -> None:
     assert set(CAUSES) == {
         "ok", "dns", "refused", "timeout", "connect", "not_tls", "server_untrusted", "name_mismatch",
-        "server_cert_expired", "server_cert_not_yet_valid", "server_rejected_certificate",
+        "server_certificate_expired", "server_certificate_not_yet_valid", "server_rejected_certificate",
         "no_usable_certificate", "alpn_refused", "tls_error", "config",
         "pin_mismatch", "uri_san_not_allowed", "server_certificate_revoked", "revocation_unknown",
     }  # fmt: skip

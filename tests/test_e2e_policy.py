@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from sidecar.check.explain import CheckResult
+from sidecar.check.observe import check_route
 from sidecar.cli import main
 from sidecar.config import load_config
 from sidecar.credentials import Secrets
-from sidecar.diagnose import CheckResult, check_route
 from sidecar.keystore import read_identity_folder, select
 from sidecar.policy import spki_sha256
 from tests.daemon_runner import DaemonThread

@@ -159,7 +159,7 @@ def test_server_that_demands_a_certificate_we_do_not_have(
     assert any("rejected our client certificate" in r.getMessage() for r in caplog.records)
 
 
-def test_target_refusing_connections_is_counted_as_connect(pki: Pki, isolated_home: Path) -> None:
+def test_target_refusing_connections_is_counted_as_refused(pki: Pki, isolated_home: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
@@ -174,7 +174,7 @@ def test_target_refusing_connections_is_counted_as_connect(pki: Pki, isolated_ho
     with DaemonThread(config) as daemon, daemon.connect("svc", timeout=10) as sock:
         assert recv_all(sock) == b""
         status = daemon.status()["routes"]["svc"]
-    assert status["failures"] == {"connect": 1}
+    assert status["failures"] == {"refused": 1}  # `check` says `refused` for it too (one vocabulary)
     assert "refused" in status["last_error"]
 
 

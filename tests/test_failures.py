@@ -7,6 +7,7 @@ import ssl
 import pytest
 
 from sidecar import failures
+from sidecar.causes import Cause
 
 
 def ssl_error(text: str, reason: str | None = None) -> ssl.SSLError:
@@ -21,13 +22,13 @@ def ssl_error(text: str, reason: str | None = None) -> ssl.SSLError:
     [
         (
             ssl_error("tlsv13 alert certificate required", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
-            failures.SERVER_REJECTED_CERT,
+            Cause.SERVER_REJECTED_CERT,
         ),
-        (ssl_error("tlsv1 alert unknown ca", "TLSV1_ALERT_UNKNOWN_CA"), failures.SERVER_REJECTED_CERT),
-        (ssl_error("wrong version number", "WRONG_VERSION_NUMBER"), failures.NOT_TLS),
+        (ssl_error("tlsv1 alert unknown ca", "TLSV1_ALERT_UNKNOWN_CA"), Cause.SERVER_REJECTED_CERT),
+        (ssl_error("wrong version number", "WRONG_VERSION_NUMBER"), Cause.NOT_TLS),
         # Python 3.11 has no name for this newer reason: it must be recovered from the text
-        (ssl_error("[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"), failures.ALPN_REFUSED),
-        (ssl_error("something else entirely", "SOMETHING_ELSE"), failures.TLS_ERROR),
+        (ssl_error("[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"), Cause.ALPN_REFUSED),
+        (ssl_error("something else entirely", "SOMETHING_ELSE"), Cause.TLS_ERROR),
     ],
 )
 def test_classify_ssl_error(exc: ssl.SSLError, key: str) -> None:
@@ -42,16 +43,17 @@ def test_rejection_message_names_the_alert() -> None:
 
 def test_connection_errors() -> None:
     assert (
+        # `refused`, as `check` has always said (one vocabulary: this was `connect` in the tunnel)
         failures.classify(ConnectionRefusedError(111, "refused"), target="t:1", server_name="t", trust="x").reason
-        == failures.CONNECT
+        == Cause.REFUSED
     )
-    assert failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x").reason == failures.TIMEOUT
+    assert failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x").reason == Cause.TIMEOUT
 
 
 def test_timeouts_say_which_step_got_no_answer() -> None:
     tcp = failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x", connected=False, timeout=0.5)
     tls = failures.classify(TimeoutError(), target="t:1", server_name="t", trust="x", connected=True, timeout=0.5)
-    assert tcp.reason == tls.reason == failures.TIMEOUT
+    assert tcp.reason == tls.reason == Cause.TIMEOUT
     assert "no TCP connection within 0.5s" in tcp.message
     assert "accepted the TCP connection but did not complete the TLS handshake within 0.5s" in tls.message
 
@@ -59,14 +61,14 @@ def test_timeouts_say_which_step_got_no_answer() -> None:
 def test_broken_streams_name_reset_and_truncation_with_the_byte_count() -> None:
     reset = failures.broken_stream(ConnectionResetError(104, "Connection reset by peer"), target="t:1", received=1)
     assert (reset.reason, reset.message) == (
-        failures.RESET,
+        Cause.RESET,
         "t:1 reset the connection after 1 byte of its answer; the local connection was reset too",
     )
     cut = failures.broken_stream(None, target="t:1", received=73)
-    assert cut.reason == failures.TRUNCATED
+    assert cut.reason == Cause.TRUNCATED
     assert "without TLS close_notify after 73 bytes" in cut.message
     broken = failures.broken_stream(TimeoutError(110, "Connection timed out"), target="t:1", received=0)
     assert (broken.reason, broken.message) == (
-        failures.RESET,
+        Cause.RESET,
         "the connection to t:1 broke after 0 bytes of its answer: Connection timed out",
     )

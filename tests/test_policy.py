@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
-from sidecar import failures, revocation
+from sidecar import revocation
+from sidecar.causes import Cause
 from sidecar.config import parse_config
 from sidecar.errors import ConfigError
 from sidecar.policy import (
@@ -115,14 +116,14 @@ def test_pins_match_any_certificate_of_the_verified_chain(
     verdict = check_pins(chain_of(ca, leaf), [spki_sha256(cert)], verified=verified)
     assert verdict.ok is ok
     if not ok:
-        assert verdict.reason == failures.PIN_MISMATCH
+        assert verdict.reason == Cause.PIN_MISMATCH
         assert f"sha256/{spki_sha256(leaf.cert)}" in verdict.message
         assert "CN=api" in verdict.message and "not pinned" in verdict.message
 
 
 def test_no_pins_pass_and_no_certificate_fails(ca: CA, leaf: Leaf) -> None:
     assert check_pins(chain_of(ca, leaf), []).ok
-    assert check_pins([], [spki_sha256(leaf.cert)]).reason == failures.PIN_MISMATCH
+    assert check_pins([], [spki_sha256(leaf.cert)]).reason == Cause.PIN_MISMATCH
 
 
 # --- URI SANs -----------------------------------------------------------------------------
@@ -154,19 +155,19 @@ def test_uri_san_verdicts(ca: CA, leaf: Leaf) -> None:
     assert check_uri_sans(leaf.cert, []).ok
     assert check_uri_sans(leaf.cert, ["spiffe://other.test/**", "spiffe://example.test/api/*"]).ok
     refused = check_uri_sans(leaf.cert, ["spiffe://example.test/db/*"])
-    assert refused.reason == failures.URI_SAN_NOT_ALLOWED
+    assert refused.reason == Cause.URI_SAN_NOT_ALLOWED
     assert "spiffe://example.test/api/orders" in refused.message and "spiffe://example.test/db/*" in refused.message
     bare = check_uri_sans(issue(ca, "bare").cert, ["spiffe://example.test/**"])
-    assert bare.reason == failures.URI_SAN_NOT_ALLOWED and "holds no URI SAN" in bare.message
-    assert check_uri_sans(None, ["spiffe://x/*"]).reason == failures.URI_SAN_NOT_ALLOWED
+    assert bare.reason == Cause.URI_SAN_NOT_ALLOWED and "holds no URI SAN" in bare.message
+    assert check_uri_sans(None, ["spiffe://x/*"]).reason == Cause.URI_SAN_NOT_ALLOWED
 
 
 def test_check_identity_pins_first_then_uri_sans(ca: CA, leaf: Leaf) -> None:
     chain = chain_of(ca, leaf)
     other = spki_sha256(issue(ca, "o").cert)
-    assert check_identity(chain, pins=[other], allowed_uri_sans=["x:*"]).reason == failures.PIN_MISMATCH
+    assert check_identity(chain, pins=[other], allowed_uri_sans=["x:*"]).reason == Cause.PIN_MISMATCH
     ok_pin = [spki_sha256(ca.root)]
-    assert check_identity(chain, pins=ok_pin, allowed_uri_sans=["x:*"]).reason == failures.URI_SAN_NOT_ALLOWED
+    assert check_identity(chain, pins=ok_pin, allowed_uri_sans=["x:*"]).reason == Cause.URI_SAN_NOT_ALLOWED
     assert check_identity(chain, pins=ok_pin, allowed_uri_sans=["spiffe://example.test/api/*"]).ok
 
 
@@ -330,11 +331,11 @@ def test_decide_per_mode(leaf: Leaf) -> None:
     revoked = Answer(REVOKED, "CRL file f", "revoked on X")
     down = Answer(UNKNOWN, "OCSP u", "the responder is unreachable: connection refused")
     for mode in ("soft", "hard"):
-        assert decide(mode, leaf.cert, [down, revoked]).reason == failures.SERVER_CERT_REVOKED
+        assert decide(mode, leaf.cert, [down, revoked]).reason == Cause.SERVER_CERT_REVOKED
         assert decide(mode, leaf.cert, [down, good]) == decide(mode, leaf.cert, [good])
         assert decide(mode, leaf.cert, [good]).ok and decide(mode, leaf.cert, [good]).warning is None
     hard = decide("hard", leaf.cert, [down])
-    assert hard.reason == failures.REVOCATION_UNKNOWN
+    assert hard.reason == Cause.REVOCATION_UNKNOWN
     assert "connection refused" in hard.message and 'revocation = "hard"' in hard.message
     soft = decide("soft", leaf.cert, [down])
     assert soft.ok and soft.warning is not None and "connection refused" in soft.warning
@@ -400,7 +401,7 @@ def test_checker_asks_once_until_next_update(ca: CA, leaf: Leaf) -> None:
         ca, leaf.cert, status=ocsp.OCSPCertStatus.REVOKED, next_update=NOW + timedelta(hours=3)
     )
     verdict = run_check(checker, chain, now=NOW + timedelta(hours=1))
-    assert verdict.reason == failures.SERVER_CERT_REVOKED and "OCSP http://ocsp.test/" in verdict.message
+    assert verdict.reason == Cause.SERVER_CERT_REVOKED and "OCSP http://ocsp.test/" in verdict.message
     assert len(fetch.calls) == 2
 
 
@@ -410,7 +411,7 @@ def test_checker_unreachable_responder_is_retried_after_the_failure_ttl(ca: CA, 
     chain = chain_of(ca, leaf)
     soft = run_check(checker, chain, mode="soft")
     assert soft.ok and soft.warning and "the responder is unreachable: connection refused" in soft.warning
-    assert run_check(checker, chain, mode="hard", now=NOW + FAILURE_TTL / 2).reason == failures.REVOCATION_UNKNOWN
+    assert run_check(checker, chain, mode="hard", now=NOW + FAILURE_TTL / 2).reason == Cause.REVOCATION_UNKNOWN
     assert len(fetch.calls) == 1
     fetch.table["http://ocsp.test/"] = ocsp_response(ca, leaf.cert)
     assert run_check(checker, chain, now=NOW + FAILURE_TTL).ok
@@ -466,7 +467,7 @@ def test_checker_sources_in_order(tmp_path: Path, ca: CA) -> None:
     fetch = FakeFetch({url_ocsp: FetchError("unreachable: connection refused"), url_crl: make_crl(ca, [])})
     checker = RevocationChecker(fetch)
     now = datetime.now(UTC)
-    assert run_check(checker, chain, now=now, crl_file=crl_file).reason == failures.SERVER_CERT_REVOKED
+    assert run_check(checker, chain, now=now, crl_file=crl_file).reason == Cause.SERVER_CERT_REVOKED
     assert fetch.calls == []
     # OCSP unreachable: the distribution point answers
     assert run_check(checker, chain, now=now).ok
@@ -480,9 +481,9 @@ def test_checker_without_any_source_or_issuer(ca: CA) -> None:
     bare = issue(ca, "bare")
     checker = RevocationChecker(FakeFetch({}))
     verdict = run_check(checker, chain_of(ca, bare))
-    assert verdict.reason == failures.REVOCATION_UNKNOWN and "no OCSP responder" in verdict.message
+    assert verdict.reason == Cause.REVOCATION_UNKNOWN and "no OCSP responder" in verdict.message
     orphan = run_check(checker, [bare.cert], mode="hard")
-    assert orphan.reason == failures.REVOCATION_UNKNOWN and "issuer is not in its verified chain" in orphan.message
+    assert orphan.reason == Cause.REVOCATION_UNKNOWN and "issuer is not in its verified chain" in orphan.message
     assert run_check(checker, [bare.cert], mode="off").ok
     missing = run_check(checker, chain_of(ca, bare), crl_file=Path("/nonexistent/ca.crl"))
     assert "cannot read it: no such file or directory" in missing.message
@@ -600,7 +601,7 @@ def test_private_keys_stay_out_of_policy_messages(ca: CA, leaf: Leaf) -> None:
 
 
 def test_explain_policy_verdicts_in_one_line(ca: CA, leaf: Leaf) -> None:
-    from sidecar.diagnose import Observation, explain
+    from sidecar.check.explain import Observation, explain
     from sidecar.policy import Verdict
 
     base = Observation(
@@ -619,10 +620,10 @@ def test_explain_policy_verdicts_in_one_line(ca: CA, leaf: Leaf) -> None:
         after_handshake="silent",
     )
     cases = {
-        failures.PIN_MISMATCH: f"sha256/{spki_sha256(leaf.cert)}",
-        failures.URI_SAN_NOT_ALLOWED: "spiffe://example.test/api/orders",
-        failures.SERVER_CERT_REVOKED: "nothing to change on this side",
-        failures.REVOCATION_UNKNOWN: 'revocation = "soft"',
+        Cause.PIN_MISMATCH: f"sha256/{spki_sha256(leaf.cert)}",
+        Cause.URI_SAN_NOT_ALLOWED: "spiffe://example.test/api/orders",
+        Cause.SERVER_CERT_REVOKED: "nothing to change on this side",
+        Cause.REVOCATION_UNKNOWN: 'revocation = "soft"',
     }
     for reason, in_fix in cases.items():
         result = explain(dataclasses.replace(base, policy=Verdict.refused(reason, "it said no")))

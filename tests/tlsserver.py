@@ -26,6 +26,9 @@ Modes (what each accepted connection gets):
                 promises more), then reset (RST via SO_LINGER 0): a server that crashes mid-answer.
 - "partial_close": the same, then close TCP without TLS close_notify (a FIN only): a server
                 process that dies mid-answer.
+- "fin_then_read": send b"first part\n", half-close TCP without close_notify (a FIN only,
+                as a server does that uses shutdown(SHUT_WR) under its own TLS), then keep
+                reading and recording what the client sends until its EOF.
 
 `full_backlog()` gives a port whose listener never accepts and whose queue is full: the
 kernel drops new SYNs, so connecting there hangs (a server too slow to accept).
@@ -63,6 +66,7 @@ MODES = frozenset(
         "stall",
         "partial_reset",
         "partial_close",
+        "fin_then_read",
     }
 )
 PLAINTEXT_ANSWER = b"HTTP/1.0 200 OK\r\n\r\nplain\n"
@@ -487,6 +491,13 @@ class ScriptedTLSServer:
                 stream.reset()
             else:
                 stream.close()  # TCP FIN, no close_notify
+            return
+        if mode == "fin_then_read":
+            stream.sendall(b"first part\n")
+            stream.sock.shutdown(socket.SHUT_WR)  # a FIN, no close_notify
+            while data := stream.recv():
+                self._app(record, data)
+            stream.close()
             return
         if mode == "close":
             stream.close_write()

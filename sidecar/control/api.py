@@ -146,7 +146,7 @@ async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> Ap
 
 
 async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
-    from sidecar.diagnose import check_route
+    from sidecar.check.observe import check_route
 
     name = params["name"]
     route = daemon.config.routes.get(name)

@@ -1,120 +1,74 @@
-"""`mtls-sidecar check ROUTE`: one real connection to a route's target, explained.
+"""`check`'s explanation: what one real connection saw, in one line and one fix. Pure.
 
-The I/O half (`check_route` and the private `_handshake`/`_probe`) makes a real TCP
-connection and TLS handshake with the identity's selected certificate and records what it
-saw as an `Observation`: plain data, no exceptions or sockets. The pure half,
-`explain(observation)`, turns that into a `CheckResult`: a stable cause key, one line that
-says what happened and where, one line that says what to do next, and JSON-able details.
-
-When our verification of the server fails, a second handshake that verifies nothing and
-presents no client certificate fetches the server's certificate, so the explanation can
-name its issuer, its names and its dates.
+`explain(observation)` turns an `Observation` (plain data, built by `sidecar.check.observe`
+or by hand in tests) into a `CheckResult`: a cause key from `sidecar.causes` (decided by
+`cause_of`, as the tunnel decides it), one line that says what happened and where, one line
+that says what to do next, and JSON-able details.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import socket
-import ssl
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from sidecar import failures
-from sidecar.config import RouteSpec
-from sidecar.errors import ConfigError
-from sidecar.failures import ssl_reason
-from sidecar.keystore import Selection
-from sidecar.policy import Verdict, peer_chain, spki_sha256, uri_sans
-from sidecar.revocation import RevocationChecker, check_server_policy
-from sidecar.tlsctx import ServerPolicy, build_client_context
+from sidecar.causes import (
+    REJECTING_ALERTS,
+    VERIFY_SELF_SIGNED,
+    VERIFY_UNTRUSTED,
+    Cause,
+    Fault,
+    cause_of,
+    looks_like_tls,
+    printable,
+)
+from sidecar.policy import Verdict, spki_sha256, uri_sans
 from sidecar.units import human_duration
 
-# Cause keys: stable, for scripts and the control API.
-OK = "ok"
-DNS = "dns"
-REFUSED = "refused"
-TIMEOUT = "timeout"
-CONNECT = "connect"
-NOT_TLS = "not_tls"
-SERVER_UNTRUSTED = "server_untrusted"
-NAME_MISMATCH = "name_mismatch"
-SERVER_CERT_EXPIRED = "server_cert_expired"
-SERVER_CERT_NOT_YET_VALID = "server_cert_not_yet_valid"
-SERVER_REJECTED_CERT = "server_rejected_certificate"
-NO_USABLE_CERT = "no_usable_certificate"
-ALPN_REFUSED = "alpn_refused"
-TLS_ERROR = "tls_error"
-CONFIG = "config"
-# The route's checks after the handshake (pins, URI SANs, revocation): the tunnel's reason keys.
-PIN_MISMATCH = failures.PIN_MISMATCH
-URI_SAN_NOT_ALLOWED = failures.URI_SAN_NOT_ALLOWED
-SERVER_CERT_REVOKED = failures.SERVER_CERT_REVOKED
-REVOCATION_UNKNOWN = failures.REVOCATION_UNKNOWN
+OK = Cause.OK
+DNS = Cause.DNS
+REFUSED = Cause.REFUSED
+TIMEOUT = Cause.TIMEOUT
+CONNECT = Cause.CONNECT
+NOT_TLS = Cause.NOT_TLS
+SERVER_UNTRUSTED = Cause.SERVER_UNTRUSTED
+NAME_MISMATCH = Cause.NAME_MISMATCH
+SERVER_CERT_EXPIRED = Cause.SERVER_CERT_EXPIRED
+SERVER_CERT_NOT_YET_VALID = Cause.SERVER_CERT_NOT_YET_VALID
+SERVER_REJECTED_CERT = Cause.SERVER_REJECTED_CERT
+NO_USABLE_CERT = Cause.NO_USABLE_CERT
+ALPN_REFUSED = Cause.ALPN_REFUSED
+TLS_ERROR = Cause.TLS_ERROR
+CONFIG = Cause.CONFIG
+PIN_MISMATCH = Cause.PIN_MISMATCH
+URI_SAN_NOT_ALLOWED = Cause.URI_SAN_NOT_ALLOWED
+SERVER_CERT_REVOKED = Cause.SERVER_CERT_REVOKED
+REVOCATION_UNKNOWN = Cause.REVOCATION_UNKNOWN
+# The causes `check` can report (the tunnel adds other_user, reset and truncated, which need a
+# local client or an established tunnel).
 CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
     PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN,
 )  # fmt: skip
 
-# How long to listen after our side of the handshake completes: with TLS 1.3 a server
-# rejects our certificate only after that, with an alert on the first read.
-AFTER_HANDSHAKE_WAIT = 1.0
 EXPIRY_WARNING = timedelta(days=14)
-
-_CHUNK = 65536
-_KEEP_FIRST_BYTES = 256  # of the real handshake: enough to show what a plaintext server said
-_KEEP_PROBE_BYTES = 256 * 1024  # of the probe: a TLS 1.2 certificate flight, to read the certificate from
-_SHOWN_BYTES = 60
-
-# OpenSSL X509_V_ERR_* codes (SSLCertVerificationError.verify_code).
-_NOT_YET_VALID = 9
-_EXPIRED = 10
-_SELF_SIGNED = 18
-_HOSTNAME_MISMATCH = 62
-_IP_MISMATCH = 64
-_UNTRUSTED = {2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32}
-
-# TLS alerts (as OpenSSL names them, lower case, spaces) that mean "not your certificate".
-_REJECTING_ALERTS = (
-    "certificate required", "bad certificate", "unknown ca", "certificate expired", "certificate revoked",
-    "unsupported certificate", "certificate unknown", "access denied", "handshake failure", "decrypt error",
-)  # fmt: skip
-_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
 
 
 @dataclass(frozen=True)
 class CheckResult:
     ok: bool
-    cause: str
+    cause: Cause
     message: str
     fix: str | None
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "cause": self.cause, "message": self.message, "fix": self.fix, "details": self.details}
-
-
-@dataclass(frozen=True)
-class Failed:
-    """What went wrong, as data.
-
-    stage: "setup", "resolve", "connect", "handshake" or "after_handshake".
-    kind:  "config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error",
-           "tls" (an SSLError, `ssl_reason` set) or "verify" (our check of the server failed).
-    """
-
-    stage: str
-    kind: str
-    text: str = ""
-    ssl_reason: str | None = None
-    verify_code: int | None = None
-    verify_message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +93,7 @@ class Observation:
     identity_folder: str | None = None
     # What the connection did.
     address: str | None = None
-    failure: Failed | None = None
+    failure: Fault | None = None
     first_bytes: bytes = b""
     tls_version: str | None = None
     cipher: str | None = None
@@ -157,326 +111,6 @@ class Observation:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-# --- I/O ---------------------------------------------------------------------------------
-
-
-async def check_route(
-    route: RouteSpec,
-    selection: Selection,
-    *,
-    timeout: float | None = None,
-    after_handshake_wait: float = AFTER_HANDSHAKE_WAIT,
-) -> CheckResult:
-    """Connect to the route's target as its identity would, and explain what happened.
-
-    `timeout` (default: the route's connect_timeout) bounds DNS, TCP connect and the TLS
-    handshake together; the server is then given `after_handshake_wait` seconds to reject
-    our certificate (TLS 1.3). A failed verification adds one more bounded handshake.
-    """
-    observation = observe_start(route, selection, now=datetime.now(UTC), timeout=timeout)
-    credential = selection.selected
-    if credential is None:
-        return explain(observation)  # never contact a server with nothing to present
-    try:
-        ctx = build_client_context(credential, ServerPolicy.for_route(route))
-    except ConfigError as exc:
-        return explain(replace(observation, failure=Failed("setup", "config", str(exc))))
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        return explain(replace(observation, failure=Failed("setup", "credential", _text(exc))))
-    observation = await _handshake(observation, ctx, after_handshake_wait)
-    if observation.failure is not None and observation.failure.kind == "verify":
-        observation = await _probe(observation)
-    if observation.server_chain and route.checks_after_handshake:
-        verdict = await check_server_policy(
-            route,
-            observation.server_chain,
-            RevocationChecker(),
-            now=observation.now,
-            verified=not route.unsafe_skip_verify,
-        )
-        observation = replace(observation, policy=verdict)
-    return explain(observation)
-
-
-def observe_start(route: RouteSpec, selection: Selection, *, now: datetime, timeout: float | None) -> Observation:
-    """The part of an observation known before any connection."""
-    cert = selection.selected.cert if selection.selected is not None else None
-    rejected = tuple((r.candidate.file, r.reason) for r in selection.rejected)
-    folders = {str(PurePath(f).parent) for f, _ in rejected if PurePath(f).parent != PurePath(".")}
-    return Observation(
-        route=route.name,
-        host=route.target_host,
-        port=route.target_port,
-        server_name=route.server_name,
-        identity=selection.identity,
-        now=now,
-        timeout=route.connect_timeout if timeout is None else timeout,
-        ca_file=route.ca_file,
-        ca_dir=route.ca_dir,
-        alpn_offered=route.alpn,
-        skip_verify=route.unsafe_skip_verify,
-        client_cert=cert,
-        unusable=None if selection.selected is not None else selection.why_unusable(),
-        rejected=rejected,
-        identity_folder=folders.pop() if len(folders) == 1 else None,
-    )
-
-
-class _Wire:
-    """TLS over a non-blocking socket through `ssl.MemoryBIO`, keeping the first raw bytes."""
-
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str, keep: int) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=_sni(server_name))
-        self.received = bytearray()
-        self._keep = keep
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-                continue
-            except ssl.SSLError:
-                with suppress(OSError):
-                    await self._flush()  # our alert, so the server's log says why
-                raise
-            await self._flush()
-            return
-
-    async def read(self) -> bytes:
-        """Application bytes; b"" at the server's EOF. A TLS alert raises ssl.SSLError."""
-        while True:
-            try:
-                data = self.tls.read(_CHUNK)
-            except ssl.SSLWantReadError:
-                await self._flush()  # key updates and the like are answered from inside read()
-                await self._fill()
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-            return data
-
-    async def close_notify(self) -> None:
-        with suppress(ssl.SSLError):
-            self.tls.unwrap()  # in BIO mode: queues close_notify, then wants the server's
-        with suppress(OSError):
-            await self._flush()
-
-    async def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            await self.loop.sock_sendall(self.sock, data)
-
-    async def _fill(self) -> None:
-        data = await self.loop.sock_recv(self.sock, _CHUNK)
-        if len(self.received) < self._keep:
-            self.received += data[: self._keep - len(self.received)]
-        if data:
-            self.incoming.write(data)
-        else:
-            self.incoming.write_eof()
-
-
-async def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
-    loop = asyncio.get_running_loop()
-    return list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-
-
-async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]) -> str:
-    """Connect to the first address that answers; the socket goes into `held` (the caller closes it)."""
-    loop = asyncio.get_running_loop()
-    errors: list[OSError] = []
-    for family, kind, proto, _canon, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        held.append(sock)
-        return f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6 else f"{address[0]}:{address[1]}"
-    refused = [e for e in errors if isinstance(e, ConnectionRefusedError)]
-    raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
-
-
-async def _handshake(obs: Observation, ctx: ssl.SSLContext, after_wait: float) -> Observation:
-    held: list[socket.socket] = []
-    try:
-        return await _handshake_on(obs, ctx, after_wait, held)
-    finally:
-        for sock in held:
-            sock.close()
-
-
-async def _handshake_on(
-    obs: Observation, ctx: ssl.SSLContext, after_wait: float, held: list[socket.socket]
-) -> Observation:
-    stage = "resolve"
-    wire: _Wire | None = None
-    address: str | None = None
-    try:
-        async with asyncio.timeout(obs.timeout):
-            infos = await _resolve(obs.host, obs.port)
-            stage = "connect"
-            address = await _connect_first(infos, held)
-            stage = "handshake"
-            wire = _Wire(held[0], ctx, obs.server_name, _KEEP_FIRST_BYTES)
-            await wire.handshake()
-    except Exception as exc:
-        first = bytes(wire.received) if wire is not None else b""
-        return replace(obs, address=address, failure=_failed(stage, exc), first_bytes=first)
-    tls = wire.tls
-    der = tls.getpeercert(binary_form=True)
-    cipher = tls.cipher()
-    done = replace(
-        obs,
-        server_chain=tuple(peer_chain(tls, verified=not obs.skip_verify)),
-        address=address,
-        first_bytes=bytes(wire.received),
-        tls_version=tls.version(),
-        cipher=cipher[0] if cipher else None,
-        alpn=tls.selected_alpn_protocol(),
-        server_cert=_load_der(der),
-        server_cert_verified=not obs.skip_verify,
-    )
-    # Send nothing and listen: with TLS 1.3 a server that rejects our certificate says so now.
-    # Most servers wait for their client to speak first, so silence until the deadline is fine.
-    try:
-        async with asyncio.timeout(after_wait):
-            data = await wire.read()
-    except TimeoutError:
-        after = "silent"
-    except Exception as exc:
-        return replace(done, failure=_failed("after_handshake", exc))
-    else:
-        after = "data" if data else "closed"
-    if after != "closed":
-        with suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await wire.close_notify()
-    return replace(done, after_handshake=after)
-
-
-async def _probe(obs: Observation) -> Observation:
-    """Fetch the server's certificate without verifying it and without presenting ours."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    held: list[socket.socket] = []
-    wire: _Wire | None = None
-    der: bytes | None = None
-    error: str | None = None
-    try:
-        async with asyncio.timeout(obs.timeout):
-            await _connect_first(await _resolve(obs.host, obs.port), held)
-            wire = _Wire(held[0], ctx, obs.server_name, _KEEP_PROBE_BYTES)
-            await wire.handshake()
-            der = wire.tls.getpeercert(binary_form=True)
-    except Exception as exc:
-        # TLS 1.2 servers that require a client certificate end this handshake, but they
-        # sent their certificate in the clear before that.
-        der = certificate_from_tls12_flight(bytes(wire.received)) if wire is not None else None
-        if der is None:
-            error = _text(exc) or type(exc).__name__
-    finally:
-        for sock in held:
-            sock.close()
-    cert = _load_der(der)
-    if der and cert is None:
-        error = "the server's certificate is not readable X.509"
-    return replace(obs, server_cert=cert, server_cert_verified=False, probe_error=error)
-
-
-def _load_der(der: bytes | None) -> x509.Certificate | None:
-    if not der:
-        return None
-    try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError:
-        return None
-
-
-def _failed(stage: str, exc: BaseException) -> Failed:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return Failed(
-            stage, "verify", _text(exc), ssl_reason=ssl_reason(exc), verify_code=exc.verify_code,
-            verify_message=exc.verify_message,
-        )  # fmt: skip
-    if isinstance(exc, ssl.SSLZeroReturnError | ssl.SSLEOFError):
-        return Failed(stage, "closed", _text(exc), ssl_reason=ssl_reason(exc))
-    if isinstance(exc, ssl.SSLError):
-        return Failed(stage, "tls", _text(exc), ssl_reason=ssl_reason(exc))
-    if isinstance(exc, socket.gaierror):
-        return Failed(stage, "dns", exc.strerror or str(exc))
-    if isinstance(exc, TimeoutError):
-        return Failed(stage, "timeout", _text(exc))
-    if isinstance(exc, ConnectionRefusedError):
-        return Failed(stage, "refused", exc.strerror or str(exc))
-    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-        return Failed(stage, "reset", exc.strerror or str(exc))
-    if isinstance(exc, OSError):
-        return Failed(stage, "os_error", exc.strerror or str(exc))
-    return Failed(stage, "os_error", f"{type(exc).__name__}: {_text(exc)}")
-
-
-def _text(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-def _sni(name: str) -> str:
-    return name.strip("[]")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def certificate_from_tls12_flight(data: bytes) -> bytes | None:
-    """The server's leaf certificate (DER) from the raw bytes of a TLS ≤ 1.2 handshake.
-
-    Before ChangeCipherSpec, TLS 1.2 handshake records are plaintext; TLS 1.3 encrypts the
-    Certificate message, so this returns None for it.
-    """
-    handshake = bytearray()
-    pos = 0
-    while pos + 5 <= len(data):
-        content_type, length = data[pos], int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if content_type == 20 or pos + 5 + length > len(data):
-            break
-        if content_type == 22:
-            handshake += data[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-    pos = 0
-    while pos + 4 <= len(handshake):
-        kind, length = handshake[pos], int.from_bytes(handshake[pos + 1 : pos + 4], "big")
-        body = bytes(handshake[pos + 4 : pos + 4 + length])
-        if kind == 11 and len(body) == length and length >= 6:
-            first = int.from_bytes(body[3:6], "big")
-            der = body[6 : 6 + first]
-            return der if first and len(der) == first else None
-        pos += 4 + length
-    return None
-
-
-# --- explanation (pure) --------------------------------------------------------------------
-
-
 def explain(obs: Observation) -> CheckResult:
     """Turn what a check saw into one line, one fix and the details. Pure."""
     details = _details(obs)
@@ -488,12 +122,13 @@ def explain(obs: Observation) -> CheckResult:
     if obs.policy is not None and obs.policy.warning:
         details["warnings"].append(obs.policy.warning)
     if failure is None and obs.after_handshake == "closed":
-        return _hung_up(obs, Failed("after_handshake", "closed"), details)
+        return _hung_up(obs, Fault("after_handshake", "closed"), details)
     if failure is None:
         return _ok(obs, details)
     if failure.stage == "setup":
         return _setup_failed(obs, failure, details)
-    if failure.kind == "dns":
+    cause = cause_of(replace(failure, first_bytes=obs.first_bytes))
+    if cause == DNS:
         return CheckResult(
             False,
             DNS,
@@ -501,7 +136,7 @@ def explain(obs: Observation) -> CheckResult:
             f"check the host in target for route {obs.route}, or your DNS or VPN connection",
             details,
         )
-    if failure.kind == "refused":
+    if cause == REFUSED:
         where = f" at {obs.address}" if obs.address else ""
         return CheckResult(
             False,
@@ -510,19 +145,17 @@ def explain(obs: Observation) -> CheckResult:
             f"start the service, or correct the port in target for route {obs.route}",
             details,
         )
-    if failure.stage in ("handshake", "after_handshake") and obs.first_bytes and not _looks_like_tls(obs.first_bytes):
+    if cause == NOT_TLS:
         return _not_tls(obs, details)
-    if failure.kind == "timeout":
+    if cause == TIMEOUT:
         return _timed_out(obs, failure, details)
     if failure.kind == "verify":
-        return _verification_failed(obs, failure, details)
-    if failure.kind == "tls" and failure.ssl_reason and "ALERT" in failure.ssl_reason.upper():
-        return _alert(obs, failure, details)
-    if failure.kind == "tls" and (failure.ssl_reason or "").upper() in _NOT_TLS_REASONS:
-        return _not_tls(obs, details)
+        return _verification_failed(obs, failure, cause, details)
+    if failure.alert:
+        return _alert(obs, failure, cause, details)
     if failure.kind in ("reset", "closed"):
         return _hung_up(obs, failure, details)
-    if failure.kind == "tls":
+    if cause == TLS_ERROR:
         reason = (failure.ssl_reason or failure.text).lower().replace("_", " ")
         return CheckResult(
             False,
@@ -554,7 +187,7 @@ def _no_usable_certificate(obs: Observation, details: dict[str, Any]) -> CheckRe
     )
 
 
-def _setup_failed(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckResult:
+def _setup_failed(obs: Observation, failure: Fault, details: dict[str, Any]) -> CheckResult:
     if failure.kind == "config":
         field = "ca_dir" if obs.ca_dir is not None and obs.ca_file is None else "ca_file"
         return CheckResult(
@@ -643,7 +276,7 @@ def _not_tls(obs: Observation, details: dict[str, Any]) -> CheckResult:
     )
 
 
-def _timed_out(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckResult:
+def _timed_out(obs: Observation, failure: Fault, details: dict[str, Any]) -> CheckResult:
     limit = f"{obs.timeout:g} s"
     raise_it = f"or raise connect_timeout for route {obs.route}"
     if failure.stage == "resolve":
@@ -664,7 +297,7 @@ def _timed_out(obs: Observation, failure: Failed, details: dict[str, Any]) -> Ch
     return CheckResult(False, TIMEOUT, message, fix, details)
 
 
-def _hung_up(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckResult:
+def _hung_up(obs: Observation, failure: Fault, details: dict[str, Any]) -> CheckResult:
     how = "reset" if failure.kind == "reset" else "closed"
     if failure.stage == "after_handshake":
         message = (
@@ -684,14 +317,14 @@ def _hung_up(obs: Observation, failure: Failed, details: dict[str, Any]) -> Chec
     return CheckResult(False, CONNECT, message, fix, details)
 
 
-def _verification_failed(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckResult:
+def _verification_failed(obs: Observation, failure: Fault, cause: Cause, details: dict[str, Any]) -> CheckResult:
     code = failure.verify_code
     detail = failure.verify_message or failure.text
     details["verify_error"] = {"code": code, "message": detail}
     cert = obs.server_cert
-    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+    if cause == NAME_MISMATCH:
         return _name_mismatch(obs, cert, detail, details)
-    if code == _EXPIRED:
+    if cause == SERVER_CERT_EXPIRED:
         if cert is not None and cert.not_valid_after_utc <= obs.now:
             ended = cert.not_valid_after_utc
             message = (
@@ -708,7 +341,7 @@ def _verification_failed(obs: Observation, failure: Failed, details: dict[str, A
             "if it looks current, check this machine's clock",
             details,
         )
-    if code == _NOT_YET_VALID:
+    if cause == SERVER_CERT_NOT_YET_VALID:
         if cert is not None and cert.not_valid_before_utc > obs.now:
             starts = cert.not_valid_before_utc
             message = (
@@ -726,10 +359,10 @@ def _verification_failed(obs: Observation, failure: Failed, details: dict[str, A
         )
     trust = _trust_where(obs)
     set_ca = f"set ca_file for route {obs.route} to the CA that issued the server's certificate"
-    if code in _UNTRUSTED:
+    if code in VERIFY_UNTRUSTED:
         if cert is None:
             message = f"{obs.target}: server certificate is not trusted ({detail}); trust in use: {trust}"
-        elif code == _SELF_SIGNED or cert.issuer == cert.subject:
+        elif code == VERIFY_SELF_SIGNED or cert.issuer == cert.subject:
             message = (
                 f"{obs.target}: server certificate is not trusted: it is self-signed "
                 f"({cert.subject.rfc4514_string()}), and not in {trust}"
@@ -788,8 +421,8 @@ def _name_mismatch(
     )
 
 
-def _alert(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckResult:
-    alert = alert_name(failure.ssl_reason or "")
+def _alert(obs: Observation, failure: Fault, cause: Cause, details: dict[str, Any]) -> CheckResult:
+    alert = failure.alert
     details["alert"] = alert
     after = " after the handshake" if failure.stage == "after_handshake" else ""
     whose = f"{obs.identity}'s"
@@ -810,7 +443,7 @@ def _alert(obs: Observation, failure: Failed, details: dict[str, Any]) -> CheckR
             "the server must be upgraded to TLS 1.2 or later",
             details,
         )
-    if alert not in _REJECTING_ALERTS:
+    if alert not in REJECTING_ALERTS:
         return CheckResult(
             False,
             TLS_ERROR,
@@ -875,7 +508,7 @@ def _details(obs: Observation) -> dict[str, Any]:
         details["stage"] = obs.failure.stage
         if obs.failure.ssl_reason:
             details["openssl_reason"] = obs.failure.ssl_reason
-    if obs.first_bytes and not _looks_like_tls(obs.first_bytes):
+    if obs.first_bytes and not looks_like_tls(obs.first_bytes):
         details["first_bytes"] = printable(obs.first_bytes)
     if obs.tls_version is not None:
         details["tls_version"] = obs.tls_version
@@ -917,26 +550,6 @@ def _common_names(cert: x509.Certificate) -> list[str]:
     return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
 
 
-def alert_name(reason: str) -> str:
-    """OpenSSL's "TLSV1_ALERT_UNKNOWN_CA" → "unknown ca"; "" when it is no alert."""
-    upper = reason.upper()
-    if "ALERT_" not in upper:
-        return ""
-    return upper.split("ALERT_", 1)[1].lower().replace("_", " ")
-
-
-def printable(data: bytes, limit: int = _SHOWN_BYTES) -> str:
-    """The first line of what a server sent, as printable text, truncated."""
-    line = data.split(b"\n", 1)[0].rstrip(b"\r") or data
-    text = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in line[:limit])
-    return text + ("…" if len(line) > limit else "")
-
-
-def _looks_like_tls(data: bytes) -> bool:
-    """A TLS record starts with a content type 20..23 and protocol major version 3."""
-    return data[0] in (20, 21, 22, 23) and (len(data) < 2 or data[1] == 3)
-
-
 def _trust(obs: Observation) -> dict[str, Any]:
     if obs.skip_verify:
         return {"source": "none (unsafe_skip_verify)", "path": None}
@@ -965,3 +578,11 @@ def _when(moment: datetime) -> str:
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

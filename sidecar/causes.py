@@ -1,0 +1,295 @@
+"""Why a connection to a remote service failed: the one vocabulary. Pure.
+
+Every cause key that the tunnel counts, `status` shows, `check` reports, events carry and the
+tray reads is a `Cause` here, with its plain-words meaning and the usual fix. The decision
+"which cause is this?" is made once, by `cause_of(fault)`, from a `Fault`: what went wrong
+as data (the stage, what kind of error, OpenSSL's reason and verify code, the first bytes the
+server sent). The tunnel and `check` build a `Fault` from what they saw and ask the same
+question, so the same real failure gets the same key in both. Their sentences differ (`check`
+knows more, the tunnel says it shorter), their keys do not.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Cause(StrEnum):
+    OK = "ok"
+    DNS = "dns"
+    REFUSED = "refused"
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    NOT_TLS = "not_tls"
+    SERVER_UNTRUSTED = "server_untrusted"
+    NAME_MISMATCH = "name_mismatch"
+    SERVER_CERT_EXPIRED = "server_certificate_expired"
+    SERVER_CERT_NOT_YET_VALID = "server_certificate_not_yet_valid"
+    SERVER_REJECTED_CERT = "server_rejected_certificate"
+    NO_USABLE_CERT = "no_usable_certificate"
+    ALPN_REFUSED = "alpn_refused"
+    TLS_ERROR = "tls_error"
+    CONFIG = "config"
+    # The route's own checks after the handshake (sidecar/policy.py, sidecar/revocation.py).
+    PIN_MISMATCH = "pin_mismatch"
+    URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
+    SERVER_CERT_REVOKED = "server_certificate_revoked"
+    REVOCATION_UNKNOWN = "revocation_unknown"
+    # Only a running tunnel sees these: a local client from another OS user, refused before any
+    # TLS; the remote breaking an established tunnel with a reset, or with a TCP close that
+    # came without TLS close_notify.
+    OTHER_USER = "other_user"
+    RESET = "reset"
+    TRUNCATED = "truncated"
+
+    @property
+    def text(self) -> str:
+        """What it means, in plain words (the README's table of reasons is this)."""
+        return _ABOUT[self][0]
+
+    @property
+    def fix(self) -> str:
+        """What to do about it, in general (`check` says it for the route at hand)."""
+        return _ABOUT[self][1]
+
+
+_ABOUT: dict[Cause, tuple[str, str]] = {
+    Cause.OK: ("the connection and the TLS handshake worked", "nothing"),
+    Cause.DNS: ("the target's name does not resolve", "check the target's host name, your DNS or your VPN"),
+    Cause.REFUSED: ("nothing listens at the target's port", "start the service, or correct the target's port"),
+    Cause.CONNECT: (
+        "the target reset or closed the connection before TLS was set up, or cannot be reached",
+        "check that the target's port speaks TLS and accepts this client; the server's log says why",
+    ),
+    Cause.TIMEOUT: (
+        "TCP connect plus TLS handshake took longer than `connect_timeout`",
+        "check that the target is reachable and speaks TLS, or raise connect_timeout",
+    ),
+    Cause.NOT_TLS: (
+        "the target answered, but not with TLS",
+        "point the route's target at the service's TLS port",
+    ),
+    Cause.SERVER_UNTRUSTED: (
+        "the server certificate does not chain to the route's trust",
+        "set ca_file to the CA that issued the server's certificate",
+    ),
+    Cause.NAME_MISMATCH: (
+        "the server certificate does not hold `server_name`",
+        "set server_name to a name the server's certificate holds, or have it reissued",
+    ),
+    Cause.SERVER_CERT_EXPIRED: (
+        "the server certificate (or one in its chain) has expired",
+        "have the server's certificate renewed; if it looks current, check this machine's clock",
+    ),
+    Cause.SERVER_CERT_NOT_YET_VALID: (
+        "the server certificate (or one in its chain) is not valid yet",
+        "check this machine's clock",
+    ),
+    Cause.SERVER_REJECTED_CERT: (
+        "the server refused our client certificate (TLS alert, also the TLS 1.3 post-handshake one)",
+        "check that the server trusts the identity's issuer and that the certificate allows clientAuth",
+    ),
+    Cause.NO_USABLE_CERT: (
+        "the route's identity has nothing usable: refused locally",
+        "put a valid certificate and key in the identity's keystore folder, or run `mtls-sidecar renew`",
+    ),
+    Cause.ALPN_REFUSED: (
+        "the server accepts none of the route's `alpn` protocols",
+        "set alpn to a protocol the server speaks, or remove it",
+    ),
+    Cause.TLS_ERROR: (
+        "any other TLS failure, with OpenSSL's reason",
+        "compare the server's TLS settings with ours (TLS 1.2 or later, SNI)",
+    ),
+    Cause.CONFIG: (
+        "the route's settings cannot be used (an unreadable `ca_file`, say): nothing was contacted",
+        "fix the field the message names",
+    ),
+    Cause.PIN_MISMATCH: (
+        "no certificate of the server's verified chain has a key in `pin_sha256`",
+        "check the server's new key with its owner before adding it to pin_sha256",
+    ),
+    Cause.URI_SAN_NOT_ALLOWED: (
+        "the server certificate holds no URI SAN that `allowed_uri_sans` allows",
+        "check the route's target, or extend allowed_uri_sans",
+    ),
+    Cause.SERVER_CERT_REVOKED: (
+        "OCSP or a CRL says the server certificate is revoked",
+        "the service needs a new certificate from its CA",
+    ),
+    Cause.REVOCATION_UNKNOWN: (
+        '`revocation = "hard"` and no source said whether it is revoked',
+        'make the OCSP responder or CRL reachable, set crl_file, or use revocation = "soft"',
+    ),
+    Cause.OTHER_USER: (
+        "a local connection from another OS user: refused before any TLS",
+        "nothing: only you may use your identity; run your own sidecar as that user",
+    ),
+    Cause.RESET: (
+        "the server reset an established tunnel; the local connection was reset too",
+        "look in the server's log for why it dropped the connection",
+    ),
+    Cause.TRUNCATED: (
+        "the server closed TCP without TLS close_notify: its answer may be cut short",
+        "look in the server's log; some servers always close this way",
+    ),
+}
+
+# OpenSSL X509_V_ERR_* codes (SSLCertVerificationError.verify_code).
+VERIFY_NOT_YET_VALID = 9
+VERIFY_EXPIRED = 10
+VERIFY_SELF_SIGNED = 18
+VERIFY_HOSTNAME_MISMATCH = 62
+VERIFY_IP_MISMATCH = 64
+VERIFY_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32})
+
+# TLS alerts (as `alert_name` gives them) with which a server says "not your certificate".
+REJECTING_ALERTS = frozenset({
+    "certificate required", "bad certificate", "unknown ca", "certificate expired", "certificate revoked",
+    "unsupported certificate", "certificate unknown", "access denied", "handshake failure", "decrypt error",
+})  # fmt: skip
+# OpenSSL reasons for records that are not TLS at all.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
+
+STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established")
+KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What went wrong, as data.
+
+    stage: "setup" (before any connection), "resolve", "connect", "handshake",
+           "after_handshake" (the handshake passed, then the server spoke or hung up before
+           any byte was carried) or "established" (while carrying bytes).
+    kind:  "config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error",
+           "tls" (an SSLError, `ssl_reason` set) or "verify" (our check of the server failed).
+    first_bytes: the start of what the server sent, when it is worth judging (not TLS?).
+    """
+
+    stage: str
+    kind: str
+    text: str = ""
+    ssl_reason: str | None = None
+    verify_code: int | None = None
+    verify_message: str | None = None
+    first_bytes: bytes = b""
+
+    @property
+    def alert(self) -> str:
+        """The TLS alert's name ("unknown ca"), or "" when this is no alert."""
+        return alert_name(self.ssl_reason or "") if self.kind == "tls" else ""
+
+
+def cause_of(fault: Fault) -> Cause:
+    """The one decision: which cause a fault is. Used by the tunnel and by `check`."""
+    if fault.stage == "setup":
+        return Cause.CONFIG if fault.kind == "config" else Cause.TLS_ERROR
+    if fault.kind == "dns":
+        return Cause.DNS
+    if fault.kind == "refused":
+        return Cause.REFUSED
+    if fault.stage in ("handshake", "after_handshake") and fault.first_bytes and not looks_like_tls(fault.first_bytes):
+        return Cause.NOT_TLS
+    if fault.kind == "timeout":
+        return Cause.TIMEOUT
+    if fault.kind == "verify":
+        return _verify_cause(fault.verify_code)
+    if fault.kind == "tls":
+        alert = fault.alert
+        if alert == "no application protocol":
+            return Cause.ALPN_REFUSED
+        if alert in REJECTING_ALERTS:
+            return Cause.SERVER_REJECTED_CERT
+        if alert:
+            return Cause.TLS_ERROR
+        if (fault.ssl_reason or "").upper() in NOT_TLS_REASONS:
+            return Cause.NOT_TLS
+        if "NO_APPLICATION_PROTOCOL" in (fault.ssl_reason or "").upper():
+            return Cause.ALPN_REFUSED
+        return Cause.TLS_ERROR
+    if fault.stage == "established":
+        return Cause.TRUNCATED if fault.kind == "closed" else Cause.RESET
+    return Cause.CONNECT  # reset, closed, other OS errors before anything was carried
+
+
+def _verify_cause(code: int | None) -> Cause:
+    if code in (VERIFY_HOSTNAME_MISMATCH, VERIFY_IP_MISMATCH):
+        return Cause.NAME_MISMATCH
+    if code == VERIFY_EXPIRED:
+        return Cause.SERVER_CERT_EXPIRED
+    if code == VERIFY_NOT_YET_VALID:
+        return Cause.SERVER_CERT_NOT_YET_VALID
+    return Cause.SERVER_UNTRUSTED
+
+
+def fault_from(stage: str, exc: BaseException, *, first_bytes: bytes = b"") -> Fault:
+    """A Fault from an exception raised at `stage`."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Fault(
+            stage, "verify", error_text(exc), ssl_reason=ssl_reason(exc), verify_code=exc.verify_code,
+            verify_message=exc.verify_message, first_bytes=first_bytes,
+        )  # fmt: skip
+    if isinstance(exc, ssl.SSLZeroReturnError | ssl.SSLEOFError):
+        return Fault(stage, "closed", error_text(exc), ssl_reason=ssl_reason(exc), first_bytes=first_bytes)
+    if isinstance(exc, ssl.SSLError):
+        return Fault(stage, "tls", error_text(exc), ssl_reason=ssl_reason(exc), first_bytes=first_bytes)
+    if isinstance(exc, socket.gaierror):
+        return Fault(stage, "dns", exc.strerror or str(exc))
+    if isinstance(exc, TimeoutError):
+        return Fault(stage, "timeout", error_text(exc), first_bytes=first_bytes)
+    if isinstance(exc, ConnectionRefusedError):
+        return Fault(stage, "refused", exc.strerror or str(exc))
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return Fault(stage, "reset", exc.strerror or str(exc), first_bytes=first_bytes)
+    if isinstance(exc, OSError):
+        return Fault(stage, "os_error", exc.strerror or str(exc), first_bytes=first_bytes)
+    return Fault(stage, "os_error", f"{type(exc).__name__}: {error_text(exc)}", first_bytes=first_bytes)
+
+
+_SSL_TEXT = re.compile(r"(?:\[[^\]]*\]\s*)?([a-z0-9 ]+?)\s*(?:\(_ssl\.c:\d+\))?$")
+
+
+def ssl_reason(exc: ssl.SSLError) -> str | None:
+    """OpenSSL's reason code name, e.g. "TLSV1_ALERT_UNKNOWN_CA".
+
+    Python 3.11 knows no name for reasons newer than its table (it then writes
+    "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"): rebuild it from the text.
+    """
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason)
+    match = _SSL_TEXT.match(str(exc.args[1]) if len(exc.args) > 1 else str(exc))
+    if match is None:
+        return None
+    return match.group(1).strip().upper().replace(" ", "_") or None
+
+
+def alert_name(reason: str) -> str:
+    """OpenSSL's "TLSV1_ALERT_UNKNOWN_CA" → "unknown ca"; "" when it is no alert."""
+    upper = reason.upper()
+    if "ALERT_" not in upper:
+        return ""
+    return upper.split("ALERT_", 1)[1].lower().replace("_", " ")
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """A TLS record starts with a content type 20..23 and protocol major version 3."""
+    return data[0] in (20, 21, 22, 23) and (len(data) < 2 or data[1] == 3)
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's first line, bounded."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def printable(data: bytes, limit: int = 60) -> str:
+    """The first line of what a server sent, as printable text, truncated."""
+    line = data.split(b"\n", 1)[0].rstrip(b"\r") or data
+    text = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in line[:limit])
+    return text + ("…" if len(line) > limit else "")

@@ -1,0 +1,330 @@
+"""`mtls-sidecar check ROUTE`: one real connection to a route's target, observed.
+
+The I/O half of `check` (`sidecar.check.explain` is the pure half): `check_route` makes a
+real TCP connection and TLS handshake, through the same `TLSPipe` the tunnel uses, with the
+identity's selected certificate, and records what it saw as an `Observation`: plain data, no
+exceptions or sockets. `explain` then says what it means.
+
+When our verification of the server fails, a second handshake that verifies nothing and
+presents no client certificate fetches the server's certificate, so the explanation can
+name its issuer, its names and its dates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from contextlib import suppress
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import PurePath
+from typing import Any
+
+from cryptography import x509
+
+from sidecar.causes import Fault, error_text, fault_from
+from sidecar.check.explain import CheckResult, Observation, explain
+from sidecar.config import RouteSpec
+from sidecar.errors import ConfigError
+from sidecar.keystore import Selection
+from sidecar.policy import peer_chain
+from sidecar.revocation import RevocationChecker, check_server_policy
+from sidecar.tlsctx import ServerPolicy, build_client_context
+from sidecar.tlspipe import (
+    CertificateRejected,
+    CloseNotify,
+    Event,
+    Failed,
+    HandshakeDone,
+    Received,
+    Reset,
+    TLSPipe,
+    Truncated,
+)
+
+# How long to listen after our side of the handshake completes: with TLS 1.3 a server
+# rejects our certificate only after that, with an alert on the first read.
+AFTER_HANDSHAKE_WAIT = 1.0
+
+_CHUNK = 65536
+_KEEP_FIRST_BYTES = 256  # of the real handshake: enough to show what a plaintext server said
+_KEEP_PROBE_BYTES = 256 * 1024  # of the probe: a TLS 1.2 certificate flight, to read the certificate from
+
+
+async def check_route(
+    route: RouteSpec,
+    selection: Selection,
+    *,
+    timeout: float | None = None,
+    after_handshake_wait: float = AFTER_HANDSHAKE_WAIT,
+) -> CheckResult:
+    """Connect to the route's target as its identity would, and explain what happened.
+
+    `timeout` (default: the route's connect_timeout) bounds DNS, TCP connect and the TLS
+    handshake together; the server is then given `after_handshake_wait` seconds to reject
+    our certificate (TLS 1.3). A failed verification adds one more bounded handshake.
+    """
+    observation = observe_start(route, selection, now=datetime.now(UTC), timeout=timeout)
+    credential = selection.selected
+    if credential is None:
+        return explain(observation)  # never contact a server with nothing to present
+    try:
+        ctx = build_client_context(credential, ServerPolicy.for_route(route))
+    except ConfigError as exc:
+        return explain(replace(observation, failure=Fault("setup", "config", str(exc))))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return explain(replace(observation, failure=Fault("setup", "credential", error_text(exc))))
+    observation = await _handshake(observation, ctx, after_handshake_wait)
+    if observation.failure is not None and observation.failure.kind == "verify":
+        observation = await _probe(observation)
+    if observation.server_chain and route.checks_after_handshake:
+        verdict = await check_server_policy(
+            route,
+            observation.server_chain,
+            RevocationChecker(),
+            now=observation.now,
+            verified=not route.unsafe_skip_verify,
+        )
+        observation = replace(observation, policy=verdict)
+    return explain(observation)
+
+
+def observe_start(route: RouteSpec, selection: Selection, *, now: datetime, timeout: float | None) -> Observation:
+    """The part of an observation known before any connection."""
+    cert = selection.selected.cert if selection.selected is not None else None
+    rejected = tuple((r.candidate.file, r.reason) for r in selection.rejected)
+    folders = {str(PurePath(f).parent) for f, _ in rejected if PurePath(f).parent != PurePath(".")}
+    return Observation(
+        route=route.name,
+        host=route.target_host,
+        port=route.target_port,
+        server_name=route.server_name,
+        identity=selection.identity,
+        now=now,
+        timeout=route.connect_timeout if timeout is None else timeout,
+        ca_file=route.ca_file,
+        ca_dir=route.ca_dir,
+        alpn_offered=route.alpn,
+        skip_verify=route.unsafe_skip_verify,
+        client_cert=cert,
+        unusable=None if selection.selected is not None else selection.why_unusable(),
+        rejected=rejected,
+        identity_folder=folders.pop() if len(folders) == 1 else None,
+    )
+
+
+class _Wire:
+    """TLS over a non-blocking socket through the sans-I/O `TLSPipe`, keeping the first raw bytes."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str, keep: int) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.pipe = TLSPipe(ctx, _sni(server_name))
+        self.tls = self.pipe.tls
+        self.received = bytearray()
+        self._keep = keep
+        self._pending: list[Event] = []
+
+    async def handshake(self) -> None:
+        while True:
+            for event in self.pipe.events():
+                if isinstance(event, HandshakeDone):
+                    await self._flush()
+                    return
+                if isinstance(event, Failed | CertificateRejected):
+                    with suppress(OSError):
+                        await self._flush()  # our alert, so the server's log says why
+                    raise event.error
+            await self._flush()
+            await self._fill()
+
+    async def read(self) -> bytes:
+        """Application bytes; b"" at the server's EOF. A TLS alert raises ssl.SSLError."""
+        while True:
+            if not self._pending:
+                self._pending = self.pipe.events()
+                await self._flush()  # key updates and the like are answered from inside read()
+            while self._pending:
+                event = self._pending.pop(0)
+                if isinstance(event, Received):
+                    return event.data
+                if isinstance(event, CloseNotify | Truncated):
+                    return b""
+                if isinstance(event, Failed | CertificateRejected | Reset):
+                    raise event.error
+            await self._fill()
+
+    async def close_notify(self) -> None:
+        self.pipe.send_eof()
+        with suppress(OSError):
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data = self.pipe.data_to_send()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _fill(self) -> None:
+        data = await self.loop.sock_recv(self.sock, _CHUNK)
+        if len(self.received) < self._keep:
+            self.received += data[: self._keep - len(self.received)]
+        if data:
+            self.pipe.receive_data(data)
+        else:
+            self.pipe.receive_eof()
+
+
+async def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+    loop = asyncio.get_running_loop()
+    return list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+
+async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]) -> str:
+    """Connect to the first address that answers; the socket goes into `held` (the caller closes it)."""
+    loop = asyncio.get_running_loop()
+    errors: list[OSError] = []
+    for family, kind, proto, _canon, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        held.append(sock)
+        return f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6 else f"{address[0]}:{address[1]}"
+    refused = [e for e in errors if isinstance(e, ConnectionRefusedError)]
+    raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
+
+
+async def _handshake(obs: Observation, ctx: ssl.SSLContext, after_wait: float) -> Observation:
+    held: list[socket.socket] = []
+    try:
+        return await _handshake_on(obs, ctx, after_wait, held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+async def _handshake_on(
+    obs: Observation, ctx: ssl.SSLContext, after_wait: float, held: list[socket.socket]
+) -> Observation:
+    stage = "resolve"
+    wire: _Wire | None = None
+    address: str | None = None
+    try:
+        async with asyncio.timeout(obs.timeout):
+            infos = await _resolve(obs.host, obs.port)
+            stage = "connect"
+            address = await _connect_first(infos, held)
+            stage = "handshake"
+            wire = _Wire(held[0], ctx, obs.server_name, _KEEP_FIRST_BYTES)
+            await wire.handshake()
+    except Exception as exc:
+        first = bytes(wire.received) if wire is not None else b""
+        return replace(obs, address=address, failure=fault_from(stage, exc), first_bytes=first)
+    tls = wire.tls
+    der = tls.getpeercert(binary_form=True)
+    cipher = tls.cipher()
+    done = replace(
+        obs,
+        server_chain=tuple(peer_chain(tls, verified=not obs.skip_verify)),
+        address=address,
+        first_bytes=bytes(wire.received),
+        tls_version=tls.version(),
+        cipher=cipher[0] if cipher else None,
+        alpn=tls.selected_alpn_protocol(),
+        server_cert=_load_der(der),
+        server_cert_verified=not obs.skip_verify,
+    )
+    # Send nothing and listen: with TLS 1.3 a server that rejects our certificate says so now.
+    # Most servers wait for their client to speak first, so silence until the deadline is fine.
+    try:
+        async with asyncio.timeout(after_wait):
+            data = await wire.read()
+    except TimeoutError:
+        after = "silent"
+    except Exception as exc:
+        return replace(done, failure=fault_from("after_handshake", exc))
+    else:
+        after = "data" if data else "closed"
+    if after != "closed":
+        with suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await wire.close_notify()
+    return replace(done, after_handshake=after)
+
+
+async def _probe(obs: Observation) -> Observation:
+    """Fetch the server's certificate without verifying it and without presenting ours."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    held: list[socket.socket] = []
+    wire: _Wire | None = None
+    der: bytes | None = None
+    error: str | None = None
+    try:
+        async with asyncio.timeout(obs.timeout):
+            await _connect_first(await _resolve(obs.host, obs.port), held)
+            wire = _Wire(held[0], ctx, obs.server_name, _KEEP_PROBE_BYTES)
+            await wire.handshake()
+            der = wire.tls.getpeercert(binary_form=True)
+    except Exception as exc:
+        # TLS 1.2 servers that require a client certificate end this handshake, but they
+        # sent their certificate in the clear before that.
+        der = certificate_from_tls12_flight(bytes(wire.received)) if wire is not None else None
+        if der is None:
+            error = error_text(exc)
+    finally:
+        for sock in held:
+            sock.close()
+    cert = _load_der(der)
+    if der and cert is None:
+        error = "the server's certificate is not readable X.509"
+    return replace(obs, server_cert=cert, server_cert_verified=False, probe_error=error)
+
+
+def _load_der(der: bytes | None) -> x509.Certificate | None:
+    if not der:
+        return None
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def _sni(name: str) -> str:
+    return name.strip("[]")
+
+
+def certificate_from_tls12_flight(data: bytes) -> bytes | None:
+    """The server's leaf certificate (DER) from the raw bytes of a TLS ≤ 1.2 handshake.
+
+    Before ChangeCipherSpec, TLS 1.2 handshake records are plaintext; TLS 1.3 encrypts the
+    Certificate message, so this returns None for it.
+    """
+    handshake = bytearray()
+    pos = 0
+    while pos + 5 <= len(data):
+        content_type, length = data[pos], int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if content_type == 20 or pos + 5 + length > len(data):
+            break
+        if content_type == 22:
+            handshake += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+    pos = 0
+    while pos + 4 <= len(handshake):
+        kind, length = handshake[pos], int.from_bytes(handshake[pos + 1 : pos + 4], "big")
+        body = bytes(handshake[pos + 4 : pos + 4 + length])
+        if kind == 11 and len(body) == length and length >= 6:
+            first = int.from_bytes(body[3:6], "big")
+            der = body[6 : 6 + first]
+            return der if first and len(der) == first else None
+        pos += 4 + length
+    return None

@@ -1,0 +1,111 @@
+"""Connection stages: the small, sans-I/O steps a tunnelled connection is made of.
+
+A connection is a chain (the picture is in docs/architecture.md):
+
+    local client ─▶ protocol stage ─▶ TLS pipe ─▶ remote stage ─▶ remote socket
+
+A stage is told what happens on either side of it (`connected`, `from_local`, `from_remote`,
+`local_eof`, `remote_eof`) and answers with commands for the connection to carry out
+(`SendLocal`, `SendRemote`, `EndLocal`, `EndRemote`, `StartTLS`, `Refuse`). It never touches
+a socket, so every protocol is testable by feeding it bytes.
+
+- The **protocol stage** sits between the local client and the TLS pipe. Its "remote" side is
+  the socket itself until it says `StartTLS`, and the TLS pipe's plaintext after: so it may
+  speak before TLS starts (PostgreSQL's SSLRequest and the `N` a local client is told,
+  MySQL's greeting and its in-band SSL switch) and rewrite bytes after (HTTP headers).
+- The **remote stage** sits between the TLS pipe and the remote socket and may speak on the
+  socket before TLS starts (an upstream proxy's CONNECT); its `StartTLS` means "the socket is
+  ready: start the chain above". None is configured today.
+
+Once a stage has nothing left to do it sets `transparent`, and from then on the connection
+does not call it: bytes flow untouched and cost nothing extra. `PassThrough`, the `tcp`
+protocol, is transparent from the start: TLS at once, bytes untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.causes import Fault
+
+
+@dataclass(frozen=True)
+class SendLocal:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendRemote:
+    """To the remote: raw on the socket before `StartTLS`, through the TLS pipe after."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndLocal:
+    """No more bytes for the local client (a half-close: it may go on sending)."""
+
+
+@dataclass(frozen=True)
+class EndRemote:
+    """No more bytes for the remote (TLS close_notify and a TCP half-close)."""
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Start the TLS handshake with the remote now (the protocol stage), or: the socket is
+    ready for the stages above (the remote stage). `leftover`: bytes read past the stage's
+    own prelude, which belong to the next step."""
+
+    leftover: bytes = b""
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """End the connection: the stage cannot go on. `fault` says why, as data."""
+
+    fault: Fault
+    message: str
+
+
+Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | Refuse
+
+
+class Stage(Protocol):
+    transparent: bool
+
+    def connected(self) -> list[Command]:
+        """The TCP connection to the remote is up (nothing has been sent on it yet)."""
+        ...
+
+    def from_local(self, data: bytes) -> list[Command]: ...
+
+    def local_eof(self) -> list[Command]: ...
+
+    def from_remote(self, data: bytes) -> list[Command]:
+        """Raw socket bytes before this stage said StartTLS; the TLS pipe's plaintext after."""
+        ...
+
+    def remote_eof(self) -> list[Command]: ...
+
+
+class PassThrough:
+    """The `tcp` protocol: TLS at once, then every byte passes untouched in both directions."""
+
+    transparent = True
+
+    def connected(self) -> list[Command]:
+        return [StartTLS()]
+
+    def from_local(self, data: bytes) -> list[Command]:
+        return [SendRemote(data)]
+
+    def local_eof(self) -> list[Command]:
+        return [EndRemote()]
+
+    def from_remote(self, data: bytes) -> list[Command]:
+        return [SendLocal(data)]
+
+    def remote_eof(self) -> list[Command]:
+        return [EndLocal()]
