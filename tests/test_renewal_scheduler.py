@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -87,7 +88,7 @@ def test_the_first_enrollment_reads_as_one_in_the_log(
     with caplog.at_level("INFO", logger="sidecar.renewal"):
         assert renewer.plan(clock()).enrolling
         assert asyncio.run(renewer.attempt(enrolling=True))
-    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    lines = renewal_lines(caplog)
     assert lines[:3] == [
         "identity dev: no certificate yet: enrolling",
         "identity dev: enrollment started (local-ca)",
@@ -103,7 +104,7 @@ def test_the_first_enrollment_reads_as_one_in_the_log(
     caplog.clear()
     with caplog.at_level("INFO", logger="sidecar.renewal"):
         assert renewer.plan(clock()).enrolling
-    assert [r.getMessage() for r in caplog.records] == ["identity dev: renewal state valid → expired"]
+    assert renewal_lines(caplog) == ["identity dev: renewal state valid → expired"]
 
 
 def test_a_first_look_at_only_unusable_certificates_says_so(
@@ -115,9 +116,12 @@ def test_a_first_look_at_only_unusable_certificates_says_so(
     renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
     with caplog.at_level("INFO", logger="sidecar.renewal"):
         assert renewer.plan(clock()).enrolling
-    assert [r.getMessage() for r in caplog.records] == [
-        "identity dev: no usable certificate (see `mtls-sidecar status`): enrolling"
-    ]
+    assert renewal_lines(caplog) == ["identity dev: no usable certificate (see `mtls-sidecar status`): enrolling"]
+
+
+def renewal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the renewer logged at INFO and above (other loggers may be on after in-process CLI tests)."""
+    return [r.getMessage() for r in caplog.records if r.name == "sidecar.renewal" and r.levelno >= logging.INFO]
 
 
 def test_rekey_false_keeps_the_key(tmp_path: Path, ca: DevCA) -> None:
