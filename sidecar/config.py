@@ -22,29 +22,29 @@ from cryptography import x509
 
 from sidecar.errors import ConfigError
 from sidecar.policy import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
+from sidecar.renewal.settings import (
+    PROVIDER_KEYS,
+    PROVIDERS,
+    TIMING_KEYS,
+    LocalCASettings,
+    ProviderSettings,
+    parse_provider,
+    parse_timing,
+)
+from sidecar.renewal.timing import RenewalPolicy
 from sidecar.tablereader import Document, Table, toml_key, toml_string
 
 DEFAULT_LIFETIME = 7 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
-RENEW_PROVIDERS = ("local-ca", "acme", "command", "step-ca", "none")
+RENEW_PROVIDERS = tuple(PROVIDERS)  # local-ca, acme, command, step-ca, none
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-# Keys the renewal providers read; here they are only checked to be known names.
-PROVIDER_OPTION_KEYS = (
-    "renew_at", "renew_before", "rekey", "prune_after",
-    "acme_directory", "acme_ca_file", "acme_email", "acme_identifiers", "acme_challenge",
-    "acme_http_port", "acme_timeout",
-    "renew_command", "renew_timeout",
-    "step_ca_url", "step_ca_root", "step_ca_provisioner", "step_ca_provisioner_key",
-    "step_ca_token_command",
-)  # fmt: skip
 
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
              "demo_service", "identities", "routes")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
-                  "issuer_ca_file", *PROVIDER_OPTION_KEYS)  # fmt: skip
+                  "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
 ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
                "pin_sha256", "allowed_uri_sans", "revocation", "crl_file")  # fmt: skip
@@ -86,8 +86,9 @@ class ListenAddress:
 
 @dataclass(frozen=True)
 class IdentitySpec:
+    """One identity as configured: how its credentials are read, and when and by whom it is renewed."""
+
     name: str
-    renew: str = "local-ca"
     subject: str = ""
     lifetime: float = DEFAULT_LIFETIME
     pkcs12_password_env: str | None = None
@@ -96,7 +97,13 @@ class IdentitySpec:
     pkcs12_password_keyring: tuple[str, str] | None = None
     key_password_keyring: tuple[str, str] | None = None
     issuer_ca_file: Path | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    timing: RenewalPolicy = field(default_factory=RenewalPolicy)  # renew_at / renew_before, prune_after
+    provider: ProviderSettings | None = field(default_factory=LocalCASettings)  # None: renew = "none"
+
+    @property
+    def renew(self) -> str:
+        """The provider's name as written in `renew`: local-ca, acme, command, step-ca or none."""
+        return self.provider.name if self.provider is not None else "none"
 
 
 @dataclass(frozen=True)
@@ -323,32 +330,20 @@ def _load_toml(text: str, source: str) -> dict[str, Any]:
 
 def _parse_identity(t: Table) -> IdentitySpec:
     t.check_keys(_IDENTITY_KEYS)
+    renew = t.choice("renew", RENEW_PROVIDERS, "renewal provider", "local-ca")
+    subject = _subject(t)
     return IdentitySpec(
-        name=t.path[-1],
-        renew=t.choice("renew", RENEW_PROVIDERS, "renewal provider", "local-ca"),
-        subject=_subject(t),
+        name=t.name,
+        subject=subject,
         lifetime=t.duration("lifetime", DEFAULT_LIFETIME, positive=True),
         pkcs12_password_env=_env_name(t, "pkcs12_password_env"),
         key_password_env=_env_name(t, "key_password_env"),
         pkcs12_password_keyring=_keyring_entry(t, "pkcs12_password_keyring"),
         key_password_keyring=_keyring_entry(t, "key_password_keyring"),
         issuer_ca_file=t.file("issuer_ca_file"),
-        options=MappingProxyType(_renewal_timing_checked(t, _provider_options(t))),
+        timing=parse_timing(t),
+        provider=parse_provider(t, renew, subject),
     )
-
-
-def _renewal_timing_checked(t: Table, options: dict[str, Any]) -> dict[str, Any]:
-    """renew_at / renew_before / prune_after checked here, so a bad one names its line."""
-    from sidecar.renewal.timing import RenewalPolicy  # deferred: renewal imports config
-
-    try:
-        RenewalPolicy.from_options(options)
-    except ValueError as exc:
-        text = str(exc)
-        key = next((k for k in ("renew_at", "renew_before", "prune_after") if text.startswith(k)), "renew_before")
-        detail = text.split(": ", 1)[1] if text.startswith(key) and ": " in text else text
-        raise t.error(key, detail, options.get(key)) from None
-    return options
 
 
 def _keyring_entry(t: Table, key: str) -> tuple[str, str] | None:
@@ -364,22 +359,6 @@ def _keyring_entry(t: Table, key: str) -> tuple[str, str] | None:
             hint='write "SERVICE/USERNAME", e.g. "mtls-sidecar/dev", after `keyring set mtls-sidecar dev`',
         )
     return (service, username)
-
-
-# Provider options that name files: resolved against the config file's folder like other paths.
-_PROVIDER_PATH_KEYS = ("acme_ca_file", "step_ca_root", "step_ca_provisioner_key")
-
-
-def _provider_options(t: Table) -> dict[str, Any]:
-    options = {k: v for k, v in t.data.items() if k in PROVIDER_OPTION_KEYS}
-    if "rekey" in options and not isinstance(options["rekey"], bool):
-        raise t.error(
-            "rekey", "must be true or false", options["rekey"], hint="rekey = true asks for a new key each time"
-        )
-    for key in _PROVIDER_PATH_KEYS:
-        if isinstance(options.get(key), str):
-            options[key] = str(t.file(key))
-    return options
 
 
 def _subject(t: Table) -> str:

@@ -28,10 +28,13 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate, Secrets, candidates_from_files
+from sidecar.errors import ConfigError
 from sidecar.renewal.http01 import Http01Responder
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.acme import ACCOUNT_FILE, AcmeProvider, csr_subject, default_identifiers
 from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
+from sidecar.renewal.settings import AcmeSettings
+from tests.identity_specs import identity_spec
 from tests.pebble import Pebble, pebble_server, pick_port
 from tests.waiting import wait_until
 
@@ -56,13 +59,7 @@ def spec_for(server: Pebble | None, **options: Any) -> IdentitySpec:
             "acme_ca_file": str(server.listener_ca_file),
             "acme_http_port": server.http_port,
         }
-    merged = {**base, **options}
-    return IdentitySpec(
-        name=NAME,
-        renew="acme",
-        subject="CN=dev,O=Example",
-        options={k: v for k, v in merged.items() if v is not None},
-    )
+    return identity_spec(NAME, renew="acme", subject="CN=dev,O=Example", **{**base, **options})
 
 
 def issue(
@@ -277,30 +274,41 @@ def test_http_port_in_use_names_the_port_and_the_key(tmp_path: Path) -> None:
         ({"acme_identifiers": ["*.example.test"]}, "acme_identifiers", "wildcard"),
         ({"acme_identifiers": ["not a name"]}, "acme_identifiers", "not a DNS name"),
         ({"acme_email": "nobody"}, "acme_email", "e-mail"),
-        ({"acme_ca_file": "/nonexistent/ca.pem"}, "acme_ca_file", "no such file"),
         ({"rekey": "yes"}, "rekey", "true or false"),
         ({"acme_timeout": "soon"}, "acme_timeout", "duration"),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, Any], key: str, words: str) -> None:
+    """Checked when the config is loaded (tests/test_provider_settings.py has the whole messages)."""
     merged = options if key == "acme_directory" else {"acme_directory": "https://acme.example/dir", **options}
-    spec = IdentitySpec(name=NAME, renew="acme", options=merged)
+    with pytest.raises(ConfigError) as caught:
+        identity_spec(NAME, renew="acme", **merged)
+    message = str(caught.value)
+    assert caught.value.field == f"identities.{NAME}.{key}" and words in message, message
+
+
+def test_a_missing_acme_ca_file_is_found_when_the_provider_is_made() -> None:
+    spec = identity_spec(
+        NAME, renew="acme", acme_directory="https://acme.example/dir", acme_ca_file="/nonexistent/ca.pem"
+    )
     with pytest.raises(ProviderError) as caught:
         make_provider(spec, ProviderContext(keystore=Path("/nonexistent")))
     message = str(caught.value)
-    assert f"identities.{NAME}.{key}" in message and words in message, message
+    assert f"identities.{NAME}.acme_ca_file" in message and "no such file" in message, message
 
 
 def test_no_name_to_certify_says_which_key_to_set(tmp_path: Path) -> None:
     """No acme_identifiers, no current certificate, and a CN that is no host name (`CN=dev`)."""
     options = {"acme_directory": "https://127.0.0.1:1/dir", "acme_http_port": pick_port()}
-    spec = IdentitySpec(name=NAME, renew="acme", subject="CN=dev", options=options)
+    spec = identity_spec(NAME, renew="acme", subject="CN=dev", **options)
     message, _ = issue_error(spec, tmp_path / NAME)
     assert f"set identities.{NAME}.acme_identifiers" in message, message
 
 
 def test_default_name_is_a_host_name_cn() -> None:
-    spec = IdentitySpec(name=NAME, renew="acme", subject="CN=dev.example.test,O=Example", options={})
+    spec = IdentitySpec(
+        name=NAME, subject="CN=dev.example.test,O=Example", provider=AcmeSettings(directory="https://acme.example/dir")
+    )
     assert default_identifiers(spec, None) == ("dev.example.test",)
 
 

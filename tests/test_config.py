@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from sidecar.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIFETIME,
     DEFAULT_SHUTDOWN_GRACE,
-    PROVIDER_OPTION_KEYS,
     Config,
     DemoServiceSpec,
     IdentitySpec,
@@ -28,6 +28,8 @@ from sidecar.config import (
     parse_target,
 )
 from sidecar.errors import ConfigError
+from sidecar.renewal.settings import AcmeSettings, CommandSettings, LocalCASettings, StepCASettings
+from sidecar.renewal.timing import RenewalPolicy
 
 MINIMAL = """\
 [identities.dev]
@@ -109,23 +111,22 @@ def test_full_config_parses_to_the_expected_specs() -> None:
     assert list(config.identities) == ["dev", "ci"]
     assert config.identities["dev"] == IdentitySpec(
         name="dev",
-        renew="local-ca",
         subject="CN=dev,O=Example",
         lifetime=86400.0,
         pkcs12_password_env="DEV_P12_PASSWORD",
         key_password_env="DEV_KEY_PASSWORD",
         issuer_ca_file=Path("/etc/ca/dev-ca.pem"),
-        options={},
+        timing=RenewalPolicy(),
+        provider=LocalCASettings(rekey=True),
     )
+    assert config.identities["dev"].renew == "local-ca"
     ci = config.identities["ci"]
     assert ci.renew == "acme"
     assert ci.subject == "CN=ci"
-    assert dict(ci.options) == {
-        "acme_directory": "https://acme.example.test/directory",
-        "acme_identifiers": ["ci.example.test"],
-        "renew_before": "8h",
-        "acme_http_port": 8080,
-    }
+    assert ci.provider == AcmeSettings(
+        directory="https://acme.example.test/directory", identifiers=("ci.example.test",), http_port=8080
+    )
+    assert ci.timing == RenewalPolicy(before=timedelta(hours=8))
 
     assert list(config.routes) == ["api", "db"]
     assert config.routes["api"] == RouteSpec(
@@ -178,8 +179,10 @@ def test_specs_are_frozen() -> None:
         config.active_identity = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.routes["new"] = config.routes["api"]  # type: ignore[index]
-    with pytest.raises(TypeError):
-        config.identities["dev"].options["rekey"] = True  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.identities["dev"].provider.rekey = False  # type: ignore[union-attr,misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.identities["dev"].timing.fraction = 0.5  # type: ignore[misc]
     assert parse_config(MINIMAL) == config
     assert hash(config.routes["api"]) == hash(parse_config(MINIMAL).routes["api"])
 
@@ -189,17 +192,34 @@ def test_a_demo_service_table_without_enabled_stays_off() -> None:
     assert config.demo_service == DemoServiceSpec(False, ListenAddress("tcp", "::1", 0))
 
 
-TIMING_KEYS = ("renew_at", "renew_before", "prune_after", "rekey")  # checked at parse time
-
-
-def test_provider_options_are_kept_verbatim() -> None:
-    free = [key for key in PROVIDER_OPTION_KEYS if key not in TIMING_KEYS]
-    body = "\n".join(f"{key} = {json.dumps(key + '-value')}" for key in free)
+def test_provider_settings_are_typed() -> None:
     config = parse_config(
-        f'[identities.dev]\nrenew = "command"\n{body}\nrenew_before = "8h"\nprune_after = "1d"\nrekey = true\n'
+        '[identities.dev]\nrenew = "command"\nrenew_command = ["renew.sh", "dev"]\nrenew_timeout = "2m"\n'
+        'renew_before = "8h"\nprune_after = "1d"\n'
     )
-    expected = {k: f"{k}-value" for k in free} | {"renew_before": "8h", "prune_after": "1d", "rekey": True}
-    assert dict(config.identities["dev"].options) == expected
+    dev = config.identities["dev"]
+    assert dev.provider == CommandSettings(argv=("renew.sh", "dev"), timeout=120.0)
+    assert dev.timing == RenewalPolicy(before=timedelta(hours=8), prune_after=timedelta(days=1))
+    none = parse_config('[identities.dev]\nrenew = "none"\nrenew_at = 0.5\n').identities["dev"]
+    assert (none.provider, none.renew, none.timing) == (None, "none", RenewalPolicy(fraction=0.5))
+
+
+def test_provider_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    text = (
+        '[identities.dev]\nrenew = "step-ca"\nstep_ca_url = "https://ca.test:9000"\nstep_ca_root = "root.crt"\n'
+        'step_ca_provisioner = "admin"\nstep_ca_provisioner_key = "keys/prov.json"\n'
+        '[identities.ci]\nrenew = "acme"\nacme_directory = "https://acme.test/dir"\nacme_ca_file = "/etc/acme.pem"\n'
+    )
+    config = parse_config('active_identity = "dev"\n' + text, base_dir=tmp_path)
+    assert config.identities["dev"].provider == StepCASettings(
+        url="https://ca.test:9000",
+        common_name="dev",
+        root=tmp_path / "root.crt",
+        provisioner="admin",
+        provisioner_key=tmp_path / "keys" / "prov.json",
+    )
+    ci = config.identities["ci"].provider
+    assert isinstance(ci, AcmeSettings) and ci.ca_file == Path("/etc/acme.pem")
 
 
 @pytest.mark.parametrize(
@@ -643,7 +663,8 @@ def test_default_config_text_parses_and_yields_the_demo_route() -> None:
     config = parse_config(text)
 
     assert config.active_identity == "ann"
-    assert config.identities["ann"] == IdentitySpec(name="ann", renew="local-ca", subject="CN=ann")
+    assert config.identities["ann"] == IdentitySpec(name="ann", subject="CN=ann")
+    assert config.identities["ann"].renew == "local-ca"
     assert config.demo_service == DemoServiceSpec(True, ListenAddress("tcp", "127.0.0.1", 18443))
     assert list(config.routes) == ["demo"]
     demo = config.routes["demo"]

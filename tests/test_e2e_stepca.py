@@ -26,10 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.config import IdentitySpec
 from sidecar.renewal.providers.base import ProviderContext, ProviderError, RenewalRequest
 from sidecar.renewal.providers.stepca import StepCAProvider
 from tests.daemon_runner import DaemonThread
+from tests.identity_specs import identity_spec
 from tests.pki import now
 from tests.realservers import nginx_mtls
 from tests.scenario import Pki, curl, http_get_on, route_to, write_config
@@ -336,7 +336,7 @@ def test_real_stepca_refuses_a_token_from_the_wrong_key_with_401(tmp_path: Path)
         impostor = Provisioner(ca.provisioner.name, ec.generate_private_key(ec.SECP256R1()))
         impostor.kid = ca.provisioner.kid  # claims to be the provisioner, signs with another key
         key_file = impostor.write_private_jwk(tmp_path / "impostor.json")
-        spec = IdentitySpec(name="dev", renew="step-ca", subject=f"CN={NAME}", options=stepca_identity(ca, key_file))
+        spec = identity_spec("dev", **stepca_identity(ca, key_file))
         provider = StepCAProvider(spec, ProviderContext(keystore=tmp_path))
         with pytest.raises(ProviderError) as caught:
             asyncio.run(provider.issue(RenewalRequest(spec, tmp_path, None, datetime.now(UTC))))

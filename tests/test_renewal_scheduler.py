@@ -13,10 +13,11 @@ import pytest
 
 from sidecar.config import parse_config
 from sidecar.devca import DevCA, load_or_create_ca, write_credential
+from sidecar.errors import ConfigError
 from sidecar.events import EventBus
 from sidecar.identities import IdentityBook
 from sidecar.renewal.providers import make_provider
-from sidecar.renewal.providers.base import ProviderContext, ProviderError
+from sidecar.renewal.providers.base import ProviderContext
 from sidecar.renewal.scheduler import IdentityRenewer
 from sidecar.renewal.state import State
 
@@ -239,9 +240,11 @@ fi
 
 def test_command_config_errors(tmp_path: Path) -> None:
     clock = Clock(datetime.now(UTC))
-    with pytest.raises(ProviderError, match="renew_command must be a non-empty list"):
+    with pytest.raises(
+        ConfigError, match=r"^test.toml:3: identities.dev.renew_command = 'step ca renew': must be a non-empty list"
+    ):
         renewer_for(tmp_path, 'renew = "command"\nrenew_command = "step ca renew"', clock)
-    with pytest.raises(ProviderError, match="renew_timeout"):
+    with pytest.raises(ConfigError, match=r"^test.toml:4: identities.dev.renew_timeout = 'later': "):
         renewer_for(tmp_path, 'renew = "command"\nrenew_command = ["x"]\nrenew_timeout = "later"', clock)
 
 

@@ -92,26 +92,8 @@ def test_clock_jump_detection(wall: timedelta, mono: float, jumped: bool) -> Non
     assert clock_jumped(T0, 100.0, T0 + wall, 100.0 + mono) is jumped
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"renew_at": 1.5}, "renew_at = 1.5"),
-        ({"renew_at": True}, "renew_at = True"),
-        ({"renew_before": "soon"}, "renew_before"),
-        ({"renew_at": 0.5, "renew_before": "1h"}, "not both"),
-        ({"prune_after": "-"}, "prune_after"),
-    ],
-)
-def test_policy_options_errors_name_the_key(options: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        RenewalPolicy.from_options(options)
-
-
-def test_policy_options() -> None:
-    assert RenewalPolicy.from_options({"renew_at": 0.66}).fraction == 0.66
-    assert RenewalPolicy.from_options({"renew_before": "8h"}).before == timedelta(hours=8)
-    assert RenewalPolicy.from_options({"prune_after": "1d"}).prune_after == DAY
-    assert RenewalPolicy.from_options({}) == RenewalPolicy()
+# The timing keys (renew_at, renew_before, prune_after) are read with the config:
+# tests/test_provider_settings.py checks their values and errors.
 
 
 # --- the state table

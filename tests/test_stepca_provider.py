@@ -18,6 +18,7 @@ from josepy.jwk import JWKEC, JWKRSA
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
+from sidecar.errors import ConfigError
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import CannotEnroll, ProviderContext, ProviderError, RenewalRequest
 from sidecar.renewal.providers.stepca import (
@@ -27,10 +28,11 @@ from sidecar.renewal.providers.stepca import (
     make_csr,
     make_token,
     parse_certificate_response,
-    parse_settings,
     run_token_command,
 )
+from sidecar.renewal.settings import StepCASettings
 from sidecar.renewal.state import Event, RenewalStatus, State
+from tests.identity_specs import identity_spec
 from tests.pki import CA, pem
 from tests.stepca import Provisioner
 
@@ -39,9 +41,7 @@ NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
 
 def spec(**options: Any) -> IdentitySpec:
-    return IdentitySpec(
-        name="laptop", renew="step-ca", subject="CN=laptop.example.test", options={"step_ca_url": URL, **options}
-    )
+    return identity_spec("laptop", renew="step-ca", subject="CN=laptop.example.test", **{"step_ca_url": URL, **options})
 
 
 @pytest.fixture
@@ -185,55 +185,61 @@ def test_error_line_carries_status_and_the_cas_message() -> None:
 # --- settings
 
 
+# Checked when the config is loaded; tests/test_provider_settings.py has the whole messages.
 @pytest.mark.parametrize(
-    ("options", "expected"),
+    ("options", "key", "expected"),
     [
-        ({"step_ca_url": None}, "identities.laptop.step_ca_url is required"),
-        ({"step_ca_url": "http://ca:9000"}, "must be an https:// URL"),
-        ({"step_ca_url": "https://ca:99999"}, "bad port"),
-        ({"step_ca_root": "/nonexistent/root.crt"}, "identities.laptop.step_ca_root: no such file"),
-        ({"step_ca_provisioner": "admin"}, "step_ca_provisioner needs identities.laptop.step_ca_provisioner_key"),
-        ({"step_ca_token_command": "step ca token x"}, "must be a non-empty list of strings"),
-        ({"rekey": "yes"}, "rekey must be true or false"),
-        ({"renew_timeout": "soon"}, "renew_timeout"),
+        ({"step_ca_url": None}, "step_ca_url", 'required with renew = "step-ca"'),
+        ({"step_ca_url": "http://ca:9000"}, "step_ca_url", "must be an https:// URL"),
+        ({"step_ca_url": "https://ca:99999"}, "step_ca_url", "bad port"),
+        ({"step_ca_provisioner": "admin"}, "step_ca_provisioner", "needs step_ca_provisioner_key"),
+        ({"step_ca_token_command": "step ca token x"}, "step_ca_token_command", "must be a non-empty list of strings"),
+        ({"rekey": "yes"}, "rekey", "must be true or false"),
+        ({"renew_timeout": "soon"}, "renew_timeout", "is not a duration"),
     ],
 )
-def test_bad_settings_name_the_key(options: dict[str, Any], expected: str) -> None:
-    merged = {"step_ca_url": URL, **options}
-    if merged["step_ca_url"] is None:
-        del merged["step_ca_url"]
-    with pytest.raises(ProviderError, match=re.escape(expected)):
-        parse_settings(IdentitySpec(name="laptop", renew="step-ca", subject="CN=laptop.example.test", options=merged))
+def test_bad_settings_name_the_key(options: dict[str, Any], key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        spec(**options)
+    assert caught.value.field == f"identities.laptop.{key}" and expected in str(caught.value), caught.value
 
 
 def test_key_file_without_provisioner_and_key_with_command_are_refused(
     provisioner: tuple[Provisioner, Path],
 ) -> None:
     _, key_file = provisioner
-    with pytest.raises(
-        ProviderError, match=re.escape("step_ca_provisioner_key needs identities.laptop.step_ca_provisioner")
-    ):
-        parse_settings(spec(step_ca_provisioner_key=str(key_file)))
-    with pytest.raises(ProviderError, match="not both"):
-        parse_settings(
-            spec(step_ca_provisioner="admin", step_ca_provisioner_key=str(key_file), step_ca_token_command=["x"])
-        )
+    with pytest.raises(ConfigError) as caught:
+        spec(step_ca_provisioner_key=str(key_file))
+    assert caught.value.field == "identities.laptop.step_ca_provisioner_key"
+    assert "needs step_ca_provisioner too" in str(caught.value)
+    with pytest.raises(ConfigError, match="not both"):
+        spec(step_ca_provisioner="admin", step_ca_provisioner_key=str(key_file), step_ca_token_command=["x"])
+
+
+def test_a_missing_root_is_found_when_the_provider_is_made() -> None:
+    with pytest.raises(ProviderError, match=re.escape("identities.laptop.step_ca_root: no such file")):
+        make_provider(spec(step_ca_root="/nonexistent/root.crt"), ProviderContext(keystore=Path("/nonexistent")))
 
 
 def test_a_provisioner_key_others_can_read_is_refused(provisioner: tuple[Provisioner, Path]) -> None:
     _, key_file = provisioner
     key_file.chmod(0o644)
     with pytest.raises(ProviderError, match="chmod 600"):
-        parse_settings(spec(step_ca_provisioner="admin", step_ca_provisioner_key=str(key_file)))
+        make_provider(
+            spec(step_ca_provisioner="admin", step_ca_provisioner_key=str(key_file)),
+            ProviderContext(keystore=Path("/nonexistent")),
+        )
 
 
 def test_subject_needs_a_cn() -> None:
-    with pytest.raises(ProviderError, match="subject needs a CN"):
-        parse_settings(IdentitySpec(name="laptop", renew="step-ca", subject="O=Example", options={"step_ca_url": URL}))
+    with pytest.raises(ConfigError) as caught:
+        identity_spec("laptop", renew="step-ca", subject="O=Example", step_ca_url=URL)
+    assert caught.value.field == "identities.laptop.subject" and "needs a CN" in str(caught.value)
 
 
 def test_defaults_and_make_provider() -> None:
-    settings = parse_settings(spec(step_ca_url=URL + "/"))
+    settings = spec(step_ca_url=URL + "/").provider
+    assert isinstance(settings, StepCASettings)
     assert settings.url == URL and settings.rekey is False and settings.timeout == 30.0
     assert settings.common_name == "laptop.example.test" and not settings.can_enroll
     provider = make_provider(spec(), ProviderContext(keystore=Path("/nonexistent")))

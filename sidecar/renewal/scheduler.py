@@ -28,7 +28,7 @@ from sidecar.renewal.store import (
     validate_new,
     write_credential,
 )
-from sidecar.renewal.timing import MAX_WAIT, RenewalPolicy, next_retry, renewal_time
+from sidecar.renewal.timing import MAX_WAIT, next_retry, renewal_time
 
 log = logging.getLogger("sidecar.renewal")
 
@@ -62,7 +62,7 @@ class IdentityRenewer:
         self.book = book
         self.events = events
         self.clock = clock
-        self.policy = RenewalPolicy.from_options(spec.options)
+        self.policy = spec.timing
         self._status = RenewalStatus(provider=provider.name)
         self._rng = rng or random.Random()
         self._jitter: dict[str, float] = {}  # one jitter draw per certificate, stable across re-plans
@@ -266,7 +266,7 @@ class ExpiryWarner:
         self.book = book
         self.events = events
         self.clock = clock
-        self.policy = RenewalPolicy.from_options(spec.options)
+        self.policy = spec.timing
         self._wake = asyncio.Event()
         self._warned: set[str] = set()
 

@@ -6,12 +6,8 @@ tested with a table and an injected clock.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
-
-from sidecar.units import parse_duration
 
 DEFAULT_FRACTION = 2 / 3
 JITTER_FRACTION = 1 / 20
@@ -28,46 +24,16 @@ CLOCK_JUMP_THRESHOLD = timedelta(seconds=5)
 
 @dataclass(frozen=True)
 class RenewalPolicy:
-    """`fraction` of the lifetime, or `before` expiry; jitter moves renewal earlier, never later."""
+    """`fraction` of the lifetime, or `before` expiry; jitter moves renewal earlier, never later.
+
+    Read from an identity's `renew_at`, `renew_before` and `prune_after` by
+    `sidecar.renewal.settings.parse_timing` when the config is loaded.
+    """
 
     fraction: float = DEFAULT_FRACTION
     before: timedelta | None = None
     jitter_fraction: float = JITTER_FRACTION
     prune_after: timedelta = DEFAULT_PRUNE_AFTER
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> RenewalPolicy:
-        """Read `renew_at`, `renew_before` and `prune_after`; ValueError names the key."""
-        fraction = DEFAULT_FRACTION
-        before = None
-        if "renew_at" in options and "renew_before" in options:
-            raise ValueError("set renew_at or renew_before, not both")
-        if "renew_at" in options:
-            value = options["renew_at"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-                raise ValueError(f"renew_at = {value!r}: write a fraction of the lifetime between 0 and 1, e.g. 0.66")
-            fraction = float(value)
-        if "renew_before" in options:
-            before = _duration_option(options, "renew_before")
-        prune_after = DEFAULT_PRUNE_AFTER
-        if "prune_after" in options:
-            prune_after = _duration_option(options, "prune_after")
-        return cls(fraction=fraction, before=before, prune_after=prune_after)
-
-
-_LONGEST = timedelta(days=100 * 365)  # beyond this, date arithmetic downstream overflows
-
-
-def _duration_option(options: Mapping[str, Any], key: str) -> timedelta:
-    try:
-        seconds = parse_duration(options[key])
-        if seconds != seconds:
-            raise ValueError('not a number; write for example "8h" or "2d"')
-        if seconds > _LONGEST.total_seconds():
-            raise ValueError(f"{options[key]!r} is longer than 100 years")
-        return timedelta(seconds=seconds)
-    except ValueError as exc:
-        raise ValueError(f"{key}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ what goes wrong into one readable line. The library is synchronous, so one issua
 order, challenges, finalisation, download) runs in a worker thread while the http-01
 responder answers on the daemon's event loop; every wait is bounded by `acme_timeout`.
 
-Options (`identities.NAME.*`):
+Options (`identities.NAME.*`, parsed and checked at load into `settings.AcmeSettings`):
 
 - `acme_directory` (required): the directory URL, https only.
 - `acme_ca_file`: trust for the ACME server's HTTPS; default the system trust store.
@@ -40,10 +40,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
-from urllib.parse import urlsplit
 
 import requests
 from acme import challenges, client, errors, messages
@@ -60,21 +58,17 @@ from sidecar.config import IdentitySpec
 from sidecar.credentials import PrivateKey
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 from sidecar.renewal.http01 import LOOPBACK, Http01Responder
-from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
-from sidecar.units import parse_duration
+from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest, settings_of
+from sidecar.renewal.settings import AcmeSettings, acme_identifier
 
 log = logging.getLogger("sidecar.renewal.acme")
 
 ACCOUNT_FILE = ".acme-account.json"
-DEFAULT_HTTP_PORT = 5002
-DEFAULT_TIMEOUT_S = 90.0
 MAX_REQUEST_TIMEOUT_S = 30.0
-SUPPORTED_CHALLENGES = ("http-01",)
 USER_AGENT = f"mtls-sidecar/{__version__} acme-python"
 
 _POLL_FIRST_S = 0.2
 _POLL_MAX_S = 2.0
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 _VERIFY_TEXT = re.compile(r"certificate verify failed: ([^'\")(]+)")
 
@@ -94,95 +88,17 @@ class _Cancelled(Exception):
     """The coroutine waiting for the worker thread went away; stop at the next step."""
 
 
-@dataclass(frozen=True)
-class AcmeSettings:
-    """The acme_* options of one identity, checked."""
-
-    directory: str
-    ca_file: Path | None
-    email: str | None
-    identifiers: tuple[str, ...] | None
-    http_port: int
-    rekey: bool
-    timeout: float
-
-
-def parse_settings(spec: IdentitySpec) -> AcmeSettings:
-    """Read and check `spec.options`; ProviderError names the key (`identities.NAME.KEY`)."""
-    options = spec.options
-    where = f"identities.{spec.name}"
-
-    directory = options.get("acme_directory")
-    if directory is None:
-        raise ProviderError(f'{where}.acme_directory is required with renew = "acme" (the ACME directory URL)')
-    if not isinstance(directory, str):
-        raise ProviderError(f"{where}.acme_directory must be a string (an https:// URL), not {directory!r}")
-    parts = urlsplit(directory)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ProviderError(
-            f"{where}.acme_directory must be an https:// URL such as "
-            f'"https://acme-v02.api.letsencrypt.org/directory", not {directory!r}'
-        )
-
-    ca_file: Path | None = None
-    raw_ca = options.get("acme_ca_file")
-    if raw_ca is not None:
-        if not isinstance(raw_ca, str | os.PathLike) or not str(raw_ca):
-            raise ProviderError(f"{where}.acme_ca_file must be a file path, not {raw_ca!r}")
-        ca_file = Path(os.path.expanduser(os.fspath(raw_ca)))
-        if not ca_file.is_file():
-            raise ProviderError(f"{where}.acme_ca_file: no such file: {ca_file}")
-
-    email = options.get("acme_email")
-    if email is not None and (not isinstance(email, str) or "@" not in email or any(c.isspace() for c in email)):
-        raise ProviderError(f'{where}.acme_email must be an e-mail address such as "dev@example.com", not {email!r}')
-
-    identifiers: tuple[str, ...] | None = None
-    raw_ids = options.get("acme_identifiers")
-    if raw_ids is not None:
-        if not isinstance(raw_ids, list | tuple) or not raw_ids:
-            raise ProviderError(
-                f'{where}.acme_identifiers must be a non-empty list of DNS names, e.g. ["dev.example.com"]'
-            )
-        identifiers = tuple(_identifier(value, f"{where}.acme_identifiers") for value in raw_ids)
-
-    challenge = options.get("acme_challenge", "http-01")
-    if challenge not in SUPPORTED_CHALLENGES:
-        raise ProviderError(f'{where}.acme_challenge = {challenge!r} is not supported: only "http-01" is')
-
-    port = options.get("acme_http_port", DEFAULT_HTTP_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ProviderError(f"{where}.acme_http_port must be a port number 1-65535, not {port!r}")
-
-    rekey = options.get("rekey", True)
-    if not isinstance(rekey, bool):
-        raise ProviderError(f"{where}.rekey must be true or false, not {rekey!r}")
-
-    try:
-        timeout = parse_duration(options.get("acme_timeout", DEFAULT_TIMEOUT_S))
-    except ValueError as exc:
-        raise ProviderError(f"{where}.acme_timeout: {exc}") from exc
-    if timeout <= 0:
-        raise ProviderError(f"{where}.acme_timeout must be more than zero")
-
-    return AcmeSettings(directory, ca_file, email, identifiers, port, rekey, timeout)
+def check_files(settings: AcmeSettings, where: str) -> None:
+    """What the config cannot check without the file system: acme_ca_file is there."""
+    if settings.ca_file is not None and not settings.ca_file.is_file():
+        raise ProviderError(f"{where}.acme_ca_file: no such file: {settings.ca_file}")
 
 
 def _identifier(value: object, where: str) -> str:
-    """A DNS name (lower case, no trailing dot) or an IP address literal."""
-    if not isinstance(value, str) or not value:
-        raise ProviderError(f"{where}: expected DNS names as strings, not {value!r}")
     try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    name = value.lower().rstrip(".")
-    if name.startswith("*."):
-        raise ProviderError(f"{where}: {value!r}: wildcard names cannot be validated with http-01")
-    labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-        raise ProviderError(f"{where}: {value!r} is not a DNS name")
-    return name
+        return acme_identifier(value)
+    except ValueError as exc:
+        raise ProviderError(f"{where}: {value!r}: {exc}") from None
 
 
 def _is_ip(identifier: str) -> bool:
@@ -283,7 +199,8 @@ class AcmeProvider:
     def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
         self.spec = spec
         self.context = context
-        self.settings = parse_settings(spec)
+        self.settings = settings_of(spec, AcmeSettings)
+        check_files(self.settings, f"identities.{spec.name}")
 
     async def issue(self, request: RenewalRequest) -> NewCredential:
         settings = self.settings

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
 from sidecar.devca import DevCA
+from sidecar.renewal.settings import ProviderSettings
+
+S = TypeVar("S", bound=ProviderSettings)
 
 
 class ProviderError(Exception):
@@ -44,6 +47,13 @@ class NewCredential:
 
     cert_chain_pem: bytes
     key_pem: bytes = field(repr=False)
+
+
+def settings_of(spec: IdentitySpec, kind: type[S]) -> S:
+    """`spec.provider`, which the config parsed and checked for provider `kind`."""
+    if not isinstance(spec.provider, kind):
+        raise ProviderError(f"identity {spec.name} has renew = {spec.renew!r}, not {kind.name!r}")
+    return spec.provider
 
 
 class Provider(Protocol):

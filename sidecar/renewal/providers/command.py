@@ -16,11 +16,9 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
-from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
+from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest, settings_of
 from sidecar.renewal.providers.run import run_setting_command
-from sidecar.units import parse_duration
-
-DEFAULT_TIMEOUT = 60.0
+from sidecar.renewal.settings import CommandSettings
 
 
 class CommandProvider:
@@ -28,18 +26,7 @@ class CommandProvider:
 
     def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
         self.spec = spec
-        field = f"identities.{spec.name}"
-        argv = spec.options.get("renew_command")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
-            raise ProviderError(
-                f"{field}.renew_command must be a non-empty list of strings (argv, no shell), "
-                'e.g. ["step", "ca", "renew", "--force", "cert.pem", "key.pem"]'
-            )
-        self.argv: list[str] = argv
-        try:
-            self.timeout = parse_duration(spec.options.get("renew_timeout", DEFAULT_TIMEOUT))
-        except ValueError as exc:
-            raise ProviderError(f"{field}.renew_timeout: {exc}") from exc
+        self.settings = settings_of(spec, CommandSettings)
 
     async def issue(self, request: RenewalRequest) -> NewCredential:
         with tempfile.TemporaryDirectory(prefix="mtls-sidecar-renew-") as out_dir:
@@ -54,7 +41,9 @@ class CommandProvider:
                 current_cert, current_key = _write_current(request.current, Path(out_dir))
                 env["MTLS_SIDECAR_CURRENT_CERT"] = str(current_cert)
                 env["MTLS_SIDECAR_CURRENT_KEY"] = str(current_key)
-            await run_setting_command(self.argv, setting="renew_command", timeout=self.timeout, env=env)
+            await run_setting_command(
+                self.settings.argv, setting="renew_command", timeout=self.settings.timeout, env=env
+            )
             missing = [
                 f"{var} ({path})"
                 for var, path in (("MTLS_SIDECAR_OUT_CERT", out_cert), ("MTLS_SIDECAR_OUT_KEY", out_key))

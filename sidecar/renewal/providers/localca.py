@@ -7,7 +7,8 @@ from datetime import timedelta
 from sidecar.config import IdentitySpec
 from sidecar.devca import BACKDATE
 from sidecar.errors import KeystoreError
-from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest
+from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest, settings_of
+from sidecar.renewal.settings import LocalCASettings
 
 
 class LocalCAProvider:
@@ -16,7 +17,7 @@ class LocalCAProvider:
     def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
         self.spec = spec
         self.context = context
-        self.rekey = bool(spec.options.get("rekey", True))
+        self.rekey = settings_of(spec, LocalCASettings).rekey
 
     async def issue(self, request: RenewalRequest) -> NewCredential:
         ca = self.context.dev_ca

@@ -10,7 +10,7 @@
   `step_ca_token_command` prints. Without either the identity is `expired` and status says what
   to run.
 
-Options (`identities.NAME.*`):
+Options (`identities.NAME.*`, parsed and checked at load into `settings.StepCASettings`):
 
 - `step_ca_url` (required): `https://host:port` of the CA.
 - `step_ca_root`: the CA's root certificate (trust for its HTTPS); default the system store.
@@ -33,7 +33,6 @@ import contextlib
 import http.client
 import ipaddress
 import json
-import os
 import secrets
 import shlex
 import ssl
@@ -47,7 +46,6 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from josepy import jwa, jws
 from josepy.errors import DeserializationError
 from josepy.jwk import JWK, JWKEC, JWKRSA
@@ -62,123 +60,28 @@ from sidecar.renewal.providers.base import (
     ProviderContext,
     ProviderError,
     RenewalRequest,
+    settings_of,
 )
 from sidecar.renewal.providers.run import run_setting_command
+from sidecar.renewal.settings import StepCASettings
 from sidecar.tlsctx import load_credential
-from sidecar.units import parse_duration
 
-DEFAULT_TIMEOUT_S = 30.0
 TOKEN_LIFETIME = timedelta(minutes=5)
 USER_AGENT = f"mtls-sidecar/{__version__}"
 MAX_RESPONSE_BYTES = 1 << 20
 _MESSAGE_MAX = 300
 
 
-@dataclass(frozen=True)
-class StepCASettings:
-    """The step_ca_* options of one identity, checked."""
-
-    url: str  # no trailing slash
-    root: Path | None
-    provisioner: str | None
-    provisioner_key: Path | None
-    token_command: tuple[str, ...] | None
-    common_name: str
-    rekey: bool
-    timeout: float
-
-    @property
-    def can_enroll(self) -> bool:
-        return self.provisioner_key is not None or self.token_command is not None
-
-
-def parse_settings(spec: IdentitySpec) -> StepCASettings:
-    """Read and check `spec.options`; ProviderError names the key (`identities.NAME.KEY`)."""
-    options = spec.options
-    where = f"identities.{spec.name}"
-
-    url = options.get("step_ca_url")
-    if url is None:
-        raise ProviderError(f'{where}.step_ca_url is required with renew = "step-ca" (e.g. "https://ca.example:9000")')
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
-        raise ProviderError(
-            f'{where}.step_ca_url must be an https:// URL such as "https://ca.example:9000", not {url!r}'
-        )
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ProviderError(f"{where}.step_ca_url has a bad port: {url!r}") from None
-
-    root = _optional_file(options, "step_ca_root", where)
-    key_file = _optional_file(options, "step_ca_provisioner_key", where)
-    provisioner = options.get("step_ca_provisioner")
-    if provisioner is not None and (not isinstance(provisioner, str) or not provisioner):
-        raise ProviderError(
-            f"{where}.step_ca_provisioner must be the provisioner's name (a string), not {provisioner!r}"
-        )
-    if (provisioner is None) != (key_file is None):
-        given, missing = (
-            ("step_ca_provisioner", "step_ca_provisioner_key")
-            if key_file is None
-            else ("step_ca_provisioner_key", "step_ca_provisioner")
-        )
-        raise ProviderError(f"{where}.{given} needs {where}.{missing} too (a JWK provisioner's name and its key)")
-    if key_file is not None:
-        problem = loose_key_problem(key_file, key_file.stat().st_mode)
+def check_files(settings: StepCASettings, where: str) -> None:
+    """What the config cannot check without the file system: the files are there, and the
+    provisioner's private key is readable by its owner only."""
+    for key, path in (("step_ca_root", settings.root), ("step_ca_provisioner_key", settings.provisioner_key)):
+        if path is not None and not path.is_file():
+            raise ProviderError(f"{where}.{key}: no such file: {path}")
+    if settings.provisioner_key is not None:
+        problem = loose_key_problem(settings.provisioner_key, settings.provisioner_key.stat().st_mode)
         if problem:
             raise ProviderError(f"{where}.step_ca_provisioner_key: {problem}")
-
-    command = options.get("step_ca_token_command")
-    token_command: tuple[str, ...] | None = None
-    if command is not None:
-        if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
-            raise ProviderError(
-                f"{where}.step_ca_token_command must be a non-empty list of strings (argv, no shell), "
-                'e.g. ["step", "ca", "token", "laptop.example.test"]'
-            )
-        if key_file is not None:
-            raise ProviderError(
-                f"{where}: set step_ca_provisioner_key or step_ca_token_command, not both (both make enrollment tokens)"
-            )
-        token_command = tuple(command)
-
-    rekey = options.get("rekey", False)
-    if not isinstance(rekey, bool):
-        raise ProviderError(f"{where}.rekey must be true or false, not {rekey!r}")
-    try:
-        timeout = parse_duration(options.get("renew_timeout", DEFAULT_TIMEOUT_S))
-    except ValueError as exc:
-        raise ProviderError(f"{where}.renew_timeout: {exc}") from exc
-
-    names = x509.Name.from_rfc4514_string(spec.subject).get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names or not isinstance(names[0].value, str) or not names[0].value:
-        raise ProviderError(
-            f"{where}.subject needs a CN, the name step-ca certifies "
-            f'(e.g. "CN=laptop.example.test"), not {spec.subject!r}'
-        )
-    return StepCASettings(
-        url=url.rstrip("/"),
-        root=root,
-        provisioner=provisioner,
-        provisioner_key=key_file,
-        token_command=token_command,
-        common_name=names[0].value,
-        rekey=rekey,
-        timeout=timeout,
-    )
-
-
-def _optional_file(options: Mapping[str, Any], key: str, where: str) -> Path | None:
-    raw = options.get(key)
-    if raw is None:
-        return None
-    if not isinstance(raw, str | os.PathLike) or not str(raw):
-        raise ProviderError(f"{where}.{key} must be a file path, not {raw!r}")
-    path = Path(os.path.expanduser(os.fspath(raw)))
-    if not path.is_file():
-        raise ProviderError(f"{where}.{key}: no such file: {path}")
-    return path
 
 
 class StepCAProvider:
@@ -186,7 +89,8 @@ class StepCAProvider:
 
     def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
         self.spec = spec
-        self.settings = parse_settings(spec)
+        self.settings = settings_of(spec, StepCASettings)
+        check_files(self.settings, f"identities.{spec.name}")
 
     async def issue(self, request: RenewalRequest) -> NewCredential:
         try:
