@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -501,7 +500,7 @@ class Daemon:
         """The status document (the control API serves this shape)."""
         now = now or datetime.now(UTC)
         identities = {name: self._identity_status(name) for name in self.config.identities}
-        routes = {name: self._route_status(listener) for name, listener in self.listeners.items()}
+        routes = self.routes_status()
         warnings = [
             f"route {name}: server verification is turned off (unsafe_skip_verify)"
             for name, listener in self.listeners.items()
@@ -562,47 +561,16 @@ class Daemon:
         }
 
     def _route_status(self, listener: RouteListener) -> dict[str, Any]:
-        route = listener.route
-        counters = listener.counters
-        identity = self.identity_for(route)
-        if not listener.is_running:
-            state = "error" if listener.last_error else "stopped"
-        elif not self.book.selection(identity).usable:
-            state = "no_certificate"
-        else:
-            state = "up"
-        return {
-            "listen": str(listener.bound or route.listen),
-            "target": listener.target,
-            "server_name": route.server_name,
-            "identity": identity,
-            "state": state,
-            "active_connections": counters.active,
-            "total_connections": counters.total,
-            "bytes_in": counters.bytes_in,
-            "bytes_out": counters.bytes_out,
-            "failures": dict(counters.failures),
-            "last_error": listener.last_error or counters.last_error,
-            # connections let through despite a problem (revocation = "soft"), by reason, and the latest
-            "warnings": dict(counters.warnings),
-            "last_warning": counters.last_warning,
-            "policy": {
-                "pins": len(route.pin_sha256),
-                "allowed_uri_sans": list(route.allowed_uri_sans),
-                "revocation": route.revocation,
-                "crl_file": str(route.crl_file) if route.crl_file else None,
-            },
-            "verify": not route.unsafe_skip_verify,
-            # how connections from other OS users are kept out ("method": null: they cannot be)
-            "peer_check": _peer_check(route),
-        }
+        identity = self.identity_for(listener.route)
+        return listener.status(identity=identity, has_certificate=self.book.selection(identity).usable)
 
+    def routes_status(self) -> dict[str, Any]:
+        return {name: self._route_status(listener) for name, listener in self.listeners.items()}
 
-def _peer_check(route: RouteSpec) -> dict[str, str | None]:
-    if route.listen.kind == "unix":
-        method = "so-peercred" if hasattr(socket, "SO_PEERCRED") else "socket-mode"
-        return {"method": method, "detail": "the socket is 0600; on Linux the peer's uid is checked too"}
-    return {"method": PEER_CHECK.method, "detail": PEER_CHECK.detail}
+    def route_status(self, name: str) -> dict[str, Any]:
+        """One route's status, without building the whole document."""
+        self._require_route(name)
+        return self._route_status(self.listeners[name])
 
 
 def describe_certificate(candidate: Candidate | None) -> dict[str, Any] | None:

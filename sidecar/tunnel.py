@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from sidecar import failures, policy
 from sidecar.causes import Cause, Fault, cause_of, fault_from
@@ -122,6 +122,53 @@ class RouteListener:
         assert route.listen == self.route.listen, "a new listen address needs a new listener"
         self.route = route
         self.policy = ServerPolicy.for_route(route)
+
+    def status(self, *, identity: str, has_certificate: bool) -> dict[str, Any]:
+        """This route as status shows it (the control API serves this shape).
+
+        `identity`: the identity its new connections use; `has_certificate`: whether that
+        identity has a usable certificate now (the daemon knows, the listener does not).
+        """
+        route = self.route
+        counters = self.counters
+        if not self.is_running:
+            state = "error" if self.last_error else "stopped"
+        elif not has_certificate:
+            state = "no_certificate"
+        else:
+            state = "up"
+        return {
+            "listen": str(self.bound or route.listen),
+            "target": self.target,
+            "server_name": route.server_name,
+            "identity": identity,
+            "state": state,
+            "active_connections": counters.active,
+            "total_connections": counters.total,
+            "bytes_in": counters.bytes_in,
+            "bytes_out": counters.bytes_out,
+            "failures": {str(cause): n for cause, n in counters.failures.items()},
+            "last_error": self.last_error or counters.last_error,
+            # connections let through despite a problem (revocation = "soft"), by reason, and the latest
+            "warnings": {str(cause): n for cause, n in counters.warnings.items()},
+            "last_warning": counters.last_warning,
+            "policy": {
+                "pins": len(route.pin_sha256),
+                "allowed_uri_sans": list(route.allowed_uri_sans),
+                "revocation": route.revocation,
+                "crl_file": str(route.crl_file) if route.crl_file else None,
+            },
+            "verify": not route.unsafe_skip_verify,
+            # how connections from other OS users are kept out ("method": null: they cannot be)
+            "peer_check": self.peer_check(),
+        }
+
+    def peer_check(self) -> dict[str, str | None]:
+        """How connections from other OS users are refused on this route (method None: they cannot be)."""
+        if self.route.listen.kind == "unix":
+            method = "so-peercred" if hasattr(socket, "SO_PEERCRED") else "socket-mode"
+            return {"method": method, "detail": "the socket is 0600; on Linux the peer's uid is checked too"}
+        return {"method": PEER_CHECK.method, "detail": PEER_CHECK.detail}
 
     @property
     def is_running(self) -> bool:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sidecar.causes import Cause
 from sidecar.statusview import parse_time
 from sidecar.units import human_duration
 
@@ -226,11 +227,12 @@ def notifications_for(
         out.append(Notification("Renewal failing", f"{event.get('identity')}: {event.get('error')}"))
     elif kind == "route.error":
         out.append(Notification("Route could not start", str(event.get("error"))))
-    elif kind == "route.failure" and event.get("reason") == "server_rejected_certificate":
+    elif kind == "route.failure" and event.get("reason") == Cause.SERVER_REJECTED_CERT:
         key = f"{event.get('route')}:{event.get('error')}"
         if key not in memory.rejected:  # once per route and cause, not per connection
             memory.rejected.add(key)
-            out.append(Notification("Server rejected our certificate", str(event.get("error"))))
+            fix = Cause.SERVER_REJECTED_CERT.fix
+            out.append(Notification("Server rejected our certificate", f"{event.get('error')}; {fix}"))
     if status is not None:
         out += _expiring(status, now, memory)
     return out

@@ -127,7 +127,7 @@ async def _renew(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
 
 
 async def _list_routes(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
-    return ApiResponse(200, daemon.status()["routes"])
+    return ApiResponse(200, daemon.routes_status())
 
 
 async def _add_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
@@ -137,7 +137,7 @@ async def _add_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRe
         raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_KEYS)}")
     fields = {key: body[key] for key in ROUTE_KEYS if key in body}
     await daemon.add_route(name, fields)
-    return ApiResponse(201, daemon.status()["routes"][name])
+    return ApiResponse(201, daemon.route_status(name))
 
 
 async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
