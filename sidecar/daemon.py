@@ -298,7 +298,8 @@ class Daemon:
                     else IdentityRenewer(spec, provider, self.book, self.events)
                 )
             except (ProviderError, ValueError) as exc:
-                raise ConfigError(str(exc), source=config.source, field=f"identities.{name}") from exc
+                # The provider's message names its field already (identities.NAME.KEY): once is enough.
+                raise ConfigError(str(exc), source=config.source) from exc
         return made
 
     def _install_identity_watchers(self, watchers: dict[str, IdentityRenewer | ExpiryWarner]) -> None:
