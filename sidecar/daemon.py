@@ -198,7 +198,8 @@ class Daemon:
             return
         grace.cancel()
         await asyncio.gather(grace, return_exceptions=True)
-        await asyncio.gather(*(listener.drain(0) for listener in listeners))  # cut what is still open
+        for listener in listeners:
+            listener.cut()
 
     # --- configuration: one path for start-up, reloads and API changes
 

@@ -37,7 +37,7 @@ from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.peercred import describe_peer_check, peer_uid, user_name
-from sidecar.revocation import RevocationChecker, check_server_policy
+from sidecar.revocation.checker import RevocationChecker, check_server_policy
 from sidecar.stages import Command, EndLocal, EndRemote, PassThrough, Refuse, SendLocal, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ContextCache, ServerPolicy
 from sidecar.tlspipe import (
@@ -229,6 +229,10 @@ class RouteListener:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
+        self.cut()
+
+    def cut(self) -> None:
+        """End every open connection now (both sides aborted)."""
         for conn in list(self._connections):
             conn.abort()
 

@@ -34,7 +34,7 @@ from sidecar.autostart.plan import (
     systemd_exec,
     written_by_version,
 )
-from sidecar.cli_autostart import format_status
+from sidecar.cli.autostart import format_status
 
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 
@@ -361,7 +361,7 @@ def test_tray_start_at_login_toggle_changes_autostart_status(
     tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYSTRAY_BACKEND", "dummy")
-    from sidecar.cli_autostart import autostart_for
+    from sidecar.cli.autostart import autostart_for
     from sidecar.paths import resolve_places
     from tests.test_tray_adapter import menu_item, recording_icon_class
     from tray.app import TrayApp, load_pystray

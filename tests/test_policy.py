@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
-from sidecar import revocation
 from sidecar.causes import Cause
 from sidecar.config import parse_config
 from sidecar.errors import ConfigError
@@ -31,7 +30,9 @@ from sidecar.policy import (
     spki_sha256,
     uri_matches,
 )
-from sidecar.revocation import (
+from sidecar.revocation import checker as revocation
+from sidecar.revocation.checker import FetchError, RevocationChecker
+from sidecar.revocation.judge import (
     DEFAULT_TTL,
     FAILURE_TTL,
     GOOD,
@@ -40,8 +41,6 @@ from sidecar.revocation import (
     UNKNOWN,
     Answer,
     AnswerCache,
-    FetchError,
-    RevocationChecker,
     cache_until,
     decide,
     judge_crl,

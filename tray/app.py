@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def autostart_or_none(places: Places, home: str | None) -> Autostart | None:
     """Launch at login for this installation, or None where it is not supported."""
-    from sidecar.cli_autostart import autostart_for
+    from sidecar.cli.autostart import autostart_for
 
     try:
         autostart = autostart_for(places, home, None)

@@ -29,7 +29,7 @@ from sidecar.config import RouteSpec
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection
 from sidecar.policy import peer_chain
-from sidecar.revocation import RevocationChecker, check_server_policy
+from sidecar.revocation.checker import RevocationChecker, check_server_policy
 from sidecar.tlsctx import ServerPolicy, build_client_context
 from sidecar.tlspipe import (
     CertificateRejected,

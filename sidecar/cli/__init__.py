@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(places, args)
         if args.command == "tunnel":
-            from sidecar.single import run_tunnel
+            from sidecar.cli.tunnel import run_tunnel
 
             return run_tunnel(args)
         if args.command in _REMOTE or (args.command == "identity" and args.identity_command == "list"):
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "identity":
             return _cmd_identity_new(places, args)
         if args.command == "autostart":
-            from sidecar.cli_autostart import cmd_autostart
+            from sidecar.cli.autostart import cmd_autostart
 
             return cmd_autostart(places, args)
     except ConfigError as exc:
@@ -266,7 +266,7 @@ _REMOTE = ("status", "use", "renew", "check", "route")
 
 
 def _remote(places: Places, args: argparse.Namespace) -> int:
-    from sidecar import cli_control
+    from sidecar.cli import control as cli_control
     from sidecar.control.client import ApiCallError, DaemonNotRunning
 
     commands = {

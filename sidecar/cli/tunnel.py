@@ -1,4 +1,8 @@
-"""`mtls-sidecar tunnel`: one route from flags, no config file, in the foreground."""
+"""`mtls-sidecar tunnel`: one route from flags, no config file, in the foreground.
+
+The argparse namespace stops at the edge: `run_tunnel` turns it into a `TunnelFlags` (typed,
+frozen) and everything after reads that.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,10 +35,47 @@ SHUTDOWN_GRACE = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
 
 
+@dataclass(frozen=True)
+class TunnelFlags:
+    """The `tunnel` command's flags, as typed values (ghostunnel's client flags where they overlap)."""
+
+    listen: str
+    target: str
+    cert: str | None = None
+    key: str | None = None
+    keystore: str | None = None
+    storepass_env: str | None = None
+    cacert: str | None = None
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    connect_timeout: str | None = "10s"
+    unsafe_listen: bool = False
+    workers: int = 1
+    log_level: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TunnelFlags:
+        return cls(
+            listen=args.listen,
+            target=args.target,
+            cert=args.cert,
+            key=args.key,
+            keystore=args.keystore,
+            storepass_env=args.storepass_env,
+            cacert=args.cacert,
+            server_name=args.server_name,
+            alpn=tuple(args.alpn or ()),
+            connect_timeout=args.connect_timeout,
+            unsafe_listen=bool(args.unsafe_listen),
+            workers=int(getattr(args, "workers", 1) or 1),
+            log_level=getattr(args, "log_level", None),
+        )
+
+
 class FlagCredentials:
     """The identity behind `--cert/--key` or `--keystore`, re-read when its folder changes."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: TunnelFlags) -> None:
         password_text = os.environ.get(args.storepass_env) if args.storepass_env else None
         password = password_text.encode() if password_text is not None else None
         source = f"environment variable {args.storepass_env}" if args.storepass_env else "--storepass-env"
@@ -85,7 +127,7 @@ def _read(path: Path, flag: str) -> bytes:
         raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag, value=str(path)) from exc
 
 
-def route_from_flags(args: argparse.Namespace) -> RouteSpec:
+def route_from_flags(args: TunnelFlags) -> RouteSpec:
     listen = parse_listen(args.listen, field="--listen", source=SOURCE)
     if not listen.is_loopback and not args.unsafe_listen:
         raise ConfigError(
@@ -107,13 +149,14 @@ def route_from_flags(args: argparse.Namespace) -> RouteSpec:
         target_port=port,
         server_name=args.server_name or host,
         ca_file=Path(args.cacert).expanduser().absolute() if args.cacert else None,
-        alpn=tuple(args.alpn),
+        alpn=args.alpn,
         connect_timeout=timeout,
         unsafe_listen=bool(args.unsafe_listen),
     )
 
 
-def run_tunnel(args: argparse.Namespace) -> int:
+def run_tunnel(namespace: argparse.Namespace) -> int:
+    args = TunnelFlags.from_args(namespace)
     logsetup.configure(args.log_level or "info")
     route = route_from_flags(args)
     workers = _check_workers(args, route)
@@ -130,8 +173,8 @@ def run_tunnel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_workers(args: argparse.Namespace, route: RouteSpec) -> int:
-    workers = int(getattr(args, "workers", 1) or 1)
+def _check_workers(args: TunnelFlags, route: RouteSpec) -> int:
+    workers = args.workers
     if workers == 1:
         return 1
     if workers < 1 or workers > 64:

@@ -1,0 +1,1 @@
+"""Revocation of server certificates: `judge` (pure) and `checker` (fetching, caching)."""
