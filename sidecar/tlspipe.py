@@ -96,6 +96,7 @@ class Failed:
 
 
 Event = HandshakeDone | Received | CloseNotify | Truncated | Reset | CertificateRejected | Failed
+_NO_EVENTS: list[Event] = []  # returned, never changed: no list made per write
 
 
 class TLSPipe:
@@ -108,12 +109,17 @@ class TLSPipe:
             self._incoming, self._outgoing, server_side=False, server_hostname=server_name, session=session
         )
         self.handshake_complete = False
-        self.flow = Flow.BOTH
+        self._can_receive = True  # the per-direction state; `flow` shows it as a Flow
+        self._can_send = True
         self.received = 0  # plaintext bytes from the server
         self.first_bytes = b""  # the start of what the server sent, raw
         self.failed = False  # a Failed, CertificateRejected or Reset was reported: nothing more passes
         self._eof = False
         self._reset: BaseException | None = None
+
+    @property
+    def flow(self) -> Flow:
+        return (Flow.CAN_RECEIVE if self._can_receive else Flow.NONE) | (Flow.CAN_SEND if self._can_send else Flow.NONE)
 
     # --- input
 
@@ -136,32 +142,43 @@ class TLSPipe:
         return self._outgoing.read() if self._outgoing.pending else b""
 
     def events(self) -> list[Event]:
-        """Advance the handshake, or (once it is done: call again) read plaintext; say what happened."""
-        if self.failed:
-            return []
+        """Advance the handshake, or (once it is done: call again) read plaintext; say what happened.
+
+        Stops after HandshakeDone: the caller may want to check the server before it reads a byte.
+        """
         out: list[Event] = []
-        if not self.handshake_complete:
-            # Stop at HandshakeDone: the caller may want to check the server before it reads a byte.
-            self._advance_handshake(out)
-            return out
-        self._read(out)
+        while (event := self.next_event()) is not None:
+            out.append(event)
+            if isinstance(event, HandshakeDone):
+                break
         return out
+
+    def next_event(self) -> Event | None:
+        """One event, or None when nothing more can be said until more bytes come.
+
+        One TLS record at a time, so a caller can pass each on before decrypting the next.
+        """
+        if self.failed:
+            return None
+        if not self.handshake_complete:
+            return self._advance_handshake()
+        return self._read_one()
 
     def send(self, data: bytes) -> list[Event]:
         """Encrypt plaintext for the server (then `data_to_send()`); an error comes back as an event."""
-        if self.failed or Flow.CAN_SEND not in self.flow or not self.handshake_complete:
-            return []
+        if self.failed or not self._can_send or not self.handshake_complete:
+            return _NO_EVENTS
         try:
             self.tls.write(data)
         except ssl.SSLError as exc:
             return [self._fail(exc, during_handshake=False)]
-        return []
+        return _NO_EVENTS
 
     def send_eof(self) -> None:
         """End what we send: close_notify. The server may go on sending."""
-        if Flow.CAN_SEND not in self.flow:
+        if not self._can_send:
             return
-        self.flow &= ~Flow.CAN_SEND
+        self._can_send = False
         if self.failed or not self.handshake_complete:
             return
         with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: it would now want the server's
@@ -169,7 +186,7 @@ class TLSPipe:
 
     # --- internals
 
-    def _advance_handshake(self, out: list[Event]) -> None:
+    def _advance_handshake(self) -> Event | None:
         if self._eof or self._reset is not None:
             self._incoming.write_eof()  # during the handshake, OpenSSL must see the end to explain it
         try:
@@ -177,43 +194,43 @@ class TLSPipe:
         except ssl.SSLWantReadError:
             if self._eof or self._reset is not None:
                 error = self._reset or ConnectionResetError("closed during the TLS handshake")
-                out.append(self._fail(error, during_handshake=True))
-            return
+                return self._fail(error, during_handshake=True)
+            return None
         except (ssl.SSLError, OSError) as exc:
-            out.append(self._fail(exc, during_handshake=True))
-            return
+            return self._fail(exc, during_handshake=True)
         self.handshake_complete = True
-        out.append(HandshakeDone())
+        return HandshakeDone()
 
-    def _read(self, out: list[Event]) -> None:
-        while Flow.CAN_RECEIVE in self.flow:
+    def _read_one(self) -> Event | None:
+        if self._can_receive:
             try:
                 chunk = self.tls.read(READ_CHUNK)
             except ssl.SSLWantReadError:
-                break
+                chunk = None  # nothing whole is buffered
             except ssl.SSLZeroReturnError:  # close_notify, when we had sent ours first
                 chunk = b""
             except ssl.SSLError as exc:  # an alert: with TLS 1.3, how a server rejects our certificate
-                out.append(self._fail(exc, during_handshake=False))
-                return
-            if not chunk:  # close_notify (Python's SSLObject returns b"" for it)
-                self.flow &= ~Flow.CAN_RECEIVE
-                out.append(CloseNotify())
-                break
-            self.received += len(chunk)
-            out.append(Received(chunk))
+                return self._fail(exc, during_handshake=False)
+            if chunk:
+                self.received += len(chunk)
+                return Received(chunk)
+            if chunk is not None:  # close_notify (Python's SSLObject returns b"" for it)
+                self._can_receive = False
+                return CloseNotify()
         if self._reset is not None:
-            if Flow.CAN_RECEIVE in self.flow or Flow.CAN_SEND in self.flow:
+            if self._can_receive or self._can_send:
                 self.failed = True
-                self.flow = Flow.NONE
-                out.append(Reset(self._reset, self.received))
-        elif self._eof and Flow.CAN_RECEIVE in self.flow:
-            self.flow &= ~Flow.CAN_RECEIVE
-            out.append(Truncated(self.received))
+                self._can_receive = self._can_send = False
+                return Reset(self._reset, self.received)
+            return None
+        if self._eof and self._can_receive:
+            self._can_receive = False
+            return Truncated(self.received)
+        return None
 
     def _fail(self, exc: BaseException, *, during_handshake: bool) -> Event:
         self.failed = True
-        self.flow = Flow.NONE
+        self._can_receive = self._can_send = False
         if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
             alert = alert_name(ssl_reason(exc) or "")
             if alert in REJECTING_ALERTS:

@@ -25,7 +25,7 @@ import ssl
 import struct
 from asyncio.trsock import TransportSocket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -685,7 +685,9 @@ class _RemoteSide(asyncio.Protocol):
         if self.pipe is None:  # before StartTLS: raw
             self.transport.write(data)
             return
-        self._handle(self.pipe.send(data))
+        events = self.pipe.send(data)
+        if events:
+            self._handle(events)
         self._flush()
 
     def send_eof(self) -> None:
@@ -725,13 +727,22 @@ class _RemoteSide(asyncio.Protocol):
     # --- internals
 
     def _pump(self) -> None:
-        assert self.pipe is not None
-        events = self.pipe.events()
-        self._flush()  # handshake flights, our alert, answers to key updates
-        self._handle(events)
-        self._flush()
+        pipe = self.pipe
+        assert pipe is not None
+        if not pipe.handshake_complete:
+            events = pipe.events()
+            self._flush()  # handshake flights, our alert
+            self._handle(events)
+        else:
+            # One record at a time: each is on its way to the local client before the next is
+            # decrypted (reading all first cost a quarter of the download rate).
+            while (event := pipe.next_event()) is not None:
+                self._handle((event,))
+                if self.pipe is not pipe:
+                    break  # let go of meanwhile
+        self._flush()  # answers to key updates and the like
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: Sequence[Event]) -> None:
         listener = self.peer.listener
         for event in events:
             if isinstance(event, Received):
