@@ -34,6 +34,10 @@ class Cause(StrEnum):
     ALPN_REFUSED = "alpn_refused"
     TLS_ERROR = "tls_error"
     CONFIG = "config"
+    # A route's protocol (sidecar/protocols/): one side does not speak it; a database server
+    # that does not offer TLS inside its own handshake.
+    PROTOCOL_MISMATCH = "protocol_mismatch"
+    SERVER_NO_TLS = "server_offers_no_tls"
     # The route's own checks after the handshake (sidecar/policy.py, sidecar/revocation.py).
     PIN_MISMATCH = "pin_mismatch"
     URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
@@ -109,6 +113,14 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
         "the route's settings cannot be used (an unreadable `ca_file`, say): nothing was contacted",
         "fix the field the message names",
     ),
+    Cause.PROTOCOL_MISMATCH: (
+        "the local client or the target does not speak the route's `protocol`",
+        "set the route's protocol to what the client and the server speak (tcp, postgres, mysql or http)",
+    ),
+    Cause.SERVER_NO_TLS: (
+        "the database server does not offer TLS in its handshake (PostgreSQL answered N, MySQL lacks CLIENT_SSL)",
+        "turn TLS on in the server (PostgreSQL: ssl = on; MySQL/MariaDB: ssl_cert, ssl_key, ssl_ca)",
+    ),
     Cause.PIN_MISMATCH: (
         "no certificate of the server's verified chain has a key in `pin_sha256`",
         "check the server's new key with its owner before adding it to pin_sha256",
@@ -155,8 +167,9 @@ REJECTING_ALERTS = frozenset({
 # OpenSSL reasons for records that are not TLS at all.
 NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
 
-STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established")
-KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify")
+STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established", "local")
+KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify",
+         "protocol", "no_tls")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,9 +178,12 @@ class Fault:
 
     stage: "setup" (before any connection), "resolve", "connect", "handshake",
            "after_handshake" (the handshake passed, then the server spoke or hung up before
-           any byte was carried) or "established" (while carrying bytes).
+           any byte was carried), "established" (while carrying bytes) or "local" (the
+           local client's side).
     kind:  "config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error",
-           "tls" (an SSLError, `ssl_reason` set) or "verify" (our check of the server failed).
+           "tls" (an SSLError, `ssl_reason` set), "verify" (our check of the server failed),
+           "protocol" (a side does not speak the route's protocol) or "no_tls" (a database
+           server offers no TLS in its handshake).
     first_bytes: the start of what the server sent, when it is worth judging (not TLS?).
     """
 
@@ -189,6 +205,10 @@ def cause_of(fault: Fault) -> Cause:
     """The one decision: which cause a fault is. Used by the tunnel and by `check`."""
     if fault.stage == "setup":
         return Cause.CONFIG if fault.kind == "config" else Cause.TLS_ERROR
+    if fault.kind == "protocol":
+        return Cause.PROTOCOL_MISMATCH
+    if fault.kind == "no_tls":
+        return Cause.SERVER_NO_TLS
     if fault.kind == "dns":
         return Cause.DNS
     if fault.kind == "refused":

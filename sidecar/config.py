@@ -47,7 +47,11 @@ _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_pa
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
 ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
-               "pin_sha256", "allowed_uri_sans", "revocation", "crl_file")  # fmt: skip
+               "pin_sha256", "allowed_uri_sans", "revocation", "crl_file",
+               "protocol", "postgres_negotiation", "local_tls", "host_header")  # fmt: skip
+# What a route's local client speaks (sidecar/protocols/): how its bytes become an mTLS conversation.
+PROTOCOLS = ("tcp", "postgres", "mysql", "http")
+POSTGRES_NEGOTIATIONS = ("sslrequest", "direct")
 _DEMO_KEYS = ("enabled", "listen")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -124,6 +128,13 @@ class RouteSpec:
     allowed_uri_sans: tuple[str, ...] = ()
     revocation: str = "off"
     crl_file: Path | None = None
+    protocol: str = "tcp"
+    # postgres: "sslrequest" (SSLRequest, then TLS) or "direct" (PostgreSQL 17+: TLS at once, ALPN postgresql)
+    postgres_negotiation: str = "sslrequest"
+    # postgres, mysql: speak TLS to the local client too, with a dev-CA certificate for localhost
+    local_tls: bool = False
+    # http: the Host every request gets (default: server_name, with :port unless it is 443)
+    host_header: str | None = None
 
     @property
     def checks_after_handshake(self) -> bool:
@@ -421,6 +432,17 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
             t.data["crl_file"],
             hint='add revocation = "soft" or revocation = "hard" to this route',
         )
+    protocol = t.choice("protocol", PROTOCOLS, "protocol", "tcp")
+    _only_for(t, protocol, "postgres_negotiation", ("postgres",))
+    _only_for(t, protocol, "local_tls", ("postgres", "mysql"))
+    _only_for(t, protocol, "host_header", ("http",))
+    negotiation = t.choice("postgres_negotiation", POSTGRES_NEGOTIATIONS, "PostgreSQL negotiation", "sslrequest")
+    alpn = _alpn(t)
+    if negotiation == "direct" and not alpn:
+        alpn = ("postgresql",)  # PostgreSQL 17 accepts TLS at once only with this ALPN
+    host_header = t.string("host_header")
+    if host_header is not None and (not host_header.strip() or any(c in host_header for c in "\r\n\0 ")):
+        raise t.error("host_header", "not a host name", host_header, hint='for example "api.example.test"')
     return RouteSpec(
         name=t.path[-1],
         listen=listen,
@@ -430,7 +452,7 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         ca_file=t.file("ca_file"),
         ca_dir=t.file("ca_dir"),
         identity=identity,
-        alpn=_alpn(t),
+        alpn=alpn,
         connect_timeout=t.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True),
         unsafe_listen=unsafe_listen,
         unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
@@ -438,7 +460,17 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         allowed_uri_sans=_uri_patterns(t),
         revocation=t.choice("revocation", REVOCATION_MODES, "revocation mode", "off"),
         crl_file=t.file("crl_file"),
+        protocol=protocol,
+        postgres_negotiation=negotiation,
+        local_tls=t.boolean("local_tls"),
+        host_header=host_header,
     )
+
+
+def _only_for(t: Table, protocol: str, key: str, protocols: tuple[str, ...]) -> None:
+    if key in t.data and protocol not in protocols:
+        wanted = " or ".join(f'protocol = "{p}"' for p in protocols)
+        raise t.error(key, f"only used with {wanted}", t.data[key], hint=f'this route has protocol = "{protocol}"')
 
 
 def _server_name(t: Table) -> str | None:

@@ -4,10 +4,19 @@ A connection is a chain (the picture is in docs/architecture.md):
 
     local client ─▶ protocol stage ─▶ TLS pipe ─▶ remote stage ─▶ remote socket
 
-A stage is told what happens on either side of it (`connected`, `from_local`, `from_remote`,
-`local_eof`, `remote_eof`) and answers with commands for the connection to carry out
-(`SendLocal`, `SendRemote`, `EndLocal`, `EndRemote`, `StartTLS`, `Refuse`). It never touches
-a socket, so every protocol is testable by feeding it bytes.
+A stage is told what happens on either side of it (`connected`, `tls_established`,
+`from_local`, `from_remote`, `local_eof`, `remote_eof`, `remote_failed`) and answers with
+commands for the connection to carry out (`SendLocal`, `SendRemote`, `EndLocal`,
+`EndRemote`, `StartTLS`, `Refuse`, `Close`). It never touches a socket, so every protocol is
+testable by feeding it bytes.
+
+Order of calls: the local client's bytes reach a non-transparent stage from the start
+(`from_local`, before the remote is even connected: an HTTP stage reads the request, a
+PostgreSQL stage answers the client's SSLRequest); `connected` when the remote's TCP is up;
+the stage says `StartTLS` when the remote is ready for the handshake; `tls_established` once
+the handshake and the route's checks passed (only then may it send what the client said
+through TLS); `remote_failed` instead, when connecting, the handshake or the checks failed
+(an HTTP stage answers 502 then; the default is to close).
 
 - The **protocol stage** sits between the local client and the TLS pipe. Its "remote" side is
   the socket itself until it says `StartTLS`, and the TLS pipe's plaintext after: so it may
@@ -27,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from sidecar.causes import Fault
+from sidecar.causes import Cause, Fault
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class StartTLS:
 
 
 @dataclass(frozen=True)
+class Close:
+    """End the connection once what was sent to the local client is flushed."""
+
+
+@dataclass(frozen=True)
 class Refuse:
     """End the connection: the stage cannot go on. `fault` says why, as data."""
 
@@ -69,7 +83,7 @@ class Refuse:
     message: str
 
 
-Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | Refuse
+Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | Refuse | Close
 
 
 class Stage(Protocol):
@@ -77,6 +91,15 @@ class Stage(Protocol):
 
     def connected(self) -> list[Command]:
         """The TCP connection to the remote is up (nothing has been sent on it yet)."""
+        ...
+
+    def tls_established(self) -> list[Command]:
+        """The handshake and the route's checks passed: `SendRemote` now goes through TLS."""
+        ...
+
+    def remote_failed(self, cause: Cause, message: str) -> list[Command]:
+        """The remote could not be reached, or refused us, or failed the route's checks (the
+        failure is already counted). Without a `Close` the local side stays open for the stage."""
         ...
 
     def from_local(self, data: bytes) -> list[Command]: ...
@@ -97,6 +120,12 @@ class PassThrough:
 
     def connected(self) -> list[Command]:
         return [StartTLS()]
+
+    def tls_established(self) -> list[Command]:
+        return []
+
+    def remote_failed(self, cause: Cause, message: str) -> list[Command]:
+        return [Close()]
 
     def from_local(self, data: bytes) -> list[Command]:
         return [SendRemote(data)]

@@ -37,8 +37,9 @@ from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.peercred import describe_peer_check, peer_uid, user_name
+from sidecar.protocols import make_stage
 from sidecar.revocation.checker import RevocationChecker, check_server_policy
-from sidecar.stages import Command, EndLocal, EndRemote, PassThrough, Refuse, SendLocal, SendRemote, Stage, StartTLS
+from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ContextCache, ServerPolicy
 from sidecar.tlspipe import (
     CertificateRejected,
@@ -110,8 +111,8 @@ class RouteListener:
         self.bound: ListenAddress | None = None
         self.reuse_port = False  # several processes share one TCP port (SO_REUSEPORT)
         self.on_failure: Callable[[str, Failure], None] | None = None
-        # A new protocol stage per connection (sidecar.stages); `tcp` passes bytes untouched.
-        self.stage_factory: Callable[[], Stage] = PassThrough
+        # A new protocol stage per connection (sidecar.protocols); `tcp` passes bytes untouched.
+        self.stage_factory: Callable[[], Stage] = self._make_stage
 
     @property
     def name(self) -> str:
@@ -169,6 +170,9 @@ class RouteListener:
             method = "so-peercred" if hasattr(socket, "SO_PEERCRED") else "socket-mode"
             return {"method": method, "detail": "the socket is 0600; on Linux the peer's uid is checked too"}
         return {"method": PEER_CHECK.method, "detail": PEER_CHECK.detail}
+
+    def _make_stage(self) -> Stage:
+        return make_stage(self.route, self.bound or self.route.listen)
 
     @property
     def is_running(self) -> bool:
@@ -355,6 +359,8 @@ class _PlainSide(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.listener._opened(self)
+        if not self.stage.transparent:
+            transport.resume_reading()  # the stage reads the client's first words itself
         self._task = asyncio.get_running_loop().create_task(
             self._open_remote(), name=f"route {self.listener.name}: open remote"
         )
@@ -364,10 +370,7 @@ class _PlainSide(asyncio.Protocol):
         route = listener.route
         selection = await listener.selection(route)
         if selection.selected is None:
-            listener._record_failure(
-                failures.Failure(Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}")
-            )
-            self.close()
+            self._fail(failures.Failure(Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}"))
             return
         loop = asyncio.get_running_loop()
         try:
@@ -375,10 +378,7 @@ class _PlainSide(asyncio.Protocol):
         except Exception as exc:
             fault = fault_from("setup", exc)
             kind = "config" if isinstance(exc, ConfigError) else "credential"
-            listener._record_failure(
-                failures.Failure(cause_of(Fault("setup", kind)), f"cannot build TLS context: {fault.text}")
-            )
-            self.close()
+            self._fail(failures.Failure(cause_of(Fault("setup", kind)), f"cannot build TLS context: {fault.text}"))
             return
         remote: _RemoteSide | None = None
         try:
@@ -407,8 +407,7 @@ class _PlainSide(asyncio.Protocol):
                 timeout=route.connect_timeout,
                 first_bytes=remote.first_bytes() if remote is not None else b"",
             )
-            listener._record_failure(failure)
-            self.close()
+            self._fail(failure)
             return
         if self.closed:  # the local client gave up while we were connecting
             remote.close()
@@ -422,8 +421,7 @@ class _PlainSide(asyncio.Protocol):
                 raise
             if not verdict.ok:
                 remote.abort()
-                listener._record_failure(failures.Failure(verdict.reason or Cause.TLS_ERROR, verdict.message))
-                self.close()
+                self._fail(failures.Failure(verdict.reason or Cause.TLS_ERROR, verdict.message))
                 return
             if self.closed:
                 remote.close()
@@ -439,6 +437,9 @@ class _PlainSide(asyncio.Protocol):
         if self.closed:
             return
         assert self.transport is not None
+        if not self.stage.transparent:
+            self._run(self.stage.tls_established())
+            return  # local reading was never paused for it
         for data in self._early:
             self._from_local(data)
         self._early.clear()
@@ -446,6 +447,15 @@ class _PlainSide(asyncio.Protocol):
             self._local_eof()
             return
         self.transport.resume_reading()
+
+    def _fail(self, failure: Failure) -> None:
+        """Connecting, the handshake or the route's checks failed: count it, tell the stage."""
+        self.listener._record_failure(failure)
+        self.remote = None
+        if self.stage.transparent:
+            self.close()
+        else:
+            self._run(self.stage.remote_failed(failure.reason, failure.message))
 
     # --- the chain: local ⇄ stage ⇄ remote
 
@@ -466,6 +476,8 @@ class _PlainSide(asyncio.Protocol):
                     self.remote.start_tls(command.leftover)
             elif isinstance(command, Refuse):
                 self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message))
+                self.close()
+            elif isinstance(command, Close):
                 self.close()
 
     def _from_local(self, data: bytes) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.causes import Fault
+from sidecar.causes import Cause, Fault
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.credentials import Secrets
 from sidecar.keystore import Selection, read_identity_folder, select
-from sidecar.stages import Command, EndLocal, EndRemote, PassThrough, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import Close, Command, EndLocal, EndRemote, PassThrough, Refuse, SendLocal, SendRemote, StartTLS
 from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import RouteListener
 from tests.scenario import Pki
@@ -32,18 +32,30 @@ class StartTLSLine:
     def __init__(self) -> None:
         self.buffer = b""
         self.step = "greeting"  # → "asked" → "tls"
+        self.held = b""  # the local client's words, until TLS is up
+
+    def tls_established(self) -> list[Command]:
+        self.step = "established"
+        held, self.held = self.held, b""
+        return [SendRemote(held.upper())] if held else []
+
+    def remote_failed(self, cause: Cause, message: str) -> list[Command]:
+        return [Close()]
 
     def connected(self) -> list[Command]:
         return []  # the server speaks first
 
     def from_local(self, data: bytes) -> list[Command]:
+        if self.step != "established":
+            self.held += data
+            return []
         return [SendRemote(data.upper())]
 
     def local_eof(self) -> list[Command]:
         return [EndRemote()]
 
     def from_remote(self, data: bytes) -> list[Command]:
-        if self.step == "tls":
+        if self.step in ("tls", "established"):
             return [SendLocal(data)]
         self.buffer += data
         if b"\n" not in self.buffer:
@@ -51,7 +63,7 @@ class StartTLSLine:
         line, self.buffer = self.buffer.split(b"\n", 1)
         expected = b"READY" if self.step == "greeting" else b"GO"
         if line != expected:
-            fault = Fault("handshake", "os_error", f"no {expected!r}")
+            fault = Fault("handshake", "protocol", f"no {expected!r}")
             return [Refuse(fault, f"the server said {line!r}, not {expected.decode()}")]
         if self.step == "greeting":
             self.step = "asked"
@@ -74,7 +86,9 @@ def test_a_stage_refuses_a_wrong_greeting() -> None:
     assert stage.from_remote(b"REA") == []
     assert stage.from_remote(b"DY\n") == [SendRemote(b"STARTTLS\n")]
     assert stage.from_remote(b"GO\n") == [StartTLS(leftover=b"")]
-    assert stage.from_local(b"abc") == [SendRemote(b"ABC")]
+    assert stage.from_local(b"abc") == []  # held until TLS is up
+    assert stage.tls_established() == [SendRemote(b"ABC")]
+    assert stage.from_local(b"def") == [SendRemote(b"DEF")]
     commands = StartTLSLine().from_remote(b"HELLO\n")
     assert len(commands) == 1 and isinstance(commands[0], Refuse)
 
@@ -163,7 +177,7 @@ def test_a_stage_refusal_is_counted_with_its_cause(pki_tmp: tuple[Pki, Path]) ->
         await listener.stop(1)
         server.close()
         await server.wait_closed()
-        assert dict(listener.counters.failures) == {"connect": 1}
+        assert dict(listener.counters.failures) == {"protocol_mismatch": 1}
         assert listener.counters.last_error == "the server said b'GO AWAY', not READY"
 
     asyncio.run(scenario())
