@@ -38,6 +38,7 @@ from sidecar.failures import Failure
 from sidecar.keystore import Selection
 from sidecar.peercred import describe_peer_check, peer_uid, user_name
 from sidecar.protocols import make_stage
+from sidecar.protocols.postgres import looks_like_postgres_client
 from sidecar.revocation.checker import RevocationChecker, check_server_policy
 from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ContextCache, ServerPolicy
@@ -341,6 +342,7 @@ class _PlainSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: _RemoteSide | None = None
         self.ready = False  # the remote passed every check: bytes flow
+        self.failed = False  # a failure was counted for this connection
         self.eof = False  # the local client finished sending
         self.closed = False
         self.lost = False  # the local connection is gone
@@ -449,13 +451,42 @@ class _PlainSide(asyncio.Protocol):
         self.transport.resume_reading()
 
     def _fail(self, failure: Failure) -> None:
-        """Connecting, the handshake or the route's checks failed: count it, tell the stage."""
+        """Connecting, the handshake or the route's checks failed: count it (once), tell the stage."""
+        if self.failed:
+            return
+        self.failed = True
+        if self.listener.route.protocol == "tcp" and failure.reason in (Cause.CONNECT, Cause.NOT_TLS):
+            failure = self._local_protocol_mismatch() or failure
         self.listener._record_failure(failure)
         self.remote = None
         if self.stage.transparent:
             self.close()
         else:
             self._run(self.stage.remote_failed(failure.reason, failure.message))
+
+    def _local_protocol_mismatch(self) -> Failure | None:
+        """A `tcp` route whose local client opened with PostgreSQL's SSLRequest or StartupMessage:
+        the server then hangs up on our TLS hello, and the fix is on this side."""
+        first = b"".join(self._early)[:16] or self._peek_local(16)
+        if not looks_like_postgres_client(first):
+            return None
+        route = self.listener.route
+        return failures.Failure(
+            Cause.PROTOCOL_MISMATCH,
+            f"the local client speaks PostgreSQL, but route {route.name} passes bytes as they are "
+            f'(protocol = "tcp"): set protocol = "postgres" for route {route.name}',
+        )
+
+    def _peek_local(self, size: int) -> bytes:
+        """The first bytes the local client sent, left in the socket (a duplicate descriptor: asyncio keeps its own)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return b""
+        try:
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as raw:
+                return raw.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            return b""
 
     # --- the chain: local ⇄ stage ⇄ remote
 
@@ -475,8 +506,14 @@ class _PlainSide(asyncio.Protocol):
                 if self.remote is not None:
                     self.remote.start_tls(command.leftover)
             elif isinstance(command, Refuse):
-                self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message))
-                self.close()
+                failure = failures.Failure(cause_of(command.fault), command.message)
+                if command.fault.stage == "local" or self.stage.transparent:
+                    self.listener._record_failure(failure)
+                    self.close()
+                else:  # the remote side broke the protocol: the stage may tell the client in its own words
+                    if self.remote is not None:
+                        self.remote.abort()
+                    self._fail(failure)
             elif isinstance(command, Close):
                 self.close()
 
