@@ -38,6 +38,7 @@ class Cause(StrEnum):
     # that does not offer TLS inside its own handshake.
     PROTOCOL_MISMATCH = "protocol_mismatch"
     SERVER_NO_TLS = "server_offers_no_tls"
+    LOCAL_TLS = "local_tls_failed"  # `local_tls`: the local client's own TLS to us failed
     # The route's own checks after the handshake (sidecar/policy.py, sidecar/revocation.py).
     PIN_MISMATCH = "pin_mismatch"
     URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
@@ -120,6 +121,10 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
     Cause.SERVER_NO_TLS: (
         "the database server does not offer TLS in its handshake (PostgreSQL answered N, MySQL lacks CLIENT_SSL)",
         "turn TLS on in the server (PostgreSQL: ssl = on; MySQL/MariaDB: ssl_cert, ssl_key, ssl_ca)",
+    ),
+    Cause.LOCAL_TLS: (
+        "with `local_tls`, the local client's TLS to the sidecar failed",
+        "make the client trust the dev CA (`mtls-sidecar ca export`) and connect to localhost, 127.0.0.1 or ::1",
     ),
     Cause.PIN_MISMATCH: (
         "no certificate of the server's verified chain has a key in `pin_sha256`",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from sidecar.failures import Failure
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, remove_stale_temp_files
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
+from sidecar.localtls import LocalServerContext
 from sidecar.paths import Places
 from sidecar.policy import ChainMemory
 from sidecar.renewal.providers import make_provider
@@ -73,6 +75,7 @@ class Daemon:
         self.listeners: dict[str, RouteListener] = {}
         self.demo: DemoService | None = None
         self.ca: DevCA | None = None
+        self._local_server: LocalServerContext | None = None
         self.events = EventBus()
         self.renewers: dict[str, IdentityRenewer] = {}
         self.warners: dict[str, ExpiryWarner] = {}
@@ -354,6 +357,7 @@ class Daemon:
     async def _start_route(self, route: RouteSpec) -> RouteListener:
         listener = RouteListener(route, self.selection_for, self.contexts, self.chains)
         listener.on_failure = self._route_failed
+        listener.local_tls_context = self._local_tls
         self.listeners[route.name] = listener
         try:
             await listener.start()
@@ -364,6 +368,13 @@ class Daemon:
         log.info("%s", self.describe_listener(listener))
         self.events.publish("route.up", route=route.name, listen=str(listener.bound), target=listener.target)
         return listener
+
+    def _local_tls(self) -> ssl.SSLContext:
+        """The server context `local_tls` routes end the local client's TLS in."""
+        if self._local_server is None:
+            assert self.ca is not None, "the dev CA is loaded at start"
+            self._local_server = LocalServerContext(self.ca)
+        return self._local_server()
 
     def _route_failed(self, route: str, failure: Failure) -> None:
         self.events.publish("route.failure", route=route, reason=failure.reason, error=failure.message)

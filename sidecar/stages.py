@@ -71,6 +71,13 @@ class StartTLS:
 
 
 @dataclass(frozen=True)
+class StartLocalTLS:
+    """From here on the local client speaks TLS to us (after we agreed, e.g. PostgreSQL's `S`):
+    the connection decrypts what it sends and encrypts what it gets, with the route's local
+    certificate (`local_tls`), and the stage keeps seeing plaintext."""
+
+
+@dataclass(frozen=True)
 class Close:
     """End the connection once what was sent to the local client is flushed."""
 
@@ -83,7 +90,7 @@ class Refuse:
     message: str
 
 
-Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | Refuse | Close
+Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | StartLocalTLS | Refuse | Close
 
 
 class Stage(Protocol):

@@ -102,11 +102,24 @@ _NO_EVENTS: list[Event] = []  # returned, never changed: no list made per write
 class TLSPipe:
     """One TLS client connection over memory BIOs."""
 
-    def __init__(self, ctx: ssl.SSLContext, server_name: str | None, *, session: ssl.SSLSession | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        server_name: str | None,
+        *,
+        session: ssl.SSLSession | None = None,
+        server_side: bool = False,
+    ) -> None:
+        """`server_side`: the local end of a `local_tls` route, where we are the server (the
+        rules are the same; "the server" in the events then means the local client)."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.tls: ssl.SSLObject = ctx.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_name, session=session
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=None if server_side else server_name,
+            session=session,
         )
         self.handshake_complete = False
         self._can_receive = True  # the per-direction state; `flow` shows it as a Flow

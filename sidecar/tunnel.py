@@ -40,7 +40,18 @@ from sidecar.peercred import describe_peer_check, peer_uid, user_name
 from sidecar.protocols import make_stage
 from sidecar.protocols.postgres import looks_like_postgres_client
 from sidecar.revocation.checker import RevocationChecker, check_server_policy
-from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, Stage, StartTLS
+from sidecar.stages import (
+    Close,
+    Command,
+    EndLocal,
+    EndRemote,
+    Refuse,
+    SendLocal,
+    SendRemote,
+    Stage,
+    StartLocalTLS,
+    StartTLS,
+)
 from sidecar.tlsctx import ContextCache, ServerPolicy
 from sidecar.tlspipe import (
     CertificateRejected,
@@ -114,6 +125,8 @@ class RouteListener:
         self.on_failure: Callable[[str, Failure], None] | None = None
         # A new protocol stage per connection (sidecar.protocols); `tcp` passes bytes untouched.
         self.stage_factory: Callable[[], Stage] = self._make_stage
+        # `local_tls` routes: the server context the local client's TLS ends in (the daemon's dev CA).
+        self.local_tls_context: Callable[[], ssl.SSLContext] | None = None
 
     @property
     def name(self) -> str:
@@ -343,6 +356,7 @@ class _PlainSide(asyncio.Protocol):
         self.remote: _RemoteSide | None = None
         self.ready = False  # the remote passed every check: bytes flow
         self.failed = False  # a failure was counted for this connection
+        self.local_tls: TLSPipe | None = None  # `local_tls`: TLS towards the local client too
         self.eof = False  # the local client finished sending
         self.closed = False
         self.lost = False  # the local connection is gone
@@ -514,6 +528,8 @@ class _PlainSide(asyncio.Protocol):
                     if self.remote is not None:
                         self.remote.abort()
                     self._fail(failure)
+            elif isinstance(command, StartLocalTLS):
+                self._start_local_tls()
             elif isinstance(command, Close):
                 self.close()
 
@@ -549,6 +565,9 @@ class _PlainSide(asyncio.Protocol):
     # --- asyncio callbacks
 
     def data_received(self, data: bytes) -> None:
+        if self.local_tls is not None:
+            self._local_tls_received(data)
+            return
         self.listener.counters.bytes_out += len(data)
         if self.ready or not self.stage.transparent:
             self._from_local(data)
@@ -559,10 +578,56 @@ class _PlainSide(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self.local_tls is not None:
+            self.local_tls.receive_eof()
+            self._local_tls_received(b"")
+            return True
         self.eof = True
         if self.ready or not self.stage.transparent:
             self._local_eof()
         return True  # keep our write side open for the server's remaining answer
+
+    # --- local TLS (`local_tls`): we are the server, the stage sees plaintext
+
+    def _start_local_tls(self) -> None:
+        make = self.listener.local_tls_context
+        if make is None:
+            self._run([Refuse(Fault("local", "config", "no local TLS"), "local_tls needs the daemon's dev CA")])
+            return
+        self.local_tls = TLSPipe(make(), None, server_side=True)
+
+    def _local_tls_received(self, data: bytes) -> None:
+        pipe = self.local_tls
+        assert pipe is not None
+        if data:
+            pipe.receive_data(data)
+        while (event := pipe.next_event()) is not None:
+            if isinstance(event, Received):
+                self.listener.counters.bytes_out += len(event.data)
+                self._from_local(event.data)
+            elif isinstance(event, CloseNotify | Truncated):
+                self.eof = True
+                self._local_eof()
+            elif isinstance(event, Failed | CertificateRejected | Reset):
+                reason = getattr(event, "alert", "") or fault_from("local", event.error).text
+                self.listener._record_failure(
+                    failures.Failure(
+                        Cause.LOCAL_TLS,
+                        f"the local client's TLS failed ({reason}); it must trust the dev CA "
+                        "(mtls-sidecar ca export) and connect to localhost, 127.0.0.1 or ::1",
+                    )
+                )
+                self._flush_local_tls()
+                self.close()
+                return
+        self._flush_local_tls()
+
+    def _flush_local_tls(self) -> None:
+        if self.local_tls is None or self.transport is None or self.transport.is_closing():
+            return
+        data = self.local_tls.data_to_send()
+        if data:
+            self.transport.write(data)
 
     def pause_writing(self) -> None:
         if self.remote is not None:
@@ -574,11 +639,17 @@ class _PlainSide(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.listener.counters.bytes_in += len(data)
-        if self.transport is not None and not self.transport.is_closing():
+        if self.local_tls is not None:
+            self.local_tls.send(data)
+            self._flush_local_tls()
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def write_eof(self) -> None:
         """The remote finished sending: pass its EOF on; the local client may go on sending."""
+        if self.local_tls is not None:
+            self.local_tls.send_eof()
+            self._flush_local_tls()
         if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
         if self.eof:

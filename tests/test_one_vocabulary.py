@@ -165,7 +165,7 @@ def test_status_and_check_use_the_same_key_for_the_same_real_failure(
     # through causes.cause_of, tested in tests/test_failures.py and tests/test_check.py.
     no_server_for = {Cause.ALPN_REFUSED}
     # protocol routes (postgres, mysql, http): their own tests assert status and check agree.
-    no_server_for |= {Cause.PROTOCOL_MISMATCH, Cause.SERVER_NO_TLS}
+    no_server_for |= {Cause.PROTOCOL_MISMATCH, Cause.SERVER_NO_TLS, Cause.LOCAL_TLS}
     assert set(EXPECTED.values()) == both - tunnel_only - no_server_for, "a cause both can produce has no scenario"
     print("\n" + "\n".join(f"{route}: status {counted}, check {cause}" for route, (counted, cause) in seen.items()))
 

@@ -22,6 +22,7 @@ import pytest
 
 from sidecar.protocols.postgres import SSL_REQUEST
 from tests.daemon_runner import DaemonThread
+from tests.pki import CA
 from tests.postgres import Postgres, postgres_mtls
 from tests.scenario import Pki, route_to, write_config
 from tests.waiting import wait_until
@@ -208,3 +209,33 @@ def test_a_target_that_is_down_reaches_psql_as_an_error_with_the_fix(
     assert done.returncode != 0
     assert "mtls-sidecar: connection to 127.0.0.1" in done.stderr and "refused" in done.stderr, done.stderr
     assert "HINT:" in done.stderr  # the fix, as libpq shows a hint
+
+
+def test_local_tls_serves_clients_that_insist_on_verify_full(lab: tuple[Pki, Postgres], isolated_home: Path) -> None:
+    """local_tls: psql's own TLS ends in the sidecar (a dev-CA certificate for 127.0.0.1), the
+    upstream is still mTLS with our identity."""
+    pki, pg = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"pg": route_to(pki, pg.port, protocol="postgres", local_tls=True)},
+    )
+    with DaemonThread(config) as daemon:
+        root = isolated_home / "ca" / "ca.crt"
+        assert root.exists()
+        port = daemon.port("pg")
+        conninfo = f"host=127.0.0.1 port={port} user=dev dbname=postgres sslmode=verify-full sslrootcert={root}"
+        sql = "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        done = subprocess.run(["psql", conninfo, "-Atc", sql], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "dev|t"
+        # A client that does not trust the dev CA is refused by its own check, and status says why.
+        other = CA("Not the dev CA").write_root(isolated_home / "other-root.pem")
+        wrong = conninfo.replace(str(root), str(other))
+        refused = subprocess.run(["psql", wrong, "-Atc", "select 1"], capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and "certificate verify failed" in refused.stderr, refused.stderr
+        wait_until(lambda: daemon.status()["routes"]["pg"]["failures"], timeout=10, what="the local TLS failure")
+        status = daemon.status()["routes"]["pg"]
+    assert status["failures"] == {"local_tls_failed": 1}, status
+    assert "mtls-sidecar ca export" in status["last_error"]

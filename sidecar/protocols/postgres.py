@@ -6,7 +6,9 @@ only with the ALPN `postgresql` (`postgres_negotiation = "direct"`).
 
 Towards the local client (which knows nothing of certificates), the stage answers an
 SSLRequest or a GSSENCRequest with `N`, so `sslmode=disable`, `allow` and `prefer` all carry
-on in plaintext, and keeps the client's first real message: a StartupMessage, or a
+on in plaintext (with `local_tls = true` it answers the SSLRequest with `S` instead and the
+local client's TLS ends in the sidecar, with a dev-CA certificate for localhost: for clients
+that insist on `sslmode=require` or `verify-full`), and keeps the client's first real message: a StartupMessage, or a
 CancelRequest (psql opens a new connection for it when you press Ctrl-C). Towards the server
 it sends its own SSLRequest (unless direct), requires `S`, lets the connection run the mTLS
 handshake and the route's checks, and only then sends the client's message through TLS.
@@ -23,7 +25,17 @@ import struct
 
 from sidecar.causes import Cause, Fault
 from sidecar.config import RouteSpec
-from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import (
+    Close,
+    Command,
+    EndLocal,
+    EndRemote,
+    Refuse,
+    SendLocal,
+    SendRemote,
+    StartLocalTLS,
+    StartTLS,
+)
 
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -80,6 +92,7 @@ class PostgresStage:
         self._remote = b""  # the server's answer to our SSLRequest
         self._asked = False  # our SSLRequest is on its way
         self._established = False
+        self._local_tls = False  # the local client's TLS is on (local_tls)
         self._failure: tuple[str, str | None] | None = None  # (message, fix) once the remote failed
 
     # --- the local client
@@ -102,6 +115,10 @@ class PostgresStage:
             if len(self._local) < length:
                 return out
             packet, self._local = self._local[:length], self._local[length:]
+            if kind == "ssl" and self.route.local_tls and not self._local_tls:
+                self._local_tls = True  # TLS towards the local client too; what follows is decrypted for us
+                out += [SendLocal(b"S"), StartLocalTLS()]
+                continue
             if kind in ("ssl", "gssenc"):
                 out.append(SendLocal(b"N"))  # no TLS or GSS towards the local client: it goes on in plaintext
                 continue
