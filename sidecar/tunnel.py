@@ -156,6 +156,7 @@ class RouteListener:
             "listen": str(self.bound or route.listen),
             "target": self.target,
             "server_name": route.server_name,
+            "protocol": route.protocol,
             "identity": identity,
             "state": state,
             "active_connections": counters.active,

@@ -9,6 +9,7 @@ route, and failures reach psql as PostgreSQL errors with the reason and the fix.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import struct
@@ -20,11 +21,14 @@ from pathlib import Path
 import pg8000.native
 import pytest
 
+from sidecar.cli import main
 from sidecar.protocols.postgres import SSL_REQUEST
 from tests.daemon_runner import DaemonThread
 from tests.pki import CA
 from tests.postgres import Postgres, postgres_mtls
+from tests.realservers import free_port
 from tests.scenario import Pki, route_to, write_config
+from tests.test_cli import sidecar_process
 from tests.waiting import wait_until
 
 
@@ -239,3 +243,41 @@ def test_local_tls_serves_clients_that_insist_on_verify_full(lab: tuple[Pki, Pos
         status = daemon.status()["routes"]["pg"]
     assert status["failures"] == {"local_tls_failed": 1}, status
     assert "mtls-sidecar ca export" in status["last_error"]
+
+
+def test_tunnel_command_with_protocol_postgres(lab: tuple[Pki, Postgres], tmp_path: Path) -> None:
+    pki, pg = lab
+    leaf = pki.client_ca.client("dev")
+    cert, key = leaf.write_pair(tmp_path / "client", "dev")
+    port = free_port()
+    args = [
+        "tunnel", "--protocol", "postgres", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{pg.port}",
+        "--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file), "--server-name", "localhost",
+    ]  # fmt: skip
+    with sidecar_process(*args) as (proc, log):
+        log.wait_for(rf"listening on 127\.0\.0\.1:{port} → 127\.0\.0\.1:{pg.port}")
+        done = psql(port, "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        assert done.returncode == 0, done.stderr + log.text
+        assert done.stdout.strip() == "dev|t"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, log.text
+
+
+def test_route_add_with_protocol_postgres(
+    lab: tuple[Pki, Postgres], isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki, pg = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    port = free_port()
+    with DaemonThread(config) as daemon:
+        argv = [
+            "route", "add", "db", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{pg.port}",
+            "--server-name", "localhost", "--ca-file", str(pki.server_ca_file), "--protocol", "postgres",
+        ]  # fmt: skip
+        assert main(argv) == 0
+        assert main(["route", "list"]) == 0
+        assert psql(port, "select current_user").stdout.strip() == "dev"
+        assert 'protocol = "postgres"' in (isolated_home / "config.toml").read_text()
+        assert daemon.status()["routes"]["db"]["protocol"] == "postgres"
+    assert re.search(r"db\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+  postgres  as dev  up", capsys.readouterr().out)

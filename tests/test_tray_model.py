@@ -152,6 +152,9 @@ def test_menu_when_running() -> None:
     ]
     routes = find(menu, "Routes").submenu
     assert routes[0].text == "api  127.0.0.1:8443 → api.example.test:443 · 2 open"
+    with_pg = with_(healthy(), ("routes", "db"), {**route(open_=0), "protocol": "postgres"})
+    db = next(i for i in find(view(with_pg, NOW).menu, "Routes").submenu if i.text.startswith("db "))
+    assert db.text == "db  127.0.0.1:8443 → api.example.test:443 · postgres · 0 open"
     api = routes[0].submenu
     assert api[0].action == "copy:api"
     assert [(i.text, i.action, i.checked) for i in api[2:]] == [

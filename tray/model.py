@@ -182,7 +182,9 @@ def _routes_menu(status: dict[str, Any]) -> tuple[MenuItem, ...]:
     for name, route in status.get("routes", {}).items():
         opened = route.get("active_connections", 0)
         state = "" if route.get("state") == "up" else f" · {route.get('state')}"
-        label = f"{name}  {route['listen']} → {route['target']} · {opened} open{state}"
+        protocol = route.get("protocol") or "tcp"
+        speaks = "" if protocol == "tcp" else f" · {protocol}"  # tcp is the default: said only when it is not
+        label = f"{name}  {route['listen']} → {route['target']}{speaks} · {opened} open{state}"
         current = route.get("identity")
         choices = tuple(
             MenuItem(

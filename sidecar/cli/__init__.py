@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--ca-file", dest="ca_file")
     add.add_argument("--identity")
     add.add_argument("--alpn", action="append", default=[], help="repeatable")
+    add.add_argument(
+        "--protocol", choices=("tcp", "postgres", "mysql", "http"), help="what the local client speaks (default tcp)"
+    )
+    add.add_argument("--postgres-negotiation", dest="postgres_negotiation", choices=("sslrequest", "direct"))
+    add.add_argument(
+        "--local-tls", dest="local_tls", action="store_true", default=None, help="postgres/mysql: TLS to the client too"
+    )
+    add.add_argument("--host-header", dest="host_header", help="http: the Host every request gets")
     add.add_argument("--json", action="store_true")
     rm = route_commands.add_parser("rm", help="remove a route; open connections finish on their own")
     rm.add_argument("name")
@@ -100,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="name sent as SNI and checked in the server certificate",
     )
     tunnel.add_argument("--alpn", action="append", default=[], help="ALPN protocol (repeatable)")
+    tunnel.add_argument(
+        "--protocol",
+        choices=("tcp", "postgres", "mysql", "http"),
+        default="tcp",
+        help="what the local client speaks (default tcp: TLS at once, bytes untouched)",
+    )
+    tunnel.add_argument("--host-header", dest="host_header", help="http: the Host every request gets")
     tunnel.add_argument("--connect-timeout", default="10s", help="e.g. 10s")
     tunnel.add_argument(
         "--unsafe-listen",

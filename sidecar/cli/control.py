@@ -61,7 +61,8 @@ def cmd_route(places: Places, args: argparse.Namespace) -> int:
     if args.route_command == "list":
         routes = client.get("/v1/routes")
         lines = [
-            f"{name:<12} {r['listen']} → {r['target']}  as {r['identity']}  {r['state']}" for name, r in routes.items()
+            f"{name:<12} {r['listen']} → {r['target']}  {r.get('protocol', 'tcp')}  as {r['identity']}  {r['state']}"
+            for name, r in routes.items()
         ]
         _emit(args, routes, "\n".join(lines) or "no routes")
         return EXIT_OK
@@ -70,7 +71,7 @@ def cmd_route(places: Places, args: argparse.Namespace) -> int:
         _emit(args, answer, f"route {args.name} removed; its open connections finish on their own")
         return EXIT_OK
     body: dict[str, Any] = {"name": args.name, "listen": args.listen, "target": args.target}
-    for key in ("server_name", "ca_file", "identity"):
+    for key in ("server_name", "ca_file", "identity", "protocol", "postgres_negotiation", "local_tls", "host_header"):
         value = getattr(args, key)
         if value is not None:
             body[key] = str(Path(value).absolute()) if key == "ca_file" else value

@@ -52,6 +52,8 @@ class TunnelFlags:
     unsafe_listen: bool = False
     workers: int = 1
     log_level: str | None = None
+    protocol: str = "tcp"
+    host_header: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TunnelFlags:
@@ -69,6 +71,8 @@ class TunnelFlags:
             unsafe_listen=bool(args.unsafe_listen),
             workers=int(getattr(args, "workers", 1) or 1),
             log_level=getattr(args, "log_level", None),
+            protocol=getattr(args, "protocol", None) or "tcp",
+            host_header=getattr(args, "host_header", None),
         )
 
 
@@ -152,6 +156,8 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         alpn=args.alpn,
         connect_timeout=timeout,
         unsafe_listen=bool(args.unsafe_listen),
+        protocol=args.protocol,
+        host_header=args.host_header if args.protocol == "http" else None,
     )
 
 
