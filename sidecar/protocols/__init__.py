@@ -17,4 +17,8 @@ def make_stage(route: RouteSpec, local: ListenAddress) -> Stage:
         from sidecar.protocols.postgres import PostgresStage
 
         return PostgresStage(route)
+    if route.protocol == "http":
+        from sidecar.protocols.http import HTTPStage
+
+        return HTTPStage(route, local)
     return PassThrough()
