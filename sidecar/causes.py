@@ -218,6 +218,8 @@ def cause_of(fault: Fault) -> Cause:
         return Cause.DNS
     if fault.kind == "refused":
         return Cause.REFUSED
+    if fault.stage in ("handshake", "after_handshake") and looks_like_mysql_greeting(fault.first_bytes):
+        return Cause.PROTOCOL_MISMATCH  # a MySQL/MariaDB server greets first, in plaintext
     if fault.stage in ("handshake", "after_handshake") and fault.first_bytes and not looks_like_tls(fault.first_bytes):
         return Cause.NOT_TLS
     if fault.kind == "timeout":
@@ -305,6 +307,15 @@ def alert_name(reason: str) -> str:
 def looks_like_tls(data: bytes) -> bool:
     """A TLS record starts with a content type 20..23 and protocol major version 3."""
     return data[0] in (20, 21, 22, 23) and (len(data) < 2 or data[1] == 3)
+
+
+def looks_like_mysql_greeting(data: bytes) -> bool:
+    """A MySQL/MariaDB initial handshake packet: 3-byte length, sequence 0, protocol version 10,
+    then a NUL-terminated server version."""
+    if len(data) < 6 or data[3] != 0 or data[4] != 10:
+        return False
+    length = int.from_bytes(data[:3], "little")
+    return 30 <= length <= 512 and 0 in data[5 : 5 + 64]
 
 
 def error_text(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.causes import VERIFY_UNTRUSTED, Cause, Fault, cause_of, fault_from, printable
+from sidecar.causes import VERIFY_UNTRUSTED, Cause, Fault, cause_of, fault_from, looks_like_mysql_greeting, printable
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ def describe(
         return _verification_failure(cause, fault, target=target, server_name=server_name, trust=trust)
     if cause == Cause.SERVER_REJECTED_CERT:
         return Failure(cause, f"{target} rejected our client certificate (TLS alert: {fault.alert})")
+    if cause == Cause.PROTOCOL_MISMATCH and looks_like_mysql_greeting(fault.first_bytes):
+        return Failure(
+            cause,
+            f"{target} is a MySQL or MariaDB server (it greeted us in plaintext): "
+            'set protocol = "mysql" for this route',
+        )
     if cause == Cause.NOT_TLS:
         said = f': it answered "{printable(fault.first_bytes)}"' if fault.first_bytes else ""
         return Failure(cause, f"{target} did not answer with TLS (is it a plaintext port?){said}")

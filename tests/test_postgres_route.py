@@ -281,3 +281,35 @@ def test_route_add_with_protocol_postgres(
         assert 'protocol = "postgres"' in (isolated_home / "config.toml").read_text()
         assert daemon.status()["routes"]["db"]["protocol"] == "postgres"
     assert re.search(r"db\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+  postgres  as dev  up", capsys.readouterr().out)
+
+
+def test_check_speaks_postgres_on_a_postgres_route_and_names_it_behind_a_tcp_route(daemon: DaemonThread) -> None:
+    client = daemon.client()
+    ok = client.post("/v1/routes/pg/check")
+    assert ok["ok"] is True and ok["cause"] == "ok", ok
+    assert any("channel binding" in w for w in ok["details"]["warnings"])
+    wrong = client.post("/v1/routes/pg_as_tcp/check")
+    assert wrong["cause"] == "protocol_mismatch", wrong
+    assert "is a PostgreSQL server" in wrong["message"]
+    assert 'set protocol = "postgres" for route pg_as_tcp' in wrong["fix"]
+    # The tunnel counts psql on that route under the same key (status and check agree).
+    psql(daemon.port("pg_as_tcp"), "select 1")
+    wait_until(lambda: daemon.status()["routes"]["pg_as_tcp"]["failures"], timeout=10, what="the failure")
+    assert daemon.status()["routes"]["pg_as_tcp"]["failures"] == {"protocol_mismatch": 1}
+
+
+def test_check_names_a_server_without_tls(lab: tuple[Pki, Postgres], isolated_home: Path) -> None:
+    pki, _ = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with postgres_mtls(
+        server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file, ssl=False
+    ) as plain:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"pg": route_to(pki, plain.port, protocol="postgres")},
+        )
+        with DaemonThread(config) as daemon:
+            checked = daemon.client().post("/v1/routes/pg/check")
+    assert checked["cause"] == "server_offers_no_tls", checked
+    assert "answered N to our SSLRequest" in checked["message"] and "ssl" in checked["fix"]

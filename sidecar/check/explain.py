@@ -48,12 +48,14 @@ PIN_MISMATCH = Cause.PIN_MISMATCH
 URI_SAN_NOT_ALLOWED = Cause.URI_SAN_NOT_ALLOWED
 SERVER_CERT_REVOKED = Cause.SERVER_CERT_REVOKED
 REVOCATION_UNKNOWN = Cause.REVOCATION_UNKNOWN
+PROTOCOL_MISMATCH = Cause.PROTOCOL_MISMATCH
+SERVER_NO_TLS = Cause.SERVER_NO_TLS
 # The causes `check` can report (the tunnel adds other_user, reset and truncated, which need a
 # local client or an established tunnel).
 CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
-    PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN,
+    PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN, PROTOCOL_MISMATCH, SERVER_NO_TLS,
 )  # fmt: skip
 
 EXPIRY_WARNING = timedelta(days=14)
@@ -105,6 +107,15 @@ class Observation:
     # The chain as the handshake verified it (leaf first), and the route's pins/URI SANs/revocation verdict.
     server_chain: tuple[x509.Certificate, ...] = ()
     policy: Verdict | None = None
+    # The route's protocol, and what it saw: the Host an http route gives requests and the
+    # status line they get; why a protocol's own negotiation failed; what a tcp route's
+    # target turned out to speak ("postgres").
+    protocol: str = "tcp"
+    local_tls: bool = False
+    http_host: str | None = None
+    http_status: str | None = None
+    prelude_error: str | None = None
+    speaks: str | None = None
 
     @property
     def target(self) -> str:
@@ -128,6 +139,10 @@ def explain(obs: Observation) -> CheckResult:
     if failure.stage == "setup":
         return _setup_failed(obs, failure, details)
     cause = cause_of(replace(failure, first_bytes=obs.first_bytes))
+    if obs.prelude_error is not None:
+        return CheckResult(False, cause, f"{obs.target}: {obs.prelude_error}", cause.fix, details)
+    if obs.speaks == "postgres" or cause == PROTOCOL_MISMATCH:
+        return _wrong_protocol(obs, "postgres" if obs.speaks == "postgres" else "mysql", details)
     if cause == DNS:
         return CheckResult(
             False,
@@ -170,6 +185,26 @@ def explain(obs: Observation) -> CheckResult:
         CONNECT,
         f"{obs.target}: cannot connect: {failure.text}",
         f"check that {obs.host} is reachable from this machine and the port in target for route {obs.route}",
+        details,
+    )
+
+
+def _wrong_protocol(obs: Observation, speaks: str, details: dict[str, Any]) -> CheckResult:
+    details["server_speaks"] = speaks
+    if speaks == "postgres":
+        message = (
+            f"{obs.target} is a PostgreSQL server: it hung up on our TLS hello and answers PostgreSQL's "
+            "SSLRequest (TLS starts inside its own protocol)"
+        )
+    else:
+        message = (
+            f"{obs.target} is a MySQL or MariaDB server: it greeted us in plaintext (TLS starts inside its handshake)"
+        )
+    return CheckResult(
+        False,
+        PROTOCOL_MISMATCH,
+        message,
+        f'set protocol = "{speaks}" for route {obs.route} (mtls-sidecar route add … --protocol {speaks})',
         details,
     )
 
@@ -227,11 +262,21 @@ def _ok(obs: Observation, details: dict[str, Any]) -> CheckResult:
             f"; server {cert.subject.rfc4514_string() or '(empty subject)'}, issued by {cert.issuer.rfc4514_string()}, "
             f"expires {_when(cert.not_valid_after_utc)}"
         )
+    if obs.protocol == "postgres":
+        warnings.append(
+            "channel binding (SCRAM-SHA-256-PLUS) cannot cross a tunnel that ends TLS: "
+            "clients must not set channel_binding=require on this route"
+        )
+    answer = ""
+    if obs.http_status is not None:
+        details["http_host"] = obs.http_host
+        details["http_status"] = obs.http_status
+        answer = f'; HEAD / with Host: {obs.http_host} → "{obs.http_status}"'
     alpn = obs.alpn or "none"
     return CheckResult(
         True,
         OK,
-        f"{obs.target}: OK: {obs.tls_version}, {obs.cipher}, ALPN {alpn}{server}",
+        f"{obs.target}: OK: {obs.tls_version}, {obs.cipher}, ALPN {alpn}{server}{answer}",
         None,
         details,
     )

@@ -25,11 +25,15 @@ from cryptography import x509
 
 from sidecar.causes import Fault, error_text, fault_from
 from sidecar.check.explain import CheckResult, Observation, explain
-from sidecar.config import RouteSpec
+from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection
 from sidecar.policy import peer_chain
+from sidecar.protocols import make_stage
+from sidecar.protocols.http_host import http_host
+from sidecar.protocols.postgres import SSL_REQUEST
 from sidecar.revocation.checker import RevocationChecker, check_server_policy
+from sidecar.stages import Refuse, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ServerPolicy, build_client_context
 from sidecar.tlspipe import (
     CertificateRejected,
@@ -50,6 +54,7 @@ AFTER_HANDSHAKE_WAIT = 1.0
 _CHUNK = 65536
 _KEEP_FIRST_BYTES = 256  # of the real handshake: enough to show what a plaintext server said
 _KEEP_PROBE_BYTES = 256 * 1024  # of the probe: a TLS 1.2 certificate flight, to read the certificate from
+_NO_LOCAL = ListenAddress("tcp", "127.0.0.1", 0)  # check has no local listener; stages only name it in rewrites
 
 
 async def check_route(
@@ -75,7 +80,9 @@ async def check_route(
         return explain(replace(observation, failure=Fault("setup", "config", str(exc))))
     except (ssl.SSLError, OSError, ValueError) as exc:
         return explain(replace(observation, failure=Fault("setup", "credential", error_text(exc))))
-    observation = await _handshake(observation, ctx, after_handshake_wait)
+    observation = await _handshake(observation, ctx, after_handshake_wait, make_stage(route, _NO_LOCAL))
+    if route.protocol == "tcp" and _hung_up_on_our_hello(observation):
+        observation = replace(observation, speaks=await _sniff_postgres(observation))
     if observation.failure is not None and observation.failure.kind == "verify":
         observation = await _probe(observation)
     if observation.server_chain and route.checks_after_handshake:
@@ -111,6 +118,9 @@ def observe_start(route: RouteSpec, selection: Selection, *, now: datetime, time
         unusable=None if selection.selected is not None else selection.why_unusable(),
         rejected=rejected,
         identity_folder=folders.pop() if len(folders) == 1 else None,
+        protocol=route.protocol,
+        local_tls=route.local_tls,
+        http_host=http_host(route) if route.protocol == "http" else None,
     )
 
 
@@ -202,17 +212,17 @@ async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]
     raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
 
 
-async def _handshake(obs: Observation, ctx: ssl.SSLContext, after_wait: float) -> Observation:
+async def _handshake(obs: Observation, ctx: ssl.SSLContext, after_wait: float, stage: Stage) -> Observation:
     held: list[socket.socket] = []
     try:
-        return await _handshake_on(obs, ctx, after_wait, held)
+        return await _handshake_on(obs, ctx, after_wait, held, stage)
     finally:
         for sock in held:
             sock.close()
 
 
 async def _handshake_on(
-    obs: Observation, ctx: ssl.SSLContext, after_wait: float, held: list[socket.socket]
+    obs: Observation, ctx: ssl.SSLContext, after_wait: float, held: list[socket.socket], stage_: Stage
 ) -> Observation:
     stage = "resolve"
     wire: _Wire | None = None
@@ -223,8 +233,15 @@ async def _handshake_on(
             stage = "connect"
             address = await _connect_first(infos, held)
             stage = "handshake"
+            leftover = b""
+            if not stage_.transparent:  # the route's protocol speaks before TLS (SSLRequest, a greeting)
+                leftover = await _prelude(held[0], stage_)
             wire = _Wire(held[0], ctx, obs.server_name, _KEEP_FIRST_BYTES)
+            if leftover:
+                wire.pipe.receive_data(leftover)
             await wire.handshake()
+    except _PreludeRefused as refused:
+        return replace(obs, address=address, failure=refused.fault, prelude_error=refused.message)
     except Exception as exc:
         first = bytes(wire.received) if wire is not None else b""
         return replace(obs, address=address, failure=fault_from(stage, exc), first_bytes=first)
@@ -242,6 +259,8 @@ async def _handshake_on(
         server_cert=_load_der(der),
         server_cert_verified=not obs.skip_verify,
     )
+    if obs.http_host is not None:  # an http route: ask what its requests would get
+        return await _http_answer(done, wire)
     # Send nothing and listen: with TLS 1.3 a server that rejects our certificate says so now.
     # Most servers wait for their client to speak first, so silence until the deadline is fine.
     try:
@@ -288,6 +307,87 @@ async def _probe(obs: Observation) -> Observation:
     if der and cert is None:
         error = "the server's certificate is not readable X.509"
     return replace(obs, server_cert=cert, server_cert_verified=False, probe_error=error)
+
+
+class _PreludeRefused(Exception):
+    def __init__(self, fault: Fault, message: str) -> None:
+        super().__init__(message)
+        self.fault = fault
+        self.message = message
+
+
+async def _prelude(sock: socket.socket, stage: Stage) -> bytes:
+    """Run the route's protocol up to TLS, as the tunnel would (the same stage), with no local
+    client: what it would tell one is dropped. Returns bytes read past the prelude."""
+    loop = asyncio.get_running_loop()
+    commands = stage.connected()
+    opening = getattr(stage, "check_opening", None)  # a protocol whose client must speak before TLS
+    if callable(opening):
+        commands += opening()
+    while True:
+        for command in commands:
+            if isinstance(command, SendRemote):
+                await loop.sock_sendall(sock, command.data)
+            elif isinstance(command, StartTLS):
+                return command.leftover
+            elif isinstance(command, Refuse):
+                raise _PreludeRefused(command.fault, command.message)
+        data = await loop.sock_recv(sock, _CHUNK)
+        if not data:
+            raise ConnectionResetError("the server closed the connection before TLS started")
+        commands = stage.from_remote(data)
+
+
+async def _http_answer(obs: Observation, wire: _Wire) -> Observation:
+    """Send one HEAD request with the Host the route gives requests, and keep the status line."""
+    assert obs.http_host is not None
+    request = f"HEAD / HTTP/1.1\r\nHost: {obs.http_host}\r\nUser-Agent: mtls-sidecar-check\r\nConnection: close\r\n\r\n"
+    try:
+        async with asyncio.timeout(max(obs.timeout, 1.0)):
+            wire.pipe.send(request.encode())
+            await wire._flush()
+            answer = b""
+            while b"\r\n" not in answer and len(answer) < 8192:
+                data = await wire.read()
+                if not data:
+                    break
+                answer += data
+    except TimeoutError:
+        return replace(obs, after_handshake="silent")
+    except Exception as exc:
+        return replace(obs, failure=fault_from("after_handshake", exc))
+    if not answer:
+        return replace(obs, after_handshake="closed")
+    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    return replace(obs, after_handshake="data", http_status=line)
+
+
+def _hung_up_on_our_hello(obs: Observation) -> bool:
+    failure = obs.failure
+    return (
+        failure is not None
+        and failure.stage == "handshake"
+        and failure.kind in ("reset", "closed")
+        and not obs.first_bytes
+    )
+
+
+async def _sniff_postgres(obs: Observation) -> str | None:
+    """A server that hung up on our TLS hello may be PostgreSQL waiting for its SSLRequest:
+    ask it, briefly. "postgres" when it answers like one."""
+    held: list[socket.socket] = []
+    try:
+        async with asyncio.timeout(min(obs.timeout, 2.0)):
+            await _connect_first(await _resolve(obs.host, obs.port), held)
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(held[0], SSL_REQUEST)
+            answer = await loop.sock_recv(held[0], 1)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        for sock in held:
+            sock.close()
+    return "postgres" if answer in (b"S", b"N") else None
 
 
 def _load_der(der: bytes | None) -> x509.Certificate | None:
