@@ -10,7 +10,8 @@ import pytest
 from sidecar.causes import Cause
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols import make_stage
-from sidecar.protocols.http import HTTPStage, OriginRewriter, host_header
+from sidecar.protocols.http import HTTPStage, OriginRewriter
+from sidecar.protocols.http_host import http_host
 from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
 
 LOCAL = ListenAddress("tcp", "127.0.0.1", 18080)
@@ -72,7 +73,7 @@ def test_make_stage_picks_http() -> None:
     ],
 )
 def test_host_header(extra: dict[str, object], host: str) -> None:
-    assert host_header(route(**extra)) == host
+    assert http_host(route(**extra)) == host
 
 
 def test_every_request_gets_the_targets_host_and_keeps_its_other_headers() -> None:

@@ -32,6 +32,7 @@ import h11
 
 from sidecar.causes import Cause, Fault
 from sidecar.config import ListenAddress, RouteSpec
+from sidecar.protocols.http_host import http_host
 from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
 
 # The largest request or response head accepted (h11's default is 16 KiB; cookies and bearer
@@ -44,14 +45,6 @@ _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large", 502: b
 # h11 states in which no response head has gone to the local client yet
 _NOT_ANSWERED = (h11.IDLE, h11.SEND_RESPONSE)
 _OVER = (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
-
-
-def host_header(route: RouteSpec) -> str:
-    """The Host every request of `route` gets: `host_header`, else `server_name[:port]` (no :443)."""
-    if route.host_header:
-        return route.host_header
-    name = f"[{route.server_name}]" if ":" in route.server_name else route.server_name
-    return name if route.target_port == 443 else f"{name}:{route.target_port}"
 
 
 def local_base(local: ListenAddress) -> str:
@@ -125,7 +118,7 @@ class HTTPStage:
         self.transparent = False
         self._local = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)  # the local client
         self._target = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)  # the target
-        self._host = host_header(route).encode()
+        self._host = http_host(route).encode()  # the same as `check` asks with
         self._rewrite = OriginRewriter(route, local)
         self._first = True  # no byte from the local client yet
         self._requests = 0
