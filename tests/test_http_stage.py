@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.causes import Cause
+from sidecar.causes import Cause, cause_of
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols import make_stage
 from sidecar.protocols.http import HTTPStage, OriginRewriter
@@ -52,6 +52,10 @@ def answer_and_end(commands: list[Command]) -> tuple[bytes, type]:
     """What the local client is told, and the last command (Close or Refuse)."""
     *sends, last = commands
     return to_local(sends), type(last)
+
+
+def body_of(answer: bytes) -> bytes:
+    return answer.split(b"\r\n\r\n", 1)[1]
 
 
 GET = b"GET /a?b=1 HTTP/1.1\r\nHost: 127.0.0.1:18080\r\nAccept: */*\r\n\r\n"
@@ -355,25 +359,49 @@ def test_a_client_that_leaves_before_asking_is_closed_quietly() -> None:
 def test_a_target_that_does_not_speak_http_gets_a_502() -> None:
     stage = up()
     stage.from_local(GET)
-    answer, last = answer_and_end(stage.from_remote(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
-    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"not valid HTTP/1.1" in answer
-    assert last is Refuse
+    commands = stage.from_remote(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    answer, _ = answer_and_end(commands)
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"Mtls-Sidecar-Cause: protocol_mismatch" in answer
+    assert b"mtls-sidecar: 10.1.2.3:8443 does not answer in HTTP/1.1 (" in answer
+    refusal = commands[-1]
+    assert isinstance(refusal, Refuse) and cause_of(refusal.fault) == Cause.PROTOCOL_MISMATCH
 
 
 def test_a_target_that_closes_without_answering_gets_a_502() -> None:
     stage = up()
     stage.from_local(GET)
-    answer, last = answer_and_end(stage.remote_eof())
-    assert answer.startswith(b"HTTP/1.1 502 ") and b"closed the connection without answering" in answer
+    commands = stage.remote_eof()
+    answer, last = answer_and_end(commands)
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"Mtls-Sidecar-Cause: connect\r\n" in answer
+    assert body_of(answer) == (
+        b"mtls-sidecar: 10.1.2.3:8443 closed the connection without answering the request "
+        b"(did it refuse our client certificate? its log says why)\nfix: " + Cause.CONNECT.fix.encode() + b"\n"
+    )
     assert last is Refuse
+
+
+def test_a_kept_alive_target_connection_closing_under_a_request_closes_the_local_one_without_an_answer() -> None:
+    stage = up()
+    stage.from_local(GET)
+    stage.from_remote(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    stage.from_local(GET)  # the second request goes out as the target closes its idle connection
+    assert stage.remote_eof() == [Close()]  # the client repeats it on a new connection
 
 
 def test_a_truncated_answer_ends_the_local_connection_without_a_second_head() -> None:
     stage = up()
     stage.from_local(GET)
     stage.from_remote(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    commands = stage.remote_eof()
-    assert len(commands) == 1 and isinstance(commands[0], Refuse)
+    assert stage.remote_eof() == [Close()]
+
+
+def test_a_target_closing_halfway_through_its_head_gets_a_502() -> None:
+    stage = up()
+    stage.from_local(GET)
+    assert stage.from_remote(b"HTTP/1.1 200 OK\r\nContent-Le") == []
+    answer, last = answer_and_end(stage.remote_eof())
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"closed the connection mid-answer" in answer
+    assert last is Refuse
 
 
 def test_upgrade_with_eof_on_both_sides_passes_the_eofs() -> None:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from sidecar.causes import Cause, Fault
+from sidecar.causes import Cause, Fault, cause_of
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols.http_host import http_host
 from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
@@ -165,7 +165,7 @@ class HTTPStage:
         if self._over:
             return []
         if self._target.their_state is h11.SEND_RESPONSE and not self._target.trailing_data[0]:
-            self._target_broke("the target closed the connection without answering the request")
+            self._unanswered()
             return self._commands()
         self._target.receive_data(b"")
         self._pump_target()
@@ -250,7 +250,7 @@ class HTTPStage:
             try:
                 event = target.next_event()
             except h11.RemoteProtocolError as exc:
-                self._target_broke(f"the target's answer is not valid HTTP/1.1: {exc}")
+                self._target_broke(exc)
                 return
             if isinstance(event, h11.Data):
                 pieces = local.send_with_data_passthrough(event)
@@ -271,10 +271,7 @@ class HTTPStage:
                 self._to_local.append(local.send(h11.EndOfMessage(headers=trailers)))
                 self._after_message()
             elif isinstance(event, h11.ConnectionClosed):
-                if self._awaiting_answer():
-                    self._target_broke("the target closed the connection without answering the request")
-                else:
-                    self._close()  # idle, or after the whole answer: the local client reconnects
+                self._close()  # idle, or after the whole answer: the local client reconnects
                 return
             else:  # NEED_DATA, or PAUSED until the next request
                 return
@@ -352,13 +349,43 @@ class HTTPStage:
             self._to_local.append(error_response(status, text, cause=cause, head_only=self._method == b"HEAD"))
         self._refuse(Refuse(Fault("local", "protocol", reason), reason))
 
-    def _target_broke(self, reason: str) -> None:
+    def _unanswered(self) -> None:
+        """The target closed its connection with our request unanswered."""
+        if self._requests > 1:
+            # Most likely it closed an idle kept-alive connection as the request went out: end
+            # ours the same way, without an answer, so that the client repeats the request on a
+            # new connection (as HTTP clients do when a reused connection closes).
+            self._close()
+            return
+        fault = Fault("after_handshake", "closed", "closed without answering")
+        name = _target_name(self.route)
+        self._target_failed(
+            fault,
+            f"{name} closed the connection without answering the request "
+            "(did it refuse our client certificate? its log says why)",
+        )
+
+    def _target_broke(self, exc: h11.RemoteProtocolError) -> None:
+        name = _target_name(self.route)
+        if not self._target.trailing_data[1]:
+            self._target_failed(
+                Fault("established", "protocol", str(exc)), f"{name} does not answer in HTTP/1.1 ({exc})"
+            )
+        elif self._awaiting_answer():  # it closed halfway through the head of its answer
+            self._target_failed(
+                Fault("after_handshake", "closed", str(exc)), f"{name} closed the connection mid-answer"
+            )
+        else:
+            # Halfway through a body: the local client sees its answer end short. (A close without
+            # TLS close_notify, the usual way a server dies mid-answer, the tunnel counts itself.)
+            self._close()
+
+    def _target_failed(self, fault: Fault, message: str) -> None:
+        cause = cause_of(fault)
         if self._awaiting_answer():
-            text = f"mtls-sidecar: {reason}\nfix: {Cause.PROTOCOL_MISMATCH.fix}\n"
-            cause = str(Cause.PROTOCOL_MISMATCH)
-            self._to_local.append(error_response(502, text, cause=cause, head_only=self._method == b"HEAD"))
-        fault = Fault("established", "protocol", reason)
-        self._refuse(Refuse(fault, f"{_target_name(self.route)}: {reason}"))
+            text = f"mtls-sidecar: {message}\nfix: {cause.fix}\n"
+            self._to_local.append(error_response(502, text, cause=str(cause), head_only=self._method == b"HEAD"))
+        self._refuse(Refuse(fault, message))
 
     def _close(self) -> None:
         self._refuse(Close())
