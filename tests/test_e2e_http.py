@@ -114,15 +114,18 @@ def test_two_requests_on_one_connection_share_one_tls_connection(setup: Setup) -
         assert "uri=/one " in first and "uri=/two " in second
         conn = first.split("conn=")[1].split()[0]
         assert f"conn={conn} req=1 " in first and f"conn={conn} req=2 " in second
-        # http.client: a third and fourth request, with a body, on one connection
+        # http.client: three requests on one connection: one with a body, a HEAD, a GET
         client = http.client.HTTPConnection("127.0.0.1", local, timeout=10)
         client.request("POST", "/count", body=b"x" * 100_000)
         answer = client.getresponse()
         assert answer.status == 200 and answer.read().startswith(b"received=100000 ")
+        client.request("HEAD", "/head")  # an answer with Content-Length and no body
+        answer = client.getresponse()
+        assert answer.status == 200 and int(answer.headers["Content-Length"]) > 0 and answer.read() == b""
         client.request("GET", "/again")
         answer = client.getresponse()
         text = answer.read().decode()
-        assert answer.status == 200 and "uri=/again " in text and " req=2 " in text
+        assert answer.status == 200 and "uri=/again " in text and " req=3 " in text
         client.close()
         status = daemon.status()["routes"]["api"]
     assert status["total_connections"] == 2 and status["failures"] == {}

@@ -113,6 +113,13 @@ def error_response(status: int, text: str, *, cause: str | None = None, head_onl
 
 
 class HTTPStage:
+    """One local connection: h11 towards the local client (we serve) and towards the target (we ask).
+
+    Until TLS is up, what the client sends is parsed and kept (its head, and what of a body
+    arrives meanwhile: a stage cannot pause the client's reading); after, each piece is passed
+    on in the call that brought it.
+    """
+
     def __init__(self, route: RouteSpec, local: ListenAddress) -> None:
         self.route = route
         self.transparent = False
@@ -149,7 +156,7 @@ class HTTPStage:
         if self._over:
             return []
         self._failure = (cause, message)
-        if self._requests == 0 and self._local.their_state is h11.IDLE:
+        if self._requests == 0:
             return []  # answered when the request head arrives (from_local)
         self._answer_failure()
         return self._commands()
