@@ -288,6 +288,15 @@ def daemon_process(log: Path) -> Iterator[tuple[int, ControlClient]]:
                 proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def removed(path: Path) -> Iterator[None]:
+    """Remove `path` at the end (pytest keeps the last runs' temp folders: not 1 GiB files)."""
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def memory_kib(pid: int, key: str) -> int:
     status = (Path("/proc") / str(pid) / "status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith(key)).split()[1])
@@ -308,8 +317,8 @@ def download_sha256(url: str) -> tuple[int, str, float]:
 
 
 def test_a_gibibyte_each_way_in_flat_memory(setup: Setup, tmp_path: Path) -> None:
-    with vhosts(setup) as port:
-        big = tmp_path / "nginx" / "big.bin"  # nginx serves it at /big
+    big = tmp_path / "nginx" / "big.bin"  # nginx serves it at /big
+    with vhosts(setup) as port, removed(big):
         digest = write_pattern_file(big, GIB)
         config(setup, {"api": http_route(setup, port)})
         with daemon_process(tmp_path / "daemon.log") as (pid, client):
