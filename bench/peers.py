@@ -41,17 +41,19 @@ class Files:
     folder: Path
 
 
-def missing_programs() -> list[str]:
-    """Outside programs not found, each with the Debian package that brings it."""
+def missing_programs(packages: dict[str, str] | None = None) -> list[str]:
+    """Outside programs not found (of `packages`, default the tunnel lines'), each with the
+    Debian package that brings it."""
     missing = []
-    for program, package in PACKAGES.items():
+    for program, package in (PACKAGES if packages is None else packages).items():
         found = os.path.exists(program) if program.startswith("/") else shutil.which(program)
         if not found:
             missing.append(f"{program} (apt package {package})")
     return missing
 
 
-def stunnel_config(files: Files, listen: int, backend: int) -> str:
+def stunnel_config(files: Files, listen: int, backend: int, protocol: str | None = None) -> str:
+    """`protocol`: stunnel's negotiation before TLS (`pgsql`: the SSLRequest to the server)."""
     return "\n".join(
         [
             "foreground = yes",
@@ -68,6 +70,7 @@ def stunnel_config(files: Files, listen: int, backend: int) -> str:
             "verifyChain = yes",
             f"checkHost = {SERVER_NAME}",
             f"sni = {SERVER_NAME}",
+            *([f"protocol = {protocol}"] if protocol else []),
             "",
         ]
     )
@@ -95,9 +98,9 @@ def haproxy_config(files: Files, listen: int, backend: int) -> str:
     )
 
 
-def _nginx_head(folder: Path, workers: str) -> list[str]:
+def nginx_head(folder: Path, workers: str, stream: bool = True) -> list[str]:
     return [
-        f"load_module {NGINX_STREAM_MODULE};",
+        *([f"load_module {NGINX_STREAM_MODULE};"] if stream else []),
         "daemon off;",
         f"worker_processes {workers};",
         "worker_rlimit_nofile 20000;",
@@ -110,7 +113,7 @@ def _nginx_head(folder: Path, workers: str) -> list[str]:
 def nginx_tunnel_config(files: Files, listen: int, backend: int) -> str:
     return "\n".join(
         [
-            *_nginx_head(files.folder, "auto"),
+            *nginx_head(files.folder, "auto"),
             "stream {",
             "    server {",
             f"        listen 127.0.0.1:{listen};",
@@ -137,7 +140,7 @@ def nginx_backend_config(
     """The mTLS backend: nginx stream terminates TLS, requires a client certificate, passes to the app."""
     return "\n".join(
         [
-            *_nginx_head(folder, "auto"),
+            *nginx_head(folder, "auto"),
             "stream {",
             "    server {",
             f"        listen 127.0.0.1:{listen} ssl reuseport backlog=4096;",

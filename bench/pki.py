@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# The client certificate's CN: the role that PostgreSQL's `cert` authentication logs in as.
+CLIENT_CN = "bench-client"
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -91,7 +94,7 @@ def make(folder: Path, server_name: str) -> BenchPki:
     )
     client_root = _issue("Bench Client CA", None, ca=True)
     client_inter = _issue("Bench Client CA Intermediate", client_root, ca=True)
-    client = _issue("bench-client", client_inter, ca=False, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+    client = _issue(CLIENT_CN, client_inter, ca=False, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
 
     def write(name: str, data: bytes, secret: bool = False) -> Path:
         path = folder / name

@@ -1,8 +1,17 @@
-"""Reading processes from /proc: a process tree, its CPU seconds, and its PSS."""
+"""Processes: starting and stopping the bench's servers and tunnels; from /proc, a process tree,
+its CPU seconds and its PSS."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import resource
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -58,3 +67,57 @@ def pss_kib(pids: list[int]) -> int:
         except OSError:
             continue
     return total
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range, so that client ports never collide with it."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def process(
+    cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, preexec_fn=raise_nofile)
+    try:
+        try:
+            wait_port(port, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {log.read_text(errors='replace')[-600:]}") from None
+        yield proc
+    finally:
+        for pid in reversed(tree(proc.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            for pid in tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()

@@ -1,6 +1,8 @@
-"""Side-by-side mTLS tunnel benchmark: mtls-sidecar vs stunnel, haproxy, nginx stream, socat.
+"""Side-by-side mTLS tunnel benchmark: mtls-sidecar vs stunnel, haproxy, nginx stream, socat;
+and the protocol lines (bench/protocols.py): pgbench through a postgres route vs stunnel
+`protocol = pgsql` vs libpq's own TLS, wrk through an http route vs nginx as HTTP → mTLS proxy.
 
-    python3 -m bench [--quick] [--reps N] [--only NAME,...] [--tests t1,t2,t3,t4,t5]
+    python3 -m bench [--quick] [--reps N] [--only NAME,...] [--tests t1,t2,t3,t4,t5,pg,http]
 
 Loopback only. Installs nothing: names the missing programs and their apt packages. Each
 repetition restarts the backend and every contender, in an order rotated per repetition.
@@ -16,20 +18,16 @@ import json
 import math
 import os
 import platform
-import random
-import resource
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import peers, pki, procs, stats
+from bench import peers, pki, procs, protocols, stats
+from bench.procs import free_port, process, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,11 +39,6 @@ SKIP_10K = {"socat"}
 DEFAULT_SIDECAR_ARGS = ["--workers=2"]
 
 
-def _raise_nofile() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def make_pki(folder: Path) -> tuple[peers.Files, Path, Path, Path]:
     """Certificates and keys made now, kept in the run's temporary `folder` only."""
     made = pki.make(folder, peers.SERVER_NAME)
@@ -53,57 +46,6 @@ def make_pki(folder: Path) -> tuple[peers.Files, Path, Path, Path]:
         cert=made.client_cert, key=made.client_key, bundle=made.client_bundle, server_ca=made.server_ca, folder=folder
     )
     return files, made.server_cert, made.server_key, made.client_ca
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range, so that client ports never collide with it."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
-
-
-@contextlib.contextmanager
-def process(
-    cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, preexec_fn=_raise_nofile
-        )
-    try:
-        try:
-            wait_port(port, proc)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: {log.read_text(errors='replace')[-600:]}") from None
-        yield proc
-    finally:
-        for pid in reversed(procs.tree(proc.pid)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            for pid in procs.tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
 
 
 class Bench:
@@ -256,10 +198,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python3 -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="256 MiB bulk, 1 repetition, 1,000 held, shorter runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="256 MiB bulk, 1 repetition, 1,000 held, 5 s pgbench/wrk, shorter runs"
+    )
     parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
     parser.add_argument("--only", help="comma-separated contenders (default: all)")
-    parser.add_argument("--tests", default="t1,t2,t3,t4,t5", help="comma-separated tests (default: all)")
+    parser.add_argument(
+        "--tests",
+        default="t1,t2,t3,t4,t5,pg,http",
+        help="comma-separated tests (default: all): t1-t5 (tunnels), pg (pgbench), http (wrk)",
+    )
     parser.add_argument("--size-mib", type=int, help="T1 bytes per direction (default 1024; 256 with --quick)")
     parser.add_argument("--max-held", type=int, help="largest T4 count to try (default 10000; 1000 with --quick)")
     parser.add_argument(
@@ -277,76 +225,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rtt = 2000
     args.rate_seconds = 3.0 if args.quick else 5.0
     args.hold_timeout = 60.0
+    args.pg_seconds = 5 if args.quick else 15
+    args.http_seconds = 5 if args.quick else 15
     args.tests = set(args.tests.split(","))
+    unknown_tests = args.tests - {*TUNNEL_TESTS, *protocols.TESTS}
+    if unknown_tests:
+        parser.error(f"unknown test(s) {', '.join(sorted(unknown_tests))}")
     args.sidecar_arg = DEFAULT_SIDECAR_ARGS if args.sidecar_arg is None else args.sidecar_arg
+    names = [*CONTENDERS, *(n for n in protocols.PG_CONTENDERS if n not in CONTENDERS)]
     args.contenders = args.only.split(",") if args.only else list(CONTENDERS)
-    unknown = set(args.contenders) - set(CONTENDERS)
+    unknown = set(args.contenders) - set(names)
     if unknown:
-        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(names)}")
     return args
+
+
+TUNNEL_TESTS = ("t1", "t2", "t3", "t4", "t5")
+
+
+def missing_programs(tests: set[str]) -> list[str]:
+    """What the chosen tests need and is not installed, each with its apt package."""
+    missing = peers.missing_programs() if tests & set(TUNNEL_TESTS) else []
+    return [*missing, *(m for m in protocols.missing_programs(tests) if m not in missing)]
+
+
+def tunnel_lines(
+    args: argparse.Namespace, tmp: Path, files: peers.Files, server_cert: Path, server_key: Path, client_ca: Path
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, dict[str, float]]]]]:
+    """T1-T5 for every contender, `args.reps` times, a fresh backend per repetition."""
+    contenders = [c for c in args.contenders if c in CONTENDERS]
+    raw: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+    cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {c: [] for c in contenders}
+    if not contenders:
+        return raw, cpu_raw
+    backend_exe = build_backend(tmp)
+    for rep in range(args.reps):
+        rep_folder = tmp / f"rep{rep}"
+        rep_folder.mkdir()
+        args.app_port = free_port()
+        tls_port = free_port()
+        conf = rep_folder / "backend-nginx.conf"
+        conf.write_text(
+            peers.nginx_backend_config(rep_folder, server_cert, server_key, client_ca, tls_port, args.app_port)
+        )
+        shift = rep % len(contenders)
+        order = contenders[shift:] + contenders[:shift]
+        with (
+            process([str(backend_exe), str(args.app_port)], args.app_port, rep_folder / "app.log") as app,
+            process(
+                ["nginx", "-p", str(rep_folder), "-c", str(conf), "-e", str(rep_folder / "error.log")],
+                tls_port,
+                rep_folder / "backend-nginx.log",
+            ) as backend,
+        ):
+            bench = Bench(args, files, tls_port, [app.pid, backend.pid])
+            for name in order:
+                print(f"rep {rep + 1}/{args.reps}: {name} …", file=sys.stderr, flush=True)
+                try:
+                    figures, cpu = bench.run_contender(name, rep_folder)
+                except Exception as exc:
+                    print(f"  {name} failed: {exc}", file=sys.stderr)
+                    figures, cpu = {"failed": 1.0}, {}
+                print(f"  {json.dumps({k: round(v, 2) for k, v in figures.items()})}", file=sys.stderr)
+                raw[name].append(figures)
+                cpu_raw[name].append(cpu)
+    return raw, cpu_raw
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = peers.missing_programs()
+    missing = missing_programs(args.tests)
     if missing:
         print("missing: " + "; ".join(missing), file=sys.stderr)
-        print(
-            "install them with: apt-get install -y --no-install-recommends "
-            "stunnel4 haproxy nginx libnginx-mod-stream socat gcc",
-            file=sys.stderr,
-        )
+        packages = sorted({m.rsplit("(apt package ", 1)[1].rstrip(")") for m in missing})
+        print("install them with: apt-get install -y --no-install-recommends " + " ".join(packages), file=sys.stderr)
         return 2
-    _raise_nofile()
+    raise_nofile()
     started = datetime.now(UTC)
     info = machine()
-    raw: dict[str, list[dict[str, float]]] = {c: [] for c in args.contenders}
-    cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {c: [] for c in args.contenders}
+    raw: dict[str, list[dict[str, float]]] = {}
+    cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {}
+    proto: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="mtls-bench-") as tmp_name:
         tmp = Path(tmp_name)
         files, server_cert, server_key, client_ca = make_pki(tmp)
-        backend_exe = build_backend(tmp)
-        for rep in range(args.reps):
-            rep_folder = tmp / f"rep{rep}"
-            rep_folder.mkdir()
-            args.app_port = free_port()
-            tls_port = free_port()
-            conf = rep_folder / "backend-nginx.conf"
-            conf.write_text(
-                peers.nginx_backend_config(rep_folder, server_cert, server_key, client_ca, tls_port, args.app_port)
-            )
-            shift = rep % len(args.contenders)
-            order = args.contenders[shift:] + args.contenders[:shift]
-            with (
-                process([str(backend_exe), str(args.app_port)], args.app_port, rep_folder / "app.log") as app,
-                process(
-                    ["nginx", "-p", str(rep_folder), "-c", str(conf), "-e", str(rep_folder / "error.log")],
-                    tls_port,
-                    rep_folder / "backend-nginx.log",
-                ) as backend,
-            ):
-                bench = Bench(args, files, tls_port, [app.pid, backend.pid])
-                for name in order:
-                    print(f"rep {rep + 1}/{args.reps}: {name} …", file=sys.stderr, flush=True)
-                    try:
-                        figures, cpu = bench.run_contender(name, rep_folder)
-                    except Exception as exc:
-                        print(f"  {name} failed: {exc}", file=sys.stderr)
-                        figures, cpu = {"failed": 1.0}, {}
-                    print(f"  {json.dumps({k: round(v, 2) for k, v in figures.items()})}", file=sys.stderr)
-                    raw[name].append(figures)
-                    cpu_raw[name].append(cpu)
+        if args.tests & set(TUNNEL_TESTS):
+            raw, cpu_raw = tunnel_lines(args, tmp, files, server_cert, server_key, client_ca)
+        if args.tests & set(protocols.TESTS):
+            proto = protocols.run(args, files, server_cert, server_key, client_ca)
     rows = {name: stats.summarise(reps) for name, reps in raw.items() if reps}
     cpu_rows = {
         name: {test: stats.summarise([r[test] for r in reps if test in r]) for test in {t for r in reps for t in r}}
         for name, reps in cpu_raw.items()
     }
-    checks = stats.targets(rows, "mtls-sidecar", [p for p in peers.PEERS if p != "mtls-sidecar"])
+    checks = stats.targets(rows, "mtls-sidecar", [p for p in peers.PEERS if p != "mtls-sidecar"]) if rows else []
     report = {
         "started": started.isoformat(),
         "label": args.label,
         "quick": args.quick,
         "reps": args.reps,
+        "tests": sorted(args.tests),
         "size_bytes": args.size,
         "sidecar_args": args.sidecar_arg,
         "sidecar_env": args.sidecar_env,
@@ -357,16 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         "targets": checks,
         "raw": raw,
         "cpu_raw": cpu_raw,
+        "protocols": proto,
     }
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(report, indent=2, default=str) + "\n"
     (RESULTS / f"{started:%Y%m%dT%H%M%SZ}{'-' + args.label if args.label else ''}.json").write_text(text)
     (RESULTS / "latest.json").write_text(text)
-    print(stats.table(rows, args.contenders))
-    print()
-    print(stats.cpu_table(cpu_rows, args.contenders))
-    print()
-    print(stats.targets_table(checks))
+    if rows:
+        print(stats.table(rows, args.contenders))
+        print()
+        print(stats.cpu_table(cpu_rows, args.contenders))
+        print()
+        print(stats.targets_table(checks))
+        print()
+    if proto is not None:
+        print(protocols.tables(proto, args.reps))
     return 0
 
 

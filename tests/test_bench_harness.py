@@ -1,14 +1,18 @@
-"""The benchmark harness's pure parts: statistics, the tables, the peers' configs (bench/README.md).
+"""The benchmark harness's pure parts: statistics, the tables, the peers' configs, and the protocol
+lines' configs, output parsers and ratios (bench/README.md).
 
 No timing here: the benchmark itself runs only by hand, `python3 -m bench`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from bench import peers, stats
+import pytest
+
+from bench import peers, pki, protocols, stats
 
 FILES = peers.Files(
     cert=Path("/b/client.crt"),
@@ -77,3 +81,135 @@ def test_the_backend_requires_a_client_certificate(tmp_path: Path) -> None:
     conf = peers.nginx_backend_config(tmp_path, Path("s.crt"), Path("s.key"), Path("ca.pem"), 1, 2)
     assert "ssl_verify_client on;" in conf and "ssl_client_certificate ca.pem;" in conf
     assert "listen 127.0.0.1:1 ssl" in conf and "proxy_pass 127.0.0.1:2;" in conf
+
+
+# --- the protocol lines (bench/protocols.py)
+
+PGBENCH_OUT = """\
+transaction type: <builtin: select only>
+scaling factor: 10
+query mode: simple
+number of clients: 8
+number of threads: 2
+maximum number of tries: 1
+duration: 5 s
+number of transactions actually processed: 72345
+number of failed transactions: 0 (0.000%)
+latency average = 0.553 ms
+initial connection time = 21.337 ms
+tps = 14469.012345 (without initial connection time)
+"""
+
+WRK_OUT = """\
+Running 5s test @ http://127.0.0.1:20001/
+  2 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   412.10us  300.00us   9.87ms   90.00%
+    Req/Sec    19.95k     1.20k   22.00k    70.00%
+  Latency Distribution
+     50%  362.00us
+     75%  450.00us
+     90%  600.00us
+     99%    2.52ms
+  198765 requests in 5.00s, 40.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 3
+Requests/sec:  39703.52
+Transfer/sec:      8.00MB
+"""
+
+
+def test_pgbench_and_wrk_reports_are_read() -> None:
+    pg = protocols.parse_pgbench(PGBENCH_OUT)
+    assert pg == {"tps": 14469.012345, "latency_ms": 0.553, "transactions": 72345.0, "failed": 0.0}
+    wrk = protocols.parse_wrk(WRK_OUT)
+    assert wrk["req_per_s"] == 39703.52 and wrk["requests"] == 198765
+    assert math.isclose(wrk["p50_ms"], 0.362) and wrk["p99_ms"] == 2.52
+    assert wrk["non_2xx"] == 3 and wrk["errors"] == 3
+    # wrk leaves out the error lines when there are none
+    clean = protocols.parse_wrk("  10 requests in 1.00s, 1KB read\nRequests/sec:     10.00\n")
+    assert clean["non_2xx"] == 0 and clean["errors"] == 0
+    with pytest.raises(ValueError, match="no tps"):
+        protocols.parse_pgbench("connection to server failed")
+
+
+def test_postgres_wants_tls_with_a_client_certificate_from_tcp(tmp_path: Path) -> None:
+    conf = protocols.postgres_settings(tmp_path, 5999)
+    assert "ssl = on" in conf and f"ssl_ca_file = '{tmp_path}/client-ca.pem'" in conf
+    assert "listen_addresses = '127.0.0.1'" in conf and "port = 5999" in conf
+    assert protocols.postgres_hba().splitlines() == ["local all all trust", "hostssl all all 127.0.0.1/32 cert"]
+    assert protocols.ROLE == pki.CLIENT_CN  # cert auth logs in as the certificate's CN
+
+
+def test_pgbench_runs_select_only_three_ways() -> None:
+    cmd = protocols.pgbench_command("/pg/pgbench", 7000, 15, connect_each=False)
+    assert cmd[:2] == ["/pg/pgbench", "-n"] and "-S" in cmd and "-C" not in cmd
+    assert cmd[cmd.index("-c") + 1] == "8" and cmd[cmd.index("-T") + 1] == "15" and cmd[-1] == "bench"
+    assert "-C" in protocols.pgbench_command("/pg/pgbench", 7000, 15, connect_each=True)
+    through_tunnel = protocols.pgbench_env({"PGSSLMODE": "require", "HOME": "/root"}, None)
+    assert through_tunnel == {"HOME": "/root", "PGSSLMODE": "disable"}
+    direct = protocols.pgbench_env({}, FILES)
+    assert direct["PGSSLMODE"] == "verify-full" and direct["PGSSLCERT"] == "/b/client.crt"
+    assert direct["PGSSLROOTCERT"] == "/b/server-ca.pem" and direct["PGHOSTADDR"] == "127.0.0.1"
+    stunnel = peers.stunnel_config(FILES, 1, 2, protocol="pgsql")
+    assert "protocol = pgsql" in stunnel and "verifyChain = yes" in stunnel and "checkHost = localhost" in stunnel
+    assert "protocol" not in peers.stunnel_config(FILES, 1, 2)
+
+
+def test_nginx_http_backend_and_proxy_are_the_same_mtls_as_the_route(tmp_path: Path) -> None:
+    backend = protocols.nginx_http_backend_config(
+        tmp_path, Path("s.crt"), Path("s.key"), Path("ca.pem"), 4443, as_root=False
+    )
+    assert "ssl_verify_client on;" in backend and "ssl_client_certificate ca.pem;" in backend
+    assert "server_name localhost;" in backend and "default_server" in backend
+    assert f"return 200 {json.dumps(protocols.BODY)};" in backend
+    assert "load_module" not in backend and "user root;" not in backend
+    proxy = protocols.nginx_http_proxy_config(FILES, tmp_path, 8080, 4443, as_root=True)
+    assert proxy.startswith("user root;")
+    for directive in (
+        "proxy_pass https://backend;",
+        "server 127.0.0.1:4443;",
+        "keepalive 32;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header Host localhost:4443;",
+        "proxy_ssl_certificate /b/client.crt;",
+        "proxy_ssl_certificate_key /b/client.key;",
+        "proxy_ssl_trusted_certificate /b/server-ca.pem;",
+        "proxy_ssl_verify on;",
+        "proxy_ssl_name localhost;",
+        "listen 127.0.0.1:8080",
+    ):
+        assert directive in proxy
+    assert protocols.wrk_command(8080, 15)[-1] == "http://127.0.0.1:8080/"
+
+
+def test_protocol_tables_and_ratios() -> None:
+    medians = {
+        "pg": {
+            "mtls-sidecar": {"tps": 15000.0, "tps_C": 150.0},
+            "stunnel": {"tps": 12000.0, "tps_C": 200.0},
+            "direct": {"tps": 20000.0},
+        },
+        "http": {"mtls-sidecar": {"req_per_s": 10000.0}, "nginx": {"req_per_s": 40000.0, "p50_ms": 0.36}},
+    }
+    cpu = {"mtls-sidecar": {"pg": {"load": 13.0, "tunnel": 137.4, "server": 48.0}}, "direct": {"pg": {"load": 40.0}}}
+    rows = {r["what"]: r for r in protocols.ratios(medians)}
+    assert (
+        rows["pgbench -S TPS, sidecar / stunnel"]["ratio"] == 1.25 and rows["pgbench -S TPS, sidecar / stunnel"]["met"]
+    )
+    assert rows["pgbench -S TPS, sidecar / direct"]["met"] is None  # no goal: reported only
+    assert math.isnan(rows["pgbench -S -C TPS, sidecar / direct"]["ratio"])
+    assert (
+        rows["wrk requests/s, sidecar / nginx"]["ratio"] == 0.25
+        and rows["wrk requests/s, sidecar / nginx"]["met"] is False
+    )
+    table = protocols.ratios_table(list(rows.values()))
+    assert "| wrk requests/s, sidecar / nginx | 10,000 | 40,000 | 0.25× | ≥ 0.50× | missed |" in table
+    assert "| pgbench -S -C TPS, sidecar / direct | 150 | – | – | – | not measured |" in table
+    assert [r["what"] for r in protocols.ratios({"http": medians["http"]})] == ["wrk requests/s, sidecar / nginx"]
+    pg = protocols.pg_table(medians["pg"], cpu).splitlines()
+    assert pg[2].startswith("| mtls-sidecar (`--protocol postgres`) | 15,000 |") and "| 13 / 137 / 48 |" in pg[2]
+    assert "| 40 / – / – |" in pg[4]  # direct: no tunnel
+    http = protocols.http_table(medians["http"], {}).splitlines()
+    assert len(http) == 4 and http[3].startswith("| nginx (HTTP → mTLS proxy) | 40,000 | 0.36 |")
