@@ -17,6 +17,10 @@ def make_stage(route: RouteSpec, local: ListenAddress) -> Stage:
         from sidecar.protocols.postgres import PostgresStage
 
         return PostgresStage(route)
+    if route.protocol == "mysql":
+        from sidecar.protocols.mysql import MySQLStage
+
+        return MySQLStage(route)
     if route.protocol == "http":
         from sidecar.protocols.http import HTTPStage
 

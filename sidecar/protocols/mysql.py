@@ -1,0 +1,481 @@
+"""`protocol = "mysql"`: TLS inside the MySQL / MariaDB handshake. Pure.
+
+MySQL does not start TLS on connect. The server speaks first with its greeting (the initial
+handshake packet, protocol 10), whose capability flags say whether it offers TLS
+(`CLIENT_SSL`). A client that wants TLS answers with an SSLRequest (the first 32 bytes of its
+HandshakeResponse, `CLIENT_SSL` set, sequence id 1), both sides start TLS on the same
+connection, and the client sends its whole HandshakeResponse again through TLS, as packet 2.
+
+The stage does that on the client's behalf:
+
+    server ──greeting──▶ stage ──greeting, CLIENT_SSL cleared──▶ local client
+    local client ──HandshakeResponse (seq 1)──▶ stage (held)
+    stage ──SSLRequest (seq 1), raw──▶ server; the connection runs the mTLS handshake
+    stage ──HandshakeResponse, CLIENT_SSL set (seq 2), through TLS──▶ server
+
+The local client believes it is on plaintext, so its packet numbers are one behind the
+server's: until the connection phase ends (an OK or ERR packet from the server), the stage
+renumbers every packet, client → server +1 and server → client −1, through auth-switch
+(0xFE), extra auth data (0x01) and every other round of the auth plugin. Packets are framed
+(3-byte length, 1-byte sequence id), so pieces and several packets in one read are all the
+same to it. An ERR ends the connection (the server hangs up after it). After OK, bytes pass
+untouched (each command starts again at sequence id 0 on both links); the stage only reads
+the headers of the client's packets, to close the connection itself after COM_QUIT: servers
+answer it by closing TCP without TLS close_notify, which would otherwise count as a cut-off
+answer. With the compressed protocol it steps aside entirely.
+
+Failures reach the client as a MySQL ERR packet (error 1043, "bad handshake", SQLSTATE 08S01)
+that says `mtls-sidecar: <reason>; fix: <what to do>`, at a moment the client reads one:
+before the greeting it is the first packet, without SQLSTATE, as servers send "Too many
+connections" (clients print it); after the greeting, once the client has sent its
+HandshakeResponse. A server without `CLIENT_SSL` is the failure `server_offers_no_tls`; an ERR
+the server sends before TLS (too many connections, host blocked) reaches the client as the
+server wrote it. (Not the client libraries' own codes 2003 or 2026: libmariadb reports a
+server's ERR with one of those as a malformed packet.)
+
+`local_tls` is not used by this stage yet: the client always gets a greeting without
+`CLIENT_SSL`, so it must not insist on TLS (`mariadb --skip-ssl`, `mysql --ssl-mode=DISABLED`
+or the default PREFERRED, PyMySQL without `ssl`).
+
+Authentication plugins over the plaintext local hop:
+
+- `mysql_native_password` and MariaDB's `ed25519` (and any other challenge–response plugin)
+  work as they are: the client answers the server's challenge, TLS or not.
+- `caching_sha2_password` (the MySQL 8 default) works at once while the server has the user
+  in its cache ("fast auth"). Its full authentication (the first login after the server
+  started, or after FLUSH PRIVILEGES) sends the password: in cleartext when the client's
+  connection is TLS, RSA-encrypted with the server's public key otherwise. Here the server's
+  side is TLS and expects cleartext, while the client, on plaintext, will only send an
+  encrypted password. So the stage stands in for the server's key: when the client asks for
+  the public key (`mysql --get-server-public-key`, Connector/J `allowPublicKeyRetrieval=true`,
+  PyMySQL always), it gets a key the stage made for this connection; the stage decrypts the
+  password and sends it to the server through TLS, as a TLS client would. A client given the
+  server's real key file (`--server-public-key-path`) encrypts for the server, which then
+  refuses it: do not give it one. A client with neither fails with "Authentication requires
+  secure connection". The password is never logged.
+- `sha256_password` (deprecated) is not translated: use `caching_sha2_password`.
+- `mysql_clear_password` (PAM, LDAP) sends the password in cleartext on the loopback hop
+  (the client needs `--enable-cleartext-plugin`); the remote hop is TLS.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from sidecar.causes import Cause, Fault
+from sidecar.config import RouteSpec
+from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+
+# Capability flags (the greeting's and the HandshakeResponse's first four bytes).
+CLIENT_COMPRESS = 0x0000_0020
+CLIENT_PROTOCOL_41 = 0x0000_0200
+CLIENT_SSL = 0x0000_0800
+CLIENT_SECURE_CONNECTION = 0x0000_8000
+CLIENT_PLUGIN_AUTH = 0x0008_0000
+CLIENT_ZSTD_COMPRESSION = 0x0400_0000
+COMPRESSED = CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION  # packets are wrapped in compressed frames after OK
+
+HEADER = 4  # 3-byte little-endian payload length, 1-byte sequence id
+MAX_GREETING = 4096  # real greetings are ~100 bytes; a non-MySQL server's first bytes read as a huge length
+MAX_RESPONSE = 1 << 20  # a HandshakeResponse with connection attributes is a few hundred bytes
+SSL_REQUEST_LENGTH = 32  # capability flags, max packet size, charset, 23 reserved bytes
+SCRAMBLE_LENGTH = 20
+
+OK, ERR, AUTH_SWITCH, AUTH_MORE_DATA = 0x00, 0xFF, 0xFE, 0x01
+COM_QUIT = 0x01
+CACHING_SHA2 = "caching_sha2_password"
+PERFORM_FULL_AUTH = b"\x01\x04"  # caching_sha2_password's AuthMoreData: "send the password"
+REQUEST_PUBLIC_KEY = b"\x02"
+
+SQLSTATE = "08S01"  # communication link failure
+# ER_HANDSHAKE_ERROR, a server's code. Not the client libraries' own 2003 (cannot connect) or
+# 2026 (SSL connection error): libmariadb takes those from a server for a malformed packet.
+ER_HANDSHAKE_ERROR = 1043
+
+
+def packet(seq: int, payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload
+
+
+def next_packet(buffer: bytes) -> tuple[int, bytes, bytes] | None:
+    """The first whole packet in `buffer` as (sequence id, payload, the rest); None until it is whole."""
+    if len(buffer) < HEADER:
+        return None
+    end = HEADER + int.from_bytes(buffer[:3], "little")
+    if len(buffer) < end:
+        return None
+    return buffer[3], buffer[HEADER:end], buffer[end:]
+
+
+def split_packets(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The whole packets at the start of `buffer` as (sequence id, payload), and the rest."""
+    found: list[tuple[int, bytes]] = []
+    while (first := next_packet(buffer)) is not None:
+        seq, payload, buffer = first
+        found.append((seq, payload))
+    return found, buffer
+
+
+def err_payload(code: int, message: str, sqlstate: str | None = SQLSTATE) -> bytes:
+    """An ERR packet's payload, as clients print it: `ERROR code (sqlstate): message`. Before the
+    greeting, without SQLSTATE (as servers send "Too many connections"): MySQL's client reads
+    the SQLSTATE marker only once it knows the server speaks protocol 4.1."""
+    marker = b"#" + sqlstate.encode() if sqlstate else b""
+    return b"\xff" + struct.pack("<H", code) + marker + message.encode()
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """The parts of a server's initial handshake packet (protocol 10) the stage needs."""
+
+    version: str
+    capabilities: int
+    scramble: bytes  # the auth plugin's challenge (20 bytes with 4.1+ servers)
+    plugin: str  # the server's default auth plugin ("" when it names none)
+    flags_at: int  # where the lower two capability bytes are in the payload
+
+
+def parse_greeting(payload: bytes) -> Greeting:
+    """Raises ValueError for anything that is not a protocol-10 greeting."""
+    if not payload or payload[0] != 10:
+        raise ValueError(f"not a MySQL protocol 10 greeting (first byte {payload[:1].hex() or 'none'})")
+    end = payload.find(b"\0", 1)
+    if end < 0 or len(payload) < end + 16:
+        raise ValueError("MySQL greeting cut short")
+    version = payload[1:end].decode("utf-8", "replace")
+    pos = end + 1 + 4  # after the connection id
+    scramble = payload[pos : pos + 8]
+    flags_at = pos + 9  # after the 8 challenge bytes and a filler byte
+    capabilities = int.from_bytes(payload[flags_at : flags_at + 2], "little")
+    plugin = ""
+    rest = flags_at + 2
+    if len(payload) >= rest + 16:  # charset, status, upper flags, challenge length, 10 reserved bytes
+        capabilities |= int.from_bytes(payload[rest + 3 : rest + 5], "little") << 16
+        challenge_length = payload[rest + 5]
+        pos = rest + 16
+        if capabilities & CLIENT_SECURE_CONNECTION:
+            more = max(13, challenge_length - 8)
+            scramble += payload[pos : pos + more]
+            pos += more
+        if capabilities & CLIENT_PLUGIN_AUTH:
+            plugin = payload[pos:].split(b"\0", 1)[0].decode("ascii", "replace")
+    return Greeting(version, capabilities, scramble[:SCRAMBLE_LENGTH], plugin, flags_at)
+
+
+def without_ssl(payload: bytes, greeting: Greeting) -> bytes:
+    """The greeting with CLIENT_SSL cleared: the local client will not ask for TLS."""
+    at = greeting.flags_at
+    low = int.from_bytes(payload[at : at + 2], "little") & ~CLIENT_SSL & 0xFFFF
+    return payload[:at] + low.to_bytes(2, "little") + payload[at + 2 :]
+
+
+def with_flags(payload: bytes, capabilities: int) -> bytes:
+    return capabilities.to_bytes(4, "little") + payload[4:]
+
+
+def _xor(data: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % len(key)] for i, b in enumerate(data))
+
+
+class MySQLStage:
+    def __init__(self, route: RouteSpec) -> None:
+        self.route = route
+        self.transparent = False
+        # "greeting": waiting for the server's greeting; "response": the client has it and is to
+        # answer; "tls": SSLRequest sent, the handshake runs; "auth": renumbering; "command":
+        # bytes pass, the client's packets are framed by their headers to see COM_QUIT.
+        self.phase = "greeting"
+        self._server = b""  # the server's bytes not yet framed
+        self._client = b""  # the client's bytes not yet framed
+        self._response = b""  # the client's HandshakeResponse payload, until TLS is up
+        self._client_flags = 0  # its capability flags
+        self._to_server = 0  # the next sequence id on the server's link
+        self._to_client = 0  # the next sequence id on the client's link
+        self._plugin = ""  # the auth plugin in use, and its challenge
+        self._scramble = b""
+        self._full_auth = False  # caching_sha2_password asked for the password
+        self._key: rsa.RSAPrivateKey | None = None  # the key the client got from us instead of the server's
+        self._failure: str | None = None  # what the client is told, once the remote failed
+        self._server_err: bytes | None = None  # or the ERR the server sent before TLS, as it is
+        self._closed = False
+        self._skip = 0  # command phase: payload bytes of the client's current packet still to come
+        self._head = b""  # and the start of its next packet's header
+        self._maybe_quit = False  # the current packet is one byte long with sequence id 0
+
+    # --- the server
+
+    def connected(self) -> list[Command]:
+        return []  # the server speaks first
+
+    def from_remote(self, data: bytes) -> list[Command]:
+        if self.phase == "command":
+            return [SendLocal(data)]
+        self._server += data
+        if self.phase == "greeting":
+            return self._greeting()
+        if self.phase == "response":  # the server spoke again before our SSLRequest
+            return self._early_server_packet()
+        return self._relay_server()
+
+    def remote_eof(self) -> list[Command]:
+        return [EndLocal()]
+
+    def tls_established(self) -> list[Command]:
+        self.phase = "auth"
+        response = packet(self._to_server, with_flags(self._response, self._client_flags | CLIENT_SSL))
+        self._to_server += 1
+        self._response = b""
+        return [SendRemote(response), *self._relay_client()]
+
+    def remote_failed(self, cause: Cause, message: str) -> list[Command]:
+        if self._closed:
+            return []
+        if self._failure is None:
+            self._failure = f"mtls-sidecar: {message}; fix: {cause.fix}"
+        if self.phase == "response":
+            return []  # the client is about to send its HandshakeResponse: answer that
+        return self._answer_failure()
+
+    # --- the local client
+
+    def from_local(self, data: bytes) -> list[Command]:
+        if self._closed:
+            return []
+        if self.phase == "command":
+            return self._command(data)
+        self._client += data
+        if self.phase == "greeting":
+            fault = Fault("local", "protocol", "the client spoke before the server's greeting")
+            return [Refuse(fault, "the local client does not speak MySQL: it spoke before the server's greeting")]
+        if self.phase == "response":
+            return self._handshake_response()
+        if self.phase == "tls":
+            return []  # held until TLS is up (a MySQL client waits for the server's answer)
+        return self._relay_client()
+
+    def local_eof(self) -> list[Command]:
+        if self.phase == "command":
+            return [EndRemote()]
+        return [Close()]
+
+    # --- the connection phase
+
+    def _greeting(self) -> list[Command]:
+        if len(self._server) >= HEADER + 1:
+            length, seq, kind = int.from_bytes(self._server[:3], "little"), self._server[3], self._server[4]
+            if length > MAX_GREETING or seq != 0 or kind not in (10, ERR):
+                return self._not_mysql()
+        first = next_packet(self._server)
+        if first is None:
+            return []
+        _, payload, self._server = first
+        if payload[0] == ERR:  # the server refused us at once (too many connections, host blocked)
+            return self._server_refused(payload)
+        try:
+            greeting = parse_greeting(payload)
+        except ValueError:
+            return self._not_mysql()
+        if not greeting.capabilities & CLIENT_SSL:
+            fault = Fault("handshake", "no_tls", "the greeting lacks CLIENT_SSL")
+            return [Refuse(fault, f"{self._target()} does not offer TLS (its greeting lacks CLIENT_SSL)")]
+        if not greeting.capabilities & CLIENT_PROTOCOL_41:
+            fault = Fault("handshake", "protocol", "the server lacks CLIENT_PROTOCOL_41")
+            return [Refuse(fault, f"{self._target()} speaks the pre-4.1 MySQL protocol: not supported")]
+        self.phase = "response"
+        self._plugin, self._scramble = greeting.plugin, greeting.scramble
+        self._to_server, self._to_client = 1, 1
+        out: list[Command] = [SendLocal(packet(0, without_ssl(payload, greeting)))]
+        return out + self._early_server_packet() if self._server else out
+
+    def _early_server_packet(self) -> list[Command]:
+        first = next_packet(self._server)
+        if first is None:
+            return []
+        _, payload, self._server = first
+        if payload[:1] == bytes([ERR]):
+            return self._server_refused(payload)
+        fault = Fault("handshake", "protocol", "the server spoke twice before TLS")
+        return [Refuse(fault, f"{self._target()} sent a second packet before TLS: is it MySQL?")]
+
+    def _handshake_response(self) -> list[Command]:
+        not_mysql: list[Command] = [
+            Refuse(
+                Fault("local", "protocol", "no HandshakeResponse41"),
+                "the local client does not speak MySQL: its answer to the greeting is not a 4.1+ HandshakeResponse",
+            )
+        ]
+        if len(self._client) >= HEADER and (
+            self._client[3] != 1 or int.from_bytes(self._client[:3], "little") > MAX_RESPONSE
+        ):
+            return not_mysql  # known from its header: no need to wait for the rest
+        first = next_packet(self._client)
+        if first is None:
+            return []
+        seq, payload, self._client = first
+        flags = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+        if len(payload) < SSL_REQUEST_LENGTH or not flags & CLIENT_PROTOCOL_41:
+            return not_mysql
+        if flags & CLIENT_SSL:
+            fault = Fault("local", "protocol", "the client asked for TLS")
+            message = (
+                "the local client asked for TLS, which this route does not offer it: connect without TLS "
+                "(mariadb --skip-ssl, mysql --ssl-mode=DISABLED)"
+            )
+            return [Refuse(fault, message)]
+        self._to_client = seq + 1
+        if self._failure is not None or self._server_err is not None:
+            return self._answer_failure()
+        self.phase = "tls"
+        self._client_flags = flags
+        self._response = payload
+        ssl_request = packet(self._to_server, with_flags(payload[:SSL_REQUEST_LENGTH], flags | CLIENT_SSL))
+        self._to_server += 1
+        return [SendRemote(ssl_request), StartTLS()]
+
+    def _relay_server(self) -> list[Command]:
+        """Server → client during the connection phase: renumbered, and watched for its end."""
+        out: list[Command] = []
+        while (first := next_packet(self._server)) is not None:
+            seq, payload, self._server = first
+            self._to_server = seq + 1
+            out.append(SendLocal(packet(self._to_client, payload)))
+            self._to_client += 1
+            kind = payload[0] if payload else None
+            if kind == OK:
+                return out + self._step_aside()
+            if kind == ERR:  # the server refused the login and hangs up (without close_notify): so do we
+                self._closed = True
+                return [*out, Close()]
+            if kind == AUTH_SWITCH:
+                self._switched(payload)
+            elif payload == PERFORM_FULL_AUTH and self._plugin == CACHING_SHA2:
+                self._full_auth = True
+        return out
+
+    def _relay_client(self) -> list[Command]:
+        """Client → server during the connection phase: renumbered; caching_sha2's key request answered."""
+        out: list[Command] = []
+        while (first := next_packet(self._client)) is not None:
+            seq, payload, self._client = first
+            self._to_client = seq + 1
+            if self._full_auth:
+                answer = self._full_auth_packet(payload)
+                if answer is not None:
+                    out += answer
+                    if self._closed:
+                        return out
+                    continue
+            out.append(SendRemote(packet(self._to_server, payload)))
+            self._to_server += 1
+        return out
+
+    def _switched(self, payload: bytes) -> None:
+        """An AuthSwitchRequest: 0xFE, the plugin's name, NUL, its challenge (a lone 0xFE: the old password)."""
+        name, _, data = payload[1:].partition(b"\0")
+        self._plugin = name.decode("ascii", "replace") if len(payload) > 1 else "mysql_old_password"
+        if data:
+            self._scramble = data.rstrip(b"\0")[:SCRAMBLE_LENGTH]
+        self._full_auth = False
+
+    def _full_auth_packet(self, payload: bytes) -> list[Command] | None:
+        """caching_sha2_password's full authentication: the commands for the client's packet, or
+        None to pass it on as it is (a cleartext password, or one encrypted for a key not ours)."""
+        if payload == REQUEST_PUBLIC_KEY:
+            if self._key is None:
+                self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            pem = self._key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            reply = packet(self._to_client, bytes([AUTH_MORE_DATA]) + pem)
+            self._to_client += 1
+            return [SendLocal(reply)]
+        self._full_auth = False
+        if self._key is None or len(payload) != self._key.key_size // 8:
+            return None
+        try:
+            oaep = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+            secret = self._key.decrypt(payload, oaep)
+        except ValueError:
+            fault = Fault("local", "protocol", "the encrypted password does not decrypt")
+            self._closed = True
+            return [Refuse(fault, "the local client's encrypted password (caching_sha2_password) does not decrypt")]
+        cleartext = _xor(secret, self._scramble or b"\0")  # the password and its NUL, as a TLS client sends it
+        out: list[Command] = [SendRemote(packet(self._to_server, cleartext))]
+        self._to_server += 1
+        return out
+
+    def _step_aside(self) -> list[Command]:
+        """The connection phase ended: from here bytes pass untouched (what is left over, too).
+
+        The stage still frames the client's packets by their headers (not their bytes), to see
+        COM_QUIT: MariaDB and MySQL answer it by closing TCP without TLS close_notify, which the
+        connection would count as a cut-off answer (or a reset, when our own close_notify then
+        meets a closed socket). After COM_QUIT the stage closes the connection itself. With the
+        compressed protocol the packets are wrapped in other frames: the stage steps aside.
+        """
+        self.phase = "command"
+        out: list[Command] = []
+        if self._server:
+            out.append(SendLocal(self._server))
+        client, self._server, self._client = self._client, b"", b""
+        if self._client_flags & COMPRESSED:
+            self.transparent = True
+            return out + ([SendRemote(client)] if client else [])
+        return out + (self._command(client) if client else [])
+
+    def _command(self, data: bytes) -> list[Command]:
+        """The command phase: the client's bytes pass as they are; after COM_QUIT, close."""
+        if self._quits(data):
+            self._closed = True
+            return [SendRemote(data), Close()]
+        return [SendRemote(data)]
+
+    def _quits(self, data: bytes) -> bool:
+        """Whether `data` holds a COM_QUIT packet (header: length 1, sequence id 0; payload 0x01)."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                if self._maybe_quit and data[pos] == COM_QUIT:
+                    return True
+                self._maybe_quit = False
+                step = min(self._skip, end - pos)
+                pos += step
+                self._skip -= step
+                continue
+            take = HEADER - len(self._head)
+            self._head += data[pos : pos + take]
+            pos += take
+            if len(self._head) < HEADER:
+                break
+            self._skip = int.from_bytes(self._head[:3], "little")
+            self._maybe_quit = self._skip == 1 and self._head[3] == 0
+            self._head = b""
+        return False
+
+    # --- failures
+
+    def _server_refused(self, payload: bytes) -> list[Command]:
+        """An ERR from the server before TLS: the client gets the server's own words."""
+        self._server_err = payload
+        text = payload[9:] if payload[3:4] == b"#" else payload[3:]
+        fault = Fault("handshake", "closed", "the server sent ERR before TLS")
+        return [Refuse(fault, f"{self._target()} refused the connection: {text.decode('utf-8', 'replace')}")]
+
+    def _not_mysql(self) -> list[Command]:
+        first = self._server[:16]
+        fault = Fault("handshake", "protocol", "no MySQL greeting", first_bytes=first)
+        return [Refuse(fault, f"{self._target()} did not greet as a MySQL server (it sent {first!r}): is it MySQL?")]
+
+    def _answer_failure(self) -> list[Command]:
+        self._closed = True
+        sqlstate = SQLSTATE if self.phase != "greeting" else None  # after the greeting: protocol 4.1
+        payload = self._server_err or err_payload(ER_HANDSHAKE_ERROR, self._failure or "", sqlstate)
+        return [SendLocal(packet(self._to_client, payload)), Close()]
+
+    def _target(self) -> str:
+        host = self.route.target_host
+        return f"[{host}]:{self.route.target_port}" if ":" in host else f"{host}:{self.route.target_port}"
