@@ -1,0 +1,243 @@
+"""`protocol = "mysql"` against a real MariaDB whose users require our client certificate.
+
+The `mariadb` client (`--skip-ssl`) and PyMySQL (an independent pure-Python driver) connect
+in plaintext to the route; the server sees TLS (`Ssl_version`) with our certificate, which
+`REQUIRE SUBJECT '/CN=dev'` checks, so the same client straight to the server is refused. An
+ed25519 user makes the server switch the client's auth plugin through the route. Failures
+(a server without TLS, a target that is down, a client that is not MySQL) are named in
+status, reach the client as MySQL errors with the reason and the fix, and the route keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from sidecar.protocols.mysql import (
+    CLIENT_PLUGIN_AUTH,
+    CLIENT_PROTOCOL_41,
+    CLIENT_SECURE_CONNECTION,
+    CLIENT_SSL,
+    next_packet,
+    packet,
+    parse_greeting,
+)
+from tests.daemon_runner import DaemonThread
+from tests.mariadb import MariaDB, binary, mariadb_mtls
+from tests.scenario import Pki, route_to, write_config
+from tests.waiting import wait_until
+
+ED25519_PASSWORD = "ed-secret"
+NATIVE_PASSWORD = "native-secret"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, MariaDB]]:
+    pki = Pki.create(tmp_path_factory.mktemp("mysql-pki"))
+    with mariadb_mtls(server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file) as db:
+        db.sql(
+            "CREATE USER 'dev'@'%' REQUIRE SUBJECT '/CN=dev'; GRANT ALL ON *.* TO 'dev'@'%';"
+            f"CREATE USER 'pw'@'%' IDENTIFIED BY '{NATIVE_PASSWORD}' REQUIRE SUBJECT '/CN=dev';"
+            "CREATE DATABASE big; GRANT SELECT ON big.* TO 'pw'@'%';"
+            f"CREATE USER 'edd'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED25519_PASSWORD}')"
+            " REQUIRE SUBJECT '/CN=dev';"
+        )
+        yield pki, db
+
+
+@pytest.fixture
+def daemon(lab: tuple[Pki, MariaDB], isolated_home: Path) -> Iterator[DaemonThread]:
+    pki, db = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"db": route_to(pki, db.port, protocol="mysql")},
+    )
+    with DaemonThread(config) as running:
+        yield running
+
+
+def mariadb(port: int, sql: str, user: str = "dev", *extra: str) -> subprocess.CompletedProcess[str]:
+    """The mariadb client in plaintext (as it must be: the route's local side is plaintext)."""
+    argv = [binary("mariadb"), "--no-defaults", "-h", "127.0.0.1", "-P", str(port), f"-u{user}", "--skip-ssl"]
+    return subprocess.run(
+        [*argv, *extra, "-N", "-B", "--connect-timeout=20", "-e", sql], capture_output=True, text=True, timeout=30
+    )
+
+
+SESSION = "select current_user(); show session status like 'Ssl_version'"
+
+
+def test_the_mariadb_client_in_plaintext_is_mtls_on_the_server(lab: tuple[Pki, MariaDB], daemon: DaemonThread) -> None:
+    _, db = lab
+    done = mariadb(daemon.port("db"), SESSION)
+    assert done.returncode == 0, done.stderr
+    user, ssl_version = done.stdout.splitlines()
+    assert user == "dev@%"  # REQUIRE SUBJECT '/CN=dev' took our certificate
+    assert ssl_version.startswith("Ssl_version\tTLSv1.")  # the server's side of the session is TLS
+    assert daemon.status()["routes"]["db"]["failures"] == {}
+    # The same client straight to the server, with no certificate, is refused: the route did it.
+    direct = mariadb(db.port, "select 1")
+    assert direct.returncode != 0 and "Access denied for user 'dev'" in direct.stderr, direct.stderr
+
+
+def test_pymysql_with_a_password_and_a_large_result(daemon: DaemonThread) -> None:
+    conn = pymysql.connect(
+        host="127.0.0.1",
+        port=daemon.port("db"),
+        user="pw",
+        password=NATIVE_PASSWORD,
+        database="big",
+        connect_timeout=20,
+    )
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("select current_user(), @@version")
+            user, version = cursor.fetchone()
+            assert user == "pw@%" and "MariaDB" in version
+            cursor.execute("show session status like 'Ssl_version'")
+            assert cursor.fetchone()[1].startswith("TLSv1.")
+            cursor.execute("select seq, repeat('x', 100) from seq_1_to_50000")  # the sequence engine
+            rows = cursor.fetchall()
+            assert len(rows) == 50000 and rows[-1] == (50000, "x" * 100)
+    finally:
+        conn.close()
+    assert daemon.status()["routes"]["db"]["failures"] == {}
+
+
+def test_an_ed25519_user_switches_the_clients_auth_plugin_through_the_route(daemon: DaemonThread) -> None:
+    port = daemon.port("db")
+    # The server's greeting (as the client gets it) names mysql_native_password, which the
+    # client starts with; edd's plugin is ed25519, so the server must send an AuthSwitchRequest.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        greeting = parse_greeting(PacketReader(sock).read()[1])
+    assert greeting.plugin == "mysql_native_password" and not greeting.capabilities & CLIENT_SSL
+    done = mariadb(port, "select current_user()", "edd", f"-p{ED25519_PASSWORD}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "edd@%"
+    wrong = mariadb(port, "select 1", "edd", "-pnot-the-password")
+    assert wrong.returncode != 0 and "Access denied for user 'edd'" in wrong.stderr, wrong.stderr
+    # The server said no to a password: that is the server's answer, not a failure of the route.
+    assert daemon.status()["routes"]["db"]["failures"] == {}
+
+
+def test_a_handshake_response_in_pieces_by_hand(daemon: DaemonThread) -> None:
+    """Our own HandshakeResponse41 sent in three writes: the stage frames it, the server takes it."""
+    with socket.create_connection(("127.0.0.1", daemon.port("db")), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = PacketReader(sock)
+        seq, _ = reader.read()
+        assert seq == 0
+        flags = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH
+        response = struct.pack("<IIB", flags, 1 << 24, 45) + b"\0" * 23 + b"dev\0" + b"\0" + b"mysql_native_password\0"
+        wire = packet(1, response)
+        for piece in (wire[:2], wire[2:20], wire[20:]):
+            sock.sendall(piece)
+            time.sleep(0.05)  # separate writes are the subject of the test, not synchronisation
+        seq, ok = reader.read()
+        assert (seq, ok[:1]) == (2, b"\x00"), ok  # OK, numbered as a plaintext client expects
+        sock.sendall(packet(0, b"\x03select current_user()"))
+        answer = b""
+        deadline = time.monotonic() + 10
+        while b"dev@%" not in answer and time.monotonic() < deadline:
+            answer += reader.read()[1]
+        assert b"dev@%" in answer
+
+
+def test_a_server_without_tls_is_named_the_client_reads_why_and_the_route_keeps_serving(
+    lab: tuple[Pki, MariaDB], isolated_home: Path
+) -> None:
+    pki, db = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with mariadb_mtls(
+        server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file, ssl=False
+    ) as plain:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "plain": route_to(pki, plain.port, protocol="mysql"),
+                "db": route_to(pki, db.port, protocol="mysql"),
+            },
+        )
+        with DaemonThread(config) as daemon:
+            first = mariadb(daemon.port("plain"), "select 1")
+            second = mariadb(daemon.port("plain"), "select 1")
+            good = mariadb(daemon.port("db"), SESSION)
+            status = daemon.status()["routes"]
+    for done in (first, second):
+        assert done.returncode != 0
+        assert "ERROR 1043 (HY000)" in done.stderr, done.stderr  # before the greeting: no SQLSTATE
+        assert f"mtls-sidecar: 127.0.0.1:{plain.port} does not offer TLS" in done.stderr
+        assert "ssl_cert, ssl_key, ssl_ca" in done.stderr  # the fix
+    assert status["plain"]["failures"] == {"server_offers_no_tls": 2}
+    assert status["plain"]["state"] == "up"
+    assert good.returncode == 0 and good.stdout.startswith("dev@%"), good.stderr
+    assert status["db"]["failures"] == {}
+
+
+def test_a_target_that_is_down_reaches_the_client_as_an_error_with_the_fix(
+    lab: tuple[Pki, MariaDB], isolated_home: Path
+) -> None:
+    pki, _ = lab
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"db": route_to(pki, closed, protocol="mysql")},
+    )
+    with DaemonThread(config) as daemon:
+        done = mariadb(daemon.port("db"), "select 1")
+        with pytest.raises(pymysql.err.OperationalError) as raised:
+            pymysql.connect(host="127.0.0.1", port=daemon.port("db"), user="dev", connect_timeout=20)
+        status = daemon.status()["routes"]["db"]
+    # Before any greeting: the ERR is the client's first packet, and it prints it.
+    assert done.returncode != 0
+    assert f"ERROR 1043 (HY000): mtls-sidecar: connection to 127.0.0.1:{closed} refused" in done.stderr, done.stderr
+    assert "fix: start the service" in done.stderr
+    code, text = raised.value.args
+    assert code == 1043 and "refused" in text and text.startswith("mtls-sidecar:")
+    assert status["failures"] == {"refused": 2}
+
+
+def test_a_client_that_is_not_mysql_is_named_and_the_route_keeps_serving(daemon: DaemonThread) -> None:
+    with daemon.connect("db") as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # speaks first: a MySQL client waits for the greeting
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(65536):
+                pass  # the greeting may have come first; then the close
+    wait_until(lambda: daemon.status()["routes"]["db"]["failures"], timeout=10, what="the failure to be counted")
+    status = daemon.status()["routes"]["db"]
+    assert status["failures"] == {"protocol_mismatch": 1}, status
+    assert "the local client does not speak MySQL" in status["last_error"]
+    done = mariadb(daemon.port("db"), "select current_user()")
+    assert done.returncode == 0 and done.stdout.strip() == "dev@%", done.stderr
+
+
+class PacketReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def read(self) -> tuple[int, bytes]:
+        while (found := next_packet(self.buffer)) is None:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed mid-packet after {self.buffer!r}")
+            self.buffer += chunk
+        seq, payload, self.buffer = found
+        return seq, payload
