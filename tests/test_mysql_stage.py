@@ -208,6 +208,32 @@ def test_a_failed_handshake_answers_the_waiting_client_as_packet_2() -> None:
     assert b"not trusted; fix: set ca_file" in err
 
 
+def test_a_failure_after_tls_answers_the_client_when_it_reads() -> None:
+    """E.g. the server rejects our certificate with a TLS 1.3 alert after the handshake."""
+    stage = MySQLStage(route())
+    through_tls(stage)  # the client sent packet 1 and waits for packet 2
+    [(seq, _)] = sent_local(stage.remote_failed(Cause.SERVER_REJECTED_CERT, "rejected our client certificate"))
+    assert seq == 2
+    asked = MySQLStage(route())
+    through_tls(asked)
+    asked.from_remote(packet(3, b"\xfeclient_ed25519\0" + b"N" * 32))  # a question: the client is to answer
+    assert asked.remote_failed(Cause.RESET, "reset") == []
+    out = asked.from_local(packet(3, b"s" * 64))
+    [(seq, err)] = sent_local(out)
+    assert seq == 4 and err.startswith(b"\xff\x13\x04#08S01mtls-sidecar: reset") and out[-1] == Close()
+    assert sent_remote(out) == []
+    fast = MySQLStage(route())
+    through_tls(fast, plugin="caching_sha2_password")
+    fast.from_remote(packet(3, b"\x01\x03"))  # fast auth passed: OK follows, the client reads
+    [(seq, _)] = sent_local(fast.remote_failed(Cause.RESET, "reset"))
+    assert seq == 3
+
+
+def test_a_failure_mid_session_just_closes() -> None:
+    stage = in_command_phase()
+    assert stage.remote_failed(Cause.RESET, "reset") == [Close()]
+
+
 def test_a_server_err_before_the_greeting_reaches_the_client_in_its_own_words() -> None:
     stage = MySQLStage(route())
     too_many = b"\xff\x10\x04Too many connections"

@@ -89,6 +89,7 @@ OK, ERR, AUTH_SWITCH, AUTH_MORE_DATA = 0x00, 0xFF, 0xFE, 0x01
 COM_QUIT = 0x01
 CACHING_SHA2 = "caching_sha2_password"
 PERFORM_FULL_AUTH = b"\x01\x04"  # caching_sha2_password's AuthMoreData: "send the password"
+FAST_AUTH_OK = b"\x01\x03"  # ... and "fast auth passed" (OK follows)
 REQUEST_PUBLIC_KEY = b"\x02"
 
 SQLSTATE = "08S01"  # communication link failure
@@ -202,6 +203,7 @@ class MySQLStage:
         self._failure: str | None = None  # what the client is told, once the remote failed
         self._server_err: bytes | None = None  # or the ERR the server sent before TLS, as it is
         self._closed = False
+        self._client_turn = False  # the client is to send the next packet of the connection phase
         self._skip = 0  # command phase: payload bytes of the client's current packet still to come
         self._head = b""  # and the start of its next packet's header
         self._maybe_quit = False  # the current packet is one byte long with sequence id 0
@@ -234,10 +236,12 @@ class MySQLStage:
     def remote_failed(self, cause: Cause, message: str) -> list[Command]:
         if self._closed:
             return []
+        if self.phase == "command":
+            return [Close()]  # mid-session: no handshake answer to give
         if self._failure is None:
             self._failure = f"mtls-sidecar: {message}; fix: {cause.fix}"
-        if self.phase == "response":
-            return []  # the client is about to send its HandshakeResponse: answer that
+        if self._client_turn:
+            return []  # the client is about to send a packet and then reads: answer that
         return self._answer_failure()
 
     # --- the local client
@@ -286,6 +290,7 @@ class MySQLStage:
             fault = Fault("handshake", "protocol", "the server lacks CLIENT_PROTOCOL_41")
             return [Refuse(fault, f"{self._target()} speaks the pre-4.1 MySQL protocol: not supported")]
         self.phase = "response"
+        self._client_turn = True
         self._plugin, self._scramble = greeting.plugin, greeting.scramble
         self._to_server, self._to_client = 1, 1
         out: list[Command] = [SendLocal(packet(0, without_ssl(payload, greeting)))]
@@ -316,6 +321,7 @@ class MySQLStage:
         if first is None:
             return []
         seq, payload, self._client = first
+        self._client_turn = False
         flags = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
         if len(payload) < SSL_REQUEST_LENGTH or not flags & CLIENT_PROTOCOL_41:
             return not_mysql
@@ -354,6 +360,8 @@ class MySQLStage:
                 self._switched(payload)
             elif payload == PERFORM_FULL_AUTH and self._plugin == CACHING_SHA2:
                 self._full_auth = True
+            # The plugin's rounds are questions for the client, but for "fast auth passed", which OK follows.
+            self._client_turn = payload != FAST_AUTH_OK
         return out
 
     def _relay_client(self) -> list[Command]:
@@ -362,6 +370,9 @@ class MySQLStage:
         while (first := next_packet(self._client)) is not None:
             seq, payload, self._client = first
             self._to_client = seq + 1
+            self._client_turn = False
+            if self._failure is not None or self._server_err is not None:
+                return self._answer_failure()
             if self._full_auth:
                 answer = self._full_auth_packet(payload)
                 if answer is not None:
@@ -392,6 +403,7 @@ class MySQLStage:
             )
             reply = packet(self._to_client, bytes([AUTH_MORE_DATA]) + pem)
             self._to_client += 1
+            self._client_turn = True
             return [SendLocal(reply)]
         self._full_auth = False
         if self._key is None or len(payload) != self._key.key_size // 8:
