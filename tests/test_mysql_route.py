@@ -12,6 +12,7 @@ serving.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import struct
 import subprocess
@@ -33,7 +34,9 @@ from sidecar.protocols.mysql import (
 )
 from tests.daemon_runner import DaemonThread
 from tests.mariadb import MariaDB, binary, mariadb_mtls
+from tests.realservers import free_port
 from tests.scenario import Pki, route_to, write_config
+from tests.test_cli import sidecar_process
 from tests.waiting import wait_until
 
 ED25519_PASSWORD = "ed-secret"
@@ -226,6 +229,22 @@ def test_a_client_that_is_not_mysql_is_named_and_the_route_keeps_serving(daemon:
     assert "the local client does not speak MySQL" in status["last_error"]
     done = mariadb(daemon.port("db"), "select current_user()")
     assert done.returncode == 0 and done.stdout.strip() == "dev@%", done.stderr
+
+
+def test_tunnel_command_with_protocol_mysql(lab: tuple[Pki, MariaDB], tmp_path: Path) -> None:
+    pki, db = lab
+    cert, key = pki.client_ca.client("dev").write_pair(tmp_path / "client", "dev")
+    port = free_port()
+    args = [
+        "tunnel", "--protocol", "mysql", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{db.port}",
+        "--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file), "--server-name", "localhost",
+    ]  # fmt: skip
+    with sidecar_process(*args) as (proc, log):
+        log.wait_for(rf"listening on 127\.0\.0\.1:{port} → 127\.0\.0\.1:{db.port}")
+        done = mariadb(port, SESSION)
+        proc.send_signal(signal.SIGINT)
+    assert done.returncode == 0, done.stderr + log.text
+    assert done.stdout.splitlines()[0] == "dev@%"
 
 
 class PacketReader:
