@@ -438,6 +438,8 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
     _only_for(t, protocol, "host_header", ("http",))
     negotiation = t.choice("postgres_negotiation", POSTGRES_NEGOTIATIONS, "PostgreSQL negotiation", "sslrequest")
     alpn = _alpn(t)
+    if protocol == "http" and set(alpn) - {"http/1.1"}:
+        raise t.error("alpn", "an http route speaks HTTP/1.1 only", list(alpn), hint='use ["http/1.1"] or leave it out')
     if negotiation == "direct" and not alpn:
         alpn = ("postgresql",)  # PostgreSQL 17 accepts TLS at once only with this ALPN
     host_header = t.string("host_header")

@@ -479,6 +479,15 @@ class _PlainSide(asyncio.Protocol):
         else:
             self._run(self.stage.remote_failed(failure.reason, failure.message))
 
+    def failed_late(self, failure: Failure) -> None:
+        """The remote failed after the handshake (already counted): a stage that still reads the
+        client may answer it in its protocol (an HTTP 502, say); otherwise close."""
+        self.remote = None
+        if self.stage.transparent:
+            self.close()
+        else:
+            self._run(self.stage.remote_failed(failure.reason, failure.message))
+
     def _local_protocol_mismatch(self) -> Failure | None:
         """A `tcp` route whose local client opened with PostgreSQL's SSLRequest or StartupMessage:
         the server then hangs up on our TLS hello, and the fix is on this side."""
@@ -888,9 +897,10 @@ class _RemoteSide(asyncio.Protocol):
                     self.handshake_done.set_exception(event.error)
                     continue
                 # After the handshake; with TLS 1.3 this is how a server rejects our certificate.
-                listener._record_failure(failures.classify_ssl_error(event.error, target=listener.target))
+                failure = failures.classify_ssl_error(event.error, target=listener.target)
+                listener._record_failure(failure)
                 self.abort()
-                self.peer.close()
+                self.peer.failed_late(failure)
         if self._approved and not self._session_saved and self.pipe is not None and self.pipe.handshake_complete:
             self._save_session()
 

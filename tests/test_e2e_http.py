@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,8 +33,10 @@ from sidecar.control.client import ControlClient, DaemonNotRunning
 from sidecar.paths import resolve_places
 from tests.daemon_runner import DaemonThread
 from tests.httpservers import API_NAME, WS_GUID, Backend, nginx_vhosts, read_frame, write_pattern_file, ws_frame
+from tests.pki import CA
 from tests.realservers import free_port, require_binary
 from tests.scenario import Pki, curl, recv_all, route_to, write_config
+from tests.tlsserver import ScriptedTLSServer
 from tests.waiting import wait_until
 
 GIB = 1 << 30
@@ -241,6 +244,27 @@ def test_a_target_that_is_down_gets_502_with_the_reason_then_serves_once_it_is_u
             assert again.returncode == 0 and f"api site: host={API_NAME}:{down} uri=/x " in again.stdout, again
         status = daemon.status()["routes"]["api"]
     assert status["failures"] == {"refused": 1}
+
+
+def test_a_tls13_server_that_rejects_our_certificate_after_the_handshake_gets_502(setup: Setup) -> None:
+    """With TLS 1.3 the rejection arrives after our side of the handshake: still a 502 with the cause."""
+    stranger = CA("Stranger Client CA").write_root(setup.tmp / "stranger.pem")
+    with (
+        ScriptedTLSServer(
+            cert=setup.pki.server_cert,
+            key=setup.pki.server_key,
+            client_ca=stranger,
+            require_client_cert=True,
+            min_version=ssl.TLSVersion.TLSv1_3,
+        ) as server,
+        DaemonThread(config(setup, {"api": http_route(setup, server.port)})) as daemon,
+    ):
+        result = curl(daemon.port("api"), "/x", "-i")
+        status = daemon.status()["routes"]["api"]
+    assert result.stdout.startswith("HTTP/1.1 502 Bad Gateway\n"), result
+    assert "\nMtls-Sidecar-Cause: server_rejected_certificate" in result.stdout
+    assert "rejected our client certificate" in result.stdout
+    assert status["failures"] == {"server_rejected_certificate": 1}
 
 
 def test_a_target_that_never_answers_the_handshake_gets_504(setup: Setup) -> None:
