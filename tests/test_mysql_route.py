@@ -94,6 +94,21 @@ def test_the_mariadb_client_in_plaintext_is_mtls_on_the_server(lab: tuple[Pki, M
     assert direct.returncode != 0 and "Access denied for user 'dev'" in direct.stderr, direct.stderr
 
 
+def test_sessions_end_without_counting_a_failure_compressed_or_not(daemon: DaemonThread) -> None:
+    """The server hangs up after COM_QUIT without TLS close_notify; the route ends the session
+    itself first, so no session is counted as cut short (it was, often, before)."""
+    port = daemon.port("db")
+    for extra in ((), ("--compress",)) * 3:
+        done = mariadb(port, "show session status like 'Compression'", "dev", *extra)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["Compression", "ON" if extra else "OFF"]
+    wait_until(
+        lambda: daemon.status()["routes"]["db"]["active_connections"] == 0, timeout=10, what="the sessions to end"
+    )
+    status = daemon.status()["routes"]["db"]
+    assert status["failures"] == {} and status["total_connections"] == 6, status
+
+
 def test_pymysql_with_a_password_and_a_large_result(daemon: DaemonThread) -> None:
     conn = pymysql.connect(
         host="127.0.0.1",

@@ -400,6 +400,27 @@ def test_a_one_byte_packet_that_is_not_quit_passes() -> None:
     assert stage.remote_eof() == [EndLocal()]
 
 
-def test_with_the_compressed_protocol_the_stage_steps_aside() -> None:
+def compressed_frame(seq: int, payload: bytes, uncompressed_length: int = 0) -> bytes:
+    return struct.pack("<I", len(payload))[:3] + bytes([seq]) + struct.pack("<I", uncompressed_length)[:3] + payload
+
+
+def test_with_the_compressed_protocol_com_quit_is_seen_in_its_frame() -> None:
     stage = in_command_phase(flags=CLIENT_FLAGS | CLIENT_COMPRESS)
-    assert stage.transparent
+    query = compressed_frame(0, packet(0, b"\x03select 1"))
+    assert stage.from_local(query) == [SendRemote(query)]
+    squeezed = compressed_frame(0, b"\x78\x9c\x63\x64\x00", uncompressed_length=5)  # compressed: not read
+    assert stage.from_local(squeezed) == [SendRemote(squeezed)]
+    plain_quit = packet(0, b"\x01")  # an uncompressed COM_QUIT is not a frame here: no quit
+    assert stage.from_local(plain_quit + b"\x00\x00\x00") == [SendRemote(plain_quit + b"\x00\x00\x00")]
+    quit_ = compressed_frame(0, packet(0, b"\x01"))
+    assert stage.from_local(quit_[:6]) == [SendRemote(quit_[:6])]
+    assert stage.from_local(quit_[6:]) == [SendRemote(quit_[6:]), Close()]
+
+
+def test_compression_counts_only_when_the_server_offers_it_too() -> None:
+    stage = MySQLStage(route())
+    stage.from_remote(packet(0, greeting_payload(flags=SERVER_FLAGS & ~CLIENT_COMPRESS)))
+    stage.from_local(packet(1, response_payload(flags=CLIENT_FLAGS | CLIENT_COMPRESS)))
+    stage.tls_established()
+    stage.from_remote(packet(3, OK_PACKET))
+    assert stage.from_local(packet(0, b"\x01")) == [SendRemote(packet(0, b"\x01")), Close()]

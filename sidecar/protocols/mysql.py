@@ -20,9 +20,9 @@ renumbers every packet, client → server +1 and server → client −1, through
 (3-byte length, 1-byte sequence id), so pieces and several packets in one read are all the
 same to it. An ERR ends the connection (the server hangs up after it). After OK, bytes pass
 untouched (each command starts again at sequence id 0 on both links); the stage only reads
-the headers of the client's packets, to close the connection itself after COM_QUIT: servers
-answer it by closing TCP without TLS close_notify, which would otherwise count as a cut-off
-answer. With the compressed protocol it steps aside entirely.
+the headers of the client's packets (or compressed frames), to close the connection itself
+after COM_QUIT: servers answer it by closing TCP without TLS close_notify, which would
+otherwise count as a cut-off answer.
 
 Failures reach the client as a MySQL ERR packet (error 1043, "bad handshake", SQLSTATE 08S01)
 that says `mtls-sidecar: <reason>; fix: <what to do>`, at a moment the client reads one:
@@ -80,6 +80,7 @@ CLIENT_ZSTD_COMPRESSION = 0x0400_0000
 COMPRESSED = CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION  # packets are wrapped in compressed frames after OK
 
 HEADER = 4  # 3-byte little-endian payload length, 1-byte sequence id
+COMPRESSED_HEADER = 7  # a compressed frame's: length, sequence id, 3-byte uncompressed length
 MAX_GREETING = 4096  # real greetings are ~100 bytes; a non-MySQL server's first bytes read as a huge length
 MAX_RESPONSE = 1 << 20  # a HandshakeResponse with connection attributes is a few hundred bytes
 SSL_REQUEST_LENGTH = 32  # capability flags, max packet size, charset, 23 reserved bytes
@@ -204,9 +205,13 @@ class MySQLStage:
         self._server_err: bytes | None = None  # or the ERR the server sent before TLS, as it is
         self._closed = False
         self._client_turn = False  # the client is to send the next packet of the connection phase
-        self._skip = 0  # command phase: payload bytes of the client's current packet still to come
-        self._head = b""  # and the start of its next packet's header
-        self._maybe_quit = False  # the current packet is one byte long with sequence id 0
+        self._server_flags = 0  # the greeting's capability flags
+        # The command phase: the client's frames, read by their headers.
+        self._frame_header = HEADER  # 7 with the compressed protocol
+        self._quit = bytes([COM_QUIT])  # COM_QUIT's frame payload (in a compressed frame: the whole packet)
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._head = b""  # the start of the next frame's header
+        self._candidate: bytes | None = None  # the current frame's payload so far, while it may be COM_QUIT
 
     # --- the server
 
@@ -292,6 +297,7 @@ class MySQLStage:
         self.phase = "response"
         self._client_turn = True
         self._plugin, self._scramble = greeting.plugin, greeting.scramble
+        self._server_flags = greeting.capabilities
         self._to_server, self._to_client = 1, 1
         out: list[Command] = [SendLocal(packet(0, without_ssl(payload, greeting)))]
         return out + self._early_server_packet() if self._server else out
@@ -427,16 +433,16 @@ class MySQLStage:
         COM_QUIT: MariaDB and MySQL answer it by closing TCP without TLS close_notify, which the
         connection would count as a cut-off answer (or a reset, when our own close_notify then
         meets a closed socket). After COM_QUIT the stage closes the connection itself. With the
-        compressed protocol the packets are wrapped in other frames: the stage steps aside.
+        compressed protocol, packets travel in compressed frames (a 7-byte header: length,
+        sequence id, uncompressed length, 0 when the frame is not compressed, as for COM_QUIT).
         """
         self.phase = "command"
+        if self._client_flags & self._server_flags & COMPRESSED:
+            self._frame_header, self._quit = COMPRESSED_HEADER, packet(0, bytes([COM_QUIT]))
         out: list[Command] = []
         if self._server:
             out.append(SendLocal(self._server))
         client, self._server, self._client = self._client, b"", b""
-        if self._client_flags & COMPRESSED:
-            self.transparent = True
-            return out + ([SendRemote(client)] if client else [])
         return out + (self._command(client) if client else [])
 
     def _command(self, data: bytes) -> list[Command]:
@@ -447,25 +453,30 @@ class MySQLStage:
         return [SendRemote(data)]
 
     def _quits(self, data: bytes) -> bool:
-        """Whether `data` holds a COM_QUIT packet (header: length 1, sequence id 0; payload 0x01)."""
+        """Whether `data` holds COM_QUIT: a frame with sequence id 0 whose payload is `self._quit`."""
         pos, end = 0, len(data)
         while pos < end:
             if self._skip:
-                if self._maybe_quit and data[pos] == COM_QUIT:
-                    return True
-                self._maybe_quit = False
                 step = min(self._skip, end - pos)
+                if self._candidate is not None:
+                    self._candidate += data[pos : pos + step]
                 pos += step
                 self._skip -= step
+                if not self._skip and self._candidate is not None:
+                    if self._candidate == self._quit:
+                        return True
+                    self._candidate = None
                 continue
-            take = HEADER - len(self._head)
-            self._head += data[pos : pos + take]
-            pos += take
-            if len(self._head) < HEADER:
+            size = self._frame_header
+            need = size - len(self._head)
+            self._head += data[pos : pos + need]
+            pos += need
+            if len(self._head) < size:
                 break
-            self._skip = int.from_bytes(self._head[:3], "little")
-            self._maybe_quit = self._skip == 1 and self._head[3] == 0
-            self._head = b""
+            head, self._head = self._head, b""
+            self._skip = int.from_bytes(head[:3], "little")
+            plain = size == HEADER or head[4:7] == b"\0\0\0"  # uncompressed length 0: the frame is as it is
+            self._candidate = b"" if head[3] == 0 and plain and self._skip == len(self._quit) else None
         return False
 
     # --- failures
