@@ -34,6 +34,7 @@ from sidecar.protocols.mysql import (
 )
 from tests.daemon_runner import DaemonThread
 from tests.mariadb import MariaDB, binary, mariadb_mtls
+from tests.pki import CA
 from tests.realservers import free_port
 from tests.scenario import Pki, route_to, write_config
 from tests.test_cli import sidecar_process
@@ -229,6 +230,27 @@ def test_a_target_that_is_down_reaches_the_client_as_an_error_with_the_fix(
     code, text = raised.value.args
     assert code == 1043 and "refused" in text and text.startswith("mtls-sidecar:")
     assert status["failures"] == {"refused": 2}
+
+
+def test_a_server_that_rejects_our_certificate_is_named_and_the_client_reads_why(
+    lab: tuple[Pki, MariaDB], isolated_home: Path
+) -> None:
+    """With TLS 1.3 the server's verdict on our certificate comes after our side of the
+    handshake, while the client waits for the answer to its login: it gets an ERR there."""
+    pki, db = lab
+    CA("Not the server's client CA").client("dev").write_pair(isolated_home / "keystore" / "dev", "dev-1")
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"db": route_to(pki, db.port, protocol="mysql")},
+    )
+    with DaemonThread(config) as daemon:
+        done = mariadb(daemon.port("db"), "select 1")
+        status = daemon.status()["routes"]["db"]
+    assert done.returncode != 0
+    assert "ERROR 1043 (08S01): mtls-sidecar: " in done.stderr, done.stderr
+    assert "rejected our client certificate" in done.stderr and "fix: " in done.stderr
+    assert status["failures"] == {"server_rejected_certificate": 1}, status
 
 
 def test_a_client_that_is_not_mysql_is_named_and_the_route_keeps_serving(daemon: DaemonThread) -> None:
