@@ -74,7 +74,10 @@ class StartTLS:
 class StartLocalTLS:
     """From here on the local client speaks TLS to us (after we agreed, e.g. PostgreSQL's `S`):
     the connection decrypts what it sends and encrypts what it gets, with the route's local
-    certificate (`local_tls`), and the stage keeps seeing plaintext."""
+    certificate (`local_tls`), and the stage keeps seeing plaintext. `leftover`: bytes the
+    client sent past its request for TLS (MySQL clients send their hello without waiting)."""
+
+    leftover: bytes = b""
 
 
 @dataclass(frozen=True)

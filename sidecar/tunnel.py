@@ -539,7 +539,7 @@ class _PlainSide(asyncio.Protocol):
                         self.remote.abort()
                     self._fail(failure)
             elif isinstance(command, StartLocalTLS):
-                self._start_local_tls()
+                self._start_local_tls(command.leftover)
             elif isinstance(command, Close):
                 self.close()
 
@@ -599,12 +599,14 @@ class _PlainSide(asyncio.Protocol):
 
     # --- local TLS (`local_tls`): we are the server, the stage sees plaintext
 
-    def _start_local_tls(self) -> None:
+    def _start_local_tls(self, leftover: bytes = b"") -> None:
         make = self.listener.local_tls_context
         if make is None:
             self._run([Refuse(Fault("local", "config", "no local TLS"), "local_tls needs the daemon's dev CA")])
             return
         self.local_tls = TLSPipe(make(), None, server_side=True)
+        if leftover:
+            self._local_tls_received(leftover)
 
     def _local_tls_received(self, data: bytes) -> None:
         pipe = self.local_tls
@@ -719,7 +721,6 @@ class _RemoteSide(asyncio.Protocol):
         self.eof = False  # the remote finished sending (close_notify or a bare FIN)
         self.lost = False
         self._closing = False
-        self._raw_first = b""  # before TLS: what the server sent first (a plaintext server says who it is)
         # Nothing the server sends reaches the local client before the server policy passed.
         self._approved = False
 
@@ -732,8 +733,6 @@ class _RemoteSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.pipe is None:  # before StartTLS: the protocol stage's prelude
-            if len(self._raw_first) < 256:
-                self._raw_first += data[: 256 - len(self._raw_first)]
             self.peer.from_remote(data)
             return
         self.pipe.receive_data(data)
@@ -789,7 +788,9 @@ class _RemoteSide(asyncio.Protocol):
     # --- called by the local side
 
     def first_bytes(self) -> bytes:
-        return self.pipe.first_bytes if self.pipe is not None else self._raw_first
+        """The start of what the server sent once TLS was to start (a protocol's own prelude
+        before that, a MySQL greeting say, is not a sign of a plaintext server)."""
+        return self.pipe.first_bytes if self.pipe is not None else b""
 
     def start_tls(self, leftover: bytes = b"") -> None:
         session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
