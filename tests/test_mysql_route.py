@@ -65,7 +65,11 @@ def daemon(lab: tuple[Pki, MariaDB], isolated_home: Path) -> Iterator[DaemonThre
     config = write_config(
         isolated_home / "config.toml",
         identities={"dev": {"renew": "none"}},
-        routes={"db": route_to(pki, db.port, protocol="mysql")},
+        routes={
+            "db": route_to(pki, db.port, protocol="mysql"),
+            "db_tls": route_to(pki, db.port, protocol="mysql", local_tls=True),
+            "db_as_tcp": route_to(pki, db.port),  # what a user had before this protocol existed
+        },
     )
     with DaemonThread(config) as running:
         yield running
@@ -282,6 +286,79 @@ def test_tunnel_command_with_protocol_mysql(lab: tuple[Pki, MariaDB], tmp_path: 
         proc.send_signal(signal.SIGINT)
     assert done.returncode == 0, done.stderr + log.text
     assert done.stdout.splitlines()[0] == "dev@%"
+
+
+def mariadb_tls(port: int, root: Path, sql: str, user: str = "dev", *extra: str) -> subprocess.CompletedProcess[str]:
+    """The mariadb client insisting on TLS with a verified server certificate for 127.0.0.1
+    (libmariadb's --ssl-verify-server-cert checks the chain and the host name)."""
+    argv = [
+        binary("mariadb"), "--no-defaults", "-h", "127.0.0.1", "-P", str(port), f"-u{user}", "--ssl",
+        f"--ssl-ca={root}", "--ssl-verify-server-cert", "--connect-timeout=20", *extra,
+    ]  # fmt: skip
+    return subprocess.run([*argv, "-N", "-B", "-e", sql], capture_output=True, text=True, timeout=30)
+
+
+def test_local_tls_serves_clients_that_insist_on_a_verified_tls(
+    lab: tuple[Pki, MariaDB], daemon: DaemonThread, isolated_home: Path
+) -> None:
+    """local_tls: the client's own TLS ends in the sidecar (a dev-CA certificate for
+    127.0.0.1), the server still sees mTLS with our identity; sequence ids need no renumbering."""
+    root = isolated_home / "ca" / "ca.crt"
+    assert root.exists()
+    port = daemon.port("db_tls")
+    done = mariadb_tls(port, root, SESSION + ";\\s")  # \\s: the client's own status
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "dev@%"  # REQUIRE SUBJECT '/CN=dev' took our certificate
+    assert lines[1].startswith("Ssl_version\tTLSv1.")  # the server's side is TLS
+    assert any(line.startswith("SSL:") and "Cipher in use" in line for line in lines), done.stdout  # and the client's
+    # The same route serves a client that does not ask for TLS, in plaintext.
+    plain = mariadb(port, "select current_user()")
+    assert plain.returncode == 0 and plain.stdout.strip() == "dev@%", plain.stderr
+    # Through an auth-plugin switch (ed25519): its packets keep their numbers on both links.
+    switched = mariadb_tls(port, root, "select current_user()", "edd", f"-p{ED25519_PASSWORD}")
+    assert switched.returncode == 0 and switched.stdout.strip() == "edd@%", switched.stderr
+    # An independent driver with TLS verified against the dev CA, a password and a large result.
+    conn = pymysql.connect(
+        host="127.0.0.1", port=port, user="pw", password=NATIVE_PASSWORD, database="big", connect_timeout=20,
+        ssl={"ca": str(root), "check_hostname": True},
+    )  # fmt: skip
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("select current_user()")
+            assert cursor.fetchone() == ("pw@%",)
+            assert conn._sock.version().startswith("TLSv1.")  # PyMySQL's own socket is TLS
+            cursor.execute("select seq, repeat('x', 100) from seq_1_to_50000")
+            rows = cursor.fetchall()
+            assert len(rows) == 50000 and rows[-1] == (50000, "x" * 100)
+    finally:
+        conn.close()
+    assert daemon.status()["routes"]["db_tls"]["failures"] == {}
+    # A client that does not trust the dev CA is refused by its own check, and status says why.
+    other = CA("Not the dev CA").write_root(isolated_home / "other-root.pem")
+    refused = mariadb_tls(port, other, "select 1")
+    assert refused.returncode != 0 and "2026" in refused.stderr, refused.stderr  # SSL connection error
+    wait_until(lambda: daemon.status()["routes"]["db_tls"]["failures"], timeout=10, what="the local TLS failure")
+    status = daemon.status()["routes"]["db_tls"]
+    assert status["failures"] == {"local_tls_failed": 1}, status
+    assert "mtls-sidecar ca export" in status["last_error"]
+
+
+def test_without_local_tls_a_client_insisting_on_tls_is_turned_away(daemon: DaemonThread, isolated_home: Path) -> None:
+    """Real clients see no CLIENT_SSL in the greeting and give up by themselves, saying why; one
+    that asks for TLS all the same (an SSLRequest) is refused, and status names local_tls."""
+    done = mariadb_tls(daemon.port("db"), isolated_home / "ca" / "ca.crt", "select 1")
+    assert done.returncode != 0 and "SSL is required, but the server does not support it" in done.stderr, done.stderr
+    with daemon.connect("db") as sock:
+        seq, greeting = PacketReader(sock).read()
+        assert seq == 0 and not parse_greeting(greeting).capabilities & CLIENT_SSL
+        flags = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_SSL
+        sock.sendall(packet(1, struct.pack("<IIB", flags, 1 << 24, 45) + b"\0" * 23))
+        assert sock.recv(65536) == b""  # closed
+    wait_until(lambda: daemon.status()["routes"]["db"]["failures"], timeout=10, what="the refusal to be counted")
+    status = daemon.status()["routes"]["db"]
+    assert status["failures"] == {"protocol_mismatch": 1}, status
+    assert "asked for TLS" in status["last_error"] and "local_tls = true" in status["last_error"]
 
 
 class PacketReader:

@@ -28,7 +28,17 @@ from sidecar.protocols.mysql import (
     split_packets,
     without_ssl,
 )
-from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import (
+    Close,
+    Command,
+    EndLocal,
+    EndRemote,
+    Refuse,
+    SendLocal,
+    SendRemote,
+    StartLocalTLS,
+    StartTLS,
+)
 
 SCRAMBLE = bytes(range(65, 85))  # 20 bytes, as servers make them (no NUL)
 SERVER_FLAGS = 0xF7FF | CLIENT_SSL | (0x81BF << 16)  # what MariaDB 10.11 offers, TLS included
@@ -424,3 +434,127 @@ def test_compression_counts_only_when_the_server_offers_it_too() -> None:
     stage.tls_established()
     stage.from_remote(packet(3, OK_PACKET))
     assert stage.from_local(packet(0, b"\x01")) == [SendRemote(packet(0, b"\x01")), Close()]
+
+
+# --- local_tls: the local client's own TLS ends in the sidecar
+
+
+def ssl_request_payload(flags: int = CLIENT_FLAGS | CLIENT_SSL) -> bytes:
+    return struct.pack("<I", flags) + response_payload()[4:32]
+
+
+CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"r" * 32  # the start of one: opaque to the stage
+
+
+def asked_for_local_tls(stage: MySQLStage) -> list[Command]:
+    """Greeting, then the client's SSLRequest followed at once by its ClientHello (one read)."""
+    stage.from_remote(packet(0, greeting_payload()))
+    return stage.from_local(packet(1, ssl_request_payload()) + CLIENT_HELLO)
+
+
+def test_local_tls_keeps_client_ssl_in_the_greeting() -> None:
+    [(seq, payload)] = sent_local(MySQLStage(route(local_tls=True)).from_remote(packet(0, greeting_payload())))
+    assert seq == 0 and payload == greeting_payload()  # untouched: TLS is offered, by the sidecar
+    assert parse_greeting(payload).capabilities & CLIENT_SSL
+
+
+def test_local_tls_sslrequest_starts_both_tls_and_hands_the_clients_hello_to_its_tls() -> None:
+    stage = MySQLStage(route(local_tls=True))
+    out = asked_for_local_tls(stage)
+    [(seq, ssl_request)] = sent_remote(out)
+    assert seq == 1 and ssl_request == ssl_request_payload()
+    assert out[-2:] == [StartTLS(), StartLocalTLS(leftover=CLIENT_HELLO)]  # the server's TLS first, then the client's
+    assert sent_local(out) == []  # no answer in plaintext: the client starts TLS at once
+
+
+def test_local_tls_response_before_our_tls_is_held_then_sequence_ids_pass_as_they_are() -> None:
+    stage = MySQLStage(route(local_tls=True))
+    asked_for_local_tls(stage)
+    response = struct.pack("<I", CLIENT_FLAGS | CLIENT_SSL) + response_payload()[4:]
+    assert stage.from_local(packet(2, response)) == []  # decrypted, packet 2: held until our TLS is up
+    assert sent_remote(stage.tls_established()) == [(2, response)]  # as it is: same number on both links
+    switch = b"\xfeclient_ed25519\0" + b"N" * 32
+    assert sent_local(stage.from_remote(packet(3, switch))) == [(3, switch)]
+    assert sent_remote(stage.from_local(packet(4, b"s" * 64))) == [(4, b"s" * 64)]
+    assert sent_local(stage.from_remote(packet(5, OK_PACKET))) == [(5, OK_PACKET)]
+    assert stage.phase == "command"
+    assert stage.from_local(packet(0, b"\x01")) == [SendRemote(packet(0, b"\x01")), Close()]  # COM_QUIT seen
+
+
+def test_local_tls_response_after_our_tls_goes_on_at_once_even_in_pieces() -> None:
+    stage = MySQLStage(route(local_tls=True))
+    asked_for_local_tls(stage)
+    assert stage.tls_established() == []  # the client's TLS handshake is still running
+    response = struct.pack("<I", CLIENT_FLAGS | CLIENT_SSL) + response_payload(user="someone")[4:]
+    wire = packet(2, response)
+    assert stage.from_local(wire[:3]) == [] and stage.from_local(wire[3:40]) == []
+    assert sent_remote(stage.from_local(wire[40:])) == [(2, response)]
+    out = stage.from_remote(packet(3, b"\x01\x03") + packet(4, OK_PACKET))  # caching_sha2 fast auth, OK
+    assert sent_local(out) == [(3, b"\x01\x03"), (4, OK_PACKET)]
+
+
+def test_local_tls_client_that_does_not_ask_for_tls_is_served_in_plaintext() -> None:
+    stage = MySQLStage(route(local_tls=True))
+    stage.from_remote(packet(0, greeting_payload()))
+    out = stage.from_local(packet(1, response_payload()))
+    assert out[-1] == StartTLS() and not any(isinstance(c, StartLocalTLS) for c in out)
+    assert sent_remote(stage.tls_established()) == [
+        (2, struct.pack("<I", CLIENT_FLAGS | CLIENT_SSL) + response_payload()[4:])
+    ]
+    assert sent_local(stage.from_remote(packet(3, OK_PACKET))) == [(2, OK_PACKET)]  # renumbered, as without local_tls
+
+
+def test_without_local_tls_a_client_asking_for_tls_is_refused_and_told_of_local_tls() -> None:
+    stage = MySQLStage(route())
+    stage.from_remote(packet(0, greeting_payload()))
+    [refused] = stage.from_local(packet(1, ssl_request_payload()) + CLIENT_HELLO)
+    assert isinstance(refused, Refuse) and refused.fault.stage == "local"
+    assert "asked for TLS" in refused.message and "local_tls = true" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (packet(1, response_payload(flags=CLIENT_FLAGS | CLIENT_SSL)), None),  # TLS asked in a whole response
+        (packet(1, ssl_request_payload()), packet(1, response_payload())),  # through TLS: packet 1 again
+        (packet(1, ssl_request_payload()), packet(2, ssl_request_payload())),  # through TLS: a second SSLRequest
+    ],
+)
+def test_local_tls_what_the_stage_refuses_from_the_client(first: bytes, then: bytes | None) -> None:
+    stage = MySQLStage(route(local_tls=True))
+    stage.from_remote(packet(0, greeting_payload()))
+    out = stage.from_local(first)
+    if then is not None:
+        assert isinstance(out[-1], StartLocalTLS)
+        out = stage.from_local(then)
+    [refused] = out
+    assert isinstance(refused, Refuse) and refused.fault.stage == "local"
+    assert "does not speak MySQL" in refused.message
+
+
+def test_local_tls_a_failure_before_the_sslrequest_is_told_through_the_clients_tls() -> None:
+    stage = MySQLStage(route(local_tls=True))
+    stage.from_remote(packet(0, greeting_payload()))
+    assert stage.remote_failed(Cause.SERVER_UNTRUSTED, "db.example.test:3306's certificate is not trusted") == []
+    out = stage.from_local(packet(1, ssl_request_payload()) + CLIENT_HELLO)
+    assert out == [StartLocalTLS(leftover=CLIENT_HELLO)]  # no SSLRequest to a server that is gone
+    out = stage.from_local(packet(2, response_payload(flags=CLIENT_FLAGS | CLIENT_SSL)))
+    [(seq, err)] = sent_local(out)  # SendLocal: encrypted by the connection
+    assert seq == 3 and out[-1] == Close() and sent_remote(out) == []
+    with pytest.raises(pymysql_err.OperationalError) as raised:
+        pymysql_err.raise_mysql_exception(err)
+    assert raised.value.args[0] == 1043 and "not trusted; fix: " in raised.value.args[1]
+
+
+def test_local_tls_a_failure_during_the_handshakes_answers_the_clients_response() -> None:
+    waiting = MySQLStage(route(local_tls=True))
+    asked_for_local_tls(waiting)
+    assert waiting.remote_failed(Cause.SERVER_REJECTED_CERT, "rejected our client certificate") == []
+    out = waiting.from_local(packet(2, response_payload(flags=CLIENT_FLAGS | CLIENT_SSL)))
+    assert [seq for seq, _ in sent_local(out)] == [3] and out[-1] == Close() and sent_remote(out) == []
+    held = MySQLStage(route(local_tls=True))
+    asked_for_local_tls(held)
+    assert held.from_local(packet(2, response_payload(flags=CLIENT_FLAGS | CLIENT_SSL))) == []
+    out = held.remote_failed(Cause.RESET, "reset")  # the client waits for the answer to packet 2: it is told now
+    [(seq, err)] = sent_local(out)
+    assert seq == 3 and err.startswith(b"\xff\x13\x04#08S01mtls-sidecar: reset") and out[-1] == Close()

@@ -33,9 +33,22 @@ the server sends before TLS (too many connections, host blocked) reaches the cli
 server wrote it. (Not the client libraries' own codes 2003 or 2026: libmariadb reports a
 server's ERR with one of those as a malformed packet.)
 
-`local_tls` is not used by this stage yet: the client always gets a greeting without
-`CLIENT_SSL`, so it must not insist on TLS (`mariadb --skip-ssl`, `mysql --ssl-mode=DISABLED`
-or the default PREFERRED, PyMySQL without `ssl`).
+Without `local_tls` the client gets a greeting without `CLIENT_SSL`, so it must not insist on
+TLS (`mariadb --skip-ssl`, `mysql --ssl-mode=DISABLED` or the default PREFERRED, PyMySQL
+without `ssl`); one that asks for TLS all the same is refused, named.
+
+With `local_tls = true` the greeting keeps `CLIENT_SSL`, and a client that wants TLS gets it
+from the sidecar (a dev-CA certificate for localhost, 127.0.0.1 and ::1):
+
+    local client ──SSLRequest (seq 1)──▶ stage ──SSLRequest (seq 1), raw──▶ server; StartTLS
+    stage: StartLocalTLS(the client's bytes past its SSLRequest: its ClientHello, sent at once)
+    local client ══HandshakeResponse (seq 2), through its TLS══▶ stage (held until our TLS is up)
+    stage ──HandshakeResponse (seq 2), through TLS──▶ server
+
+Both links then carry the same sequence ids (greeting 0, SSLRequest 1, response 2), so the
+renumbering below is the identity. The two handshakes run side by side; the client's
+response may come before or after ours is done. A client that does not ask for TLS on such a
+route is served in plaintext as above.
 
 Authentication plugins over the plaintext local hop:
 
@@ -68,7 +81,17 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from sidecar.causes import Cause, Fault
 from sidecar.config import RouteSpec
-from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import (
+    Close,
+    Command,
+    EndLocal,
+    EndRemote,
+    Refuse,
+    SendLocal,
+    SendRemote,
+    StartLocalTLS,
+    StartTLS,
+)
 
 # Capability flags (the greeting's and the HandshakeResponse's first four bytes).
 CLIENT_COMPRESS = 0x0000_0020
@@ -188,8 +211,9 @@ class MySQLStage:
         self.route = route
         self.transparent = False
         # "greeting": waiting for the server's greeting; "response": the client has it and is to
-        # answer; "tls": SSLRequest sent, the handshake runs; "auth": renumbering; "command":
-        # bytes pass, the client's packets are framed by their headers to see COM_QUIT.
+        # answer; "tls": SSLRequest sent, the handshake runs (with local_tls, the client's own
+        # TLS too); "auth": renumbering; "command": bytes pass, the client's packets are framed
+        # by their headers to see COM_QUIT.
         self.phase = "greeting"
         self._server = b""  # the server's bytes not yet framed
         self._client = b""  # the client's bytes not yet framed
@@ -206,6 +230,10 @@ class MySQLStage:
         self._closed = False
         self._client_turn = False  # the client is to send the next packet of the connection phase
         self._server_flags = 0  # the greeting's capability flags
+        self._established = False  # our TLS with the server is up
+        # local_tls: the client asked for TLS (an SSLRequest) and its HandshakeResponse, which
+        # comes through its own TLS as packet 2, is still to come.
+        self._awaiting_response = False
         # The command phase: the client's frames, read by their headers.
         self._frame_header = HEADER  # 7 with the compressed protocol
         self._quit = bytes([COM_QUIT])  # COM_QUIT's frame payload (in a compressed frame: the whole packet)
@@ -232,11 +260,10 @@ class MySQLStage:
         return [EndLocal()]
 
     def tls_established(self) -> list[Command]:
-        self.phase = "auth"
-        response = packet(self._to_server, with_flags(self._response, self._client_flags | CLIENT_SSL))
-        self._to_server += 1
-        self._response = b""
-        return [SendRemote(response), *self._relay_client()]
+        self._established = True
+        if self._awaiting_response:
+            return []  # local_tls: the client's HandshakeResponse is still on its way, through its TLS
+        return self._send_response()
 
     def remote_failed(self, cause: Cause, message: str) -> list[Command]:
         if self._closed:
@@ -263,6 +290,8 @@ class MySQLStage:
         if self.phase == "response":
             return self._handshake_response()
         if self.phase == "tls":
+            if self._awaiting_response:
+                return self._response_through_local_tls()
             return []  # held until TLS is up (a MySQL client waits for the server's answer)
         return self._relay_client()
 
@@ -299,7 +328,8 @@ class MySQLStage:
         self._plugin, self._scramble = greeting.plugin, greeting.scramble
         self._server_flags = greeting.capabilities
         self._to_server, self._to_client = 1, 1
-        out: list[Command] = [SendLocal(packet(0, without_ssl(payload, greeting)))]
+        given = payload if self.route.local_tls else without_ssl(payload, greeting)  # local_tls: TLS is ours to offer
+        out: list[Command] = [SendLocal(packet(0, given))]
         return out + self._early_server_packet() if self._server else out
 
     def _early_server_packet(self) -> list[Command]:
@@ -313,16 +343,8 @@ class MySQLStage:
         return [Refuse(fault, f"{self._target()} sent a second packet before TLS: is it MySQL?")]
 
     def _handshake_response(self) -> list[Command]:
-        not_mysql: list[Command] = [
-            Refuse(
-                Fault("local", "protocol", "no HandshakeResponse41"),
-                "the local client does not speak MySQL: its answer to the greeting is not a 4.1+ HandshakeResponse",
-            )
-        ]
-        if len(self._client) >= HEADER and (
-            self._client[3] != 1 or int.from_bytes(self._client[:3], "little") > MAX_RESPONSE
-        ):
-            return not_mysql  # known from its header: no need to wait for the rest
+        if self._bad_header(1):
+            return self._not_a_client()  # known from its header: no need to wait for the rest
         first = next_packet(self._client)
         if first is None:
             return []
@@ -330,14 +352,18 @@ class MySQLStage:
         self._client_turn = False
         flags = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
         if len(payload) < SSL_REQUEST_LENGTH or not flags & CLIENT_PROTOCOL_41:
-            return not_mysql
+            return self._not_a_client()
         if flags & CLIENT_SSL:
-            fault = Fault("local", "protocol", "the client asked for TLS")
-            message = (
-                "the local client asked for TLS, which this route does not offer it: connect without TLS "
-                "(mariadb --skip-ssl, mysql --ssl-mode=DISABLED)"
-            )
-            return [Refuse(fault, message)]
+            if not self.route.local_tls:
+                fault = Fault("local", "protocol", "the client asked for TLS")
+                message = (
+                    "the local client asked for TLS, which this route does not offer it: connect without TLS "
+                    "(mariadb --skip-ssl, mysql --ssl-mode=DISABLED), or set local_tls = true for the route"
+                )
+                return [Refuse(fault, message)]
+            if len(payload) != SSL_REQUEST_LENGTH:
+                return self._not_a_client("it asked for TLS in a whole HandshakeResponse, not an SSLRequest")
+            return self._local_tls_request(seq, payload, flags)
         self._to_client = seq + 1
         if self._failure is not None or self._server_err is not None:
             return self._answer_failure()
@@ -347,6 +373,61 @@ class MySQLStage:
         ssl_request = packet(self._to_server, with_flags(payload[:SSL_REQUEST_LENGTH], flags | CLIENT_SSL))
         self._to_server += 1
         return [SendRemote(ssl_request), StartTLS()]
+
+    def _local_tls_request(self, seq: int, ssl_request: bytes, flags: int) -> list[Command]:
+        """local_tls: the client sent an SSLRequest. Send the server ours (unless the remote has
+        already failed: the client then reads why through its TLS), and start the client's TLS
+        with what it sent past its request (MySQL clients send their hello without waiting)."""
+        self._to_client = seq + 1
+        self.phase = "tls"
+        self._awaiting_response = True
+        self._client_turn = True  # its HandshakeResponse comes next; a failure meanwhile answers that
+        self._client_flags = flags
+        leftover, self._client = self._client, b""
+        out: list[Command] = []
+        if self._failure is None and self._server_err is None:
+            out += [SendRemote(packet(self._to_server, ssl_request)), StartTLS()]  # the client's own, CLIENT_SSL set
+            self._to_server += 1
+        return [*out, StartLocalTLS(leftover)]
+
+    def _response_through_local_tls(self) -> list[Command]:
+        """local_tls: the client's HandshakeResponse, decrypted: packet 2 on both links, so it
+        goes to the server as it is, once our TLS is up."""
+        if self._bad_header(2):
+            return self._not_a_client()
+        first = next_packet(self._client)
+        if first is None:
+            return []
+        seq, payload, self._client = first
+        self._awaiting_response = False
+        self._client_turn = False
+        self._to_client = seq + 1
+        flags = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+        if len(payload) <= SSL_REQUEST_LENGTH or not flags & CLIENT_PROTOCOL_41:
+            return self._not_a_client("its HandshakeResponse through TLS is not a 4.1+ one")
+        if self._failure is not None or self._server_err is not None:
+            return self._answer_failure()
+        self._client_flags = flags
+        self._response = payload
+        return self._send_response() if self._established else []
+
+    def _send_response(self) -> list[Command]:
+        """Our TLS is up: the client's HandshakeResponse goes to the server, CLIENT_SSL set."""
+        self.phase = "auth"
+        response = packet(self._to_server, with_flags(self._response, self._client_flags | CLIENT_SSL))
+        self._to_server += 1
+        self._response = b""
+        return [SendRemote(response), *self._relay_client()]
+
+    def _bad_header(self, seq: int) -> bool:
+        """The client's next packet, by its header alone, cannot be its HandshakeResponse (or SSLRequest)."""
+        if len(self._client) < HEADER:
+            return False
+        return self._client[3] != seq or int.from_bytes(self._client[:3], "little") > MAX_RESPONSE
+
+    def _not_a_client(self, why: str = "its answer to the greeting is not a 4.1+ HandshakeResponse") -> list[Command]:
+        fault = Fault("local", "protocol", "no HandshakeResponse41")
+        return [Refuse(fault, f"the local client does not speak MySQL: {why}")]
 
     def _relay_server(self) -> list[Command]:
         """Server → client during the connection phase: renumbered, and watched for its end."""
