@@ -13,9 +13,11 @@ be used still becomes a candidate, carrying the plain-words reason, so status ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -23,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.utils import CryptographyDeprecationWarning
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 
@@ -115,6 +118,19 @@ def _pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
     return [(m.group(1), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
 
 
+@contextlib.contextmanager
+def _strict_parsing() -> Iterator[None]:
+    """What cryptography only warns about today (a serial number that is not positive, which RFC
+    5280 forbids and a later release will refuse) makes the certificate malformed now: a
+    warning would otherwise reach the log, or stop the daemon where warnings are errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        try:
+            yield
+        except CryptographyDeprecationWarning as exc:
+            raise ValueError(str(exc).split(", which is disallowed")[0]) from None
+
+
 def _from_pem(
     name: str, data: bytes, key_name: str | None, key_data: bytes | None, secrets: Secrets
 ) -> Candidate | None:
@@ -129,7 +145,8 @@ def _from_pem(
         labels = ", ".join(sorted({label.decode() for label, _ in blocks}))
         return Candidate(file=name, problem=f"no certificate in this PEM file (found {labels})")
     try:
-        certs = [x509.load_pem_x509_certificate(b) for b in cert_blocks]
+        with _strict_parsing():
+            certs = [x509.load_pem_x509_certificate(b) for b in cert_blocks]
     except ValueError as exc:
         return Candidate(file=name, problem=f"malformed certificate PEM: {_short(exc)}")
     broken = next((problem for c in certs if (problem := _malformed_fields(c))), None)
@@ -183,7 +200,8 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
 def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
     password = secrets.pkcs12_password
     try:
-        key, cert, extra = pkcs12.load_key_and_certificates(data, password)
+        with _strict_parsing():
+            key, cert, extra = pkcs12.load_key_and_certificates(data, password)
     except ValueError as exc:
         text = str(exc).lower()
         if "password" in text or "mac" in text:

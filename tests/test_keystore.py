@@ -199,3 +199,30 @@ def test_read_identity_folder_names_files_by_path(ca: CA, tmp_path: Path) -> Non
 
 def test_pem_helper_round_trip(ca: CA) -> None:
     assert pem(ca.root).startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+# A certificate whose serial was mutated to a negative number (the fuzzer's find; no key needed).
+NEGATIVE_SERIAL_PEM = b"""-----BEGIN CERTIFICATE-----
+MIIBXDCCAQKgAwIBAgIUgBKtXSURfkV+s5IUt2zm/HQRR3kwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMVGVzdCBSb290IENBMB4XDTI2MTEzMDE1NTY1NloXDTI2MTIw
+NzE1NTY1NlowDjEMMAoGA1UEAwwDZGV2MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD
+QgAEYmohNTbzNBX10SL8YafP77EzyfC80eYe44F1qY8uMZLkTSGnnDvOPm3AbhaU
+al/wq/iIlhoNhX/glTHE/77MBKM1MDMwDAYDVR0TAQH/BAIwADAOBgNVHQ8BAf8E
+BAMCB4AwEwYDVR0lBAwwCgYIKwYBBQUHAwIwCgYIKoZIzj0EAwIDSAAwRQIgDCZw
+LuMJV478QQlwmxJKbttOFwt7D0ix0h/KGTVizVACIQD33eI7c5xmonsnk8zkPDm5
+jIDtLKxSZ7fbHlDM61Bp/g==
+-----END CERTIFICATE-----
+"""
+
+
+def test_a_certificate_with_a_negative_serial_is_malformed_not_a_warning() -> None:
+    """Found by the fuzzer: cryptography only warns about a serial that is not positive (RFC 5280
+    forbids it); the keystore calls the candidate malformed instead of letting the warning out."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [candidate] = candidates_from_files({"dev.pem": NEGATIVE_SERIAL_PEM}, Secrets())
+    assert candidate.cert is None
+    assert candidate.problem is not None and "malformed certificate PEM" in candidate.problem
+    assert "serial number" in candidate.problem
