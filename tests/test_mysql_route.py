@@ -361,6 +361,52 @@ def test_without_local_tls_a_client_insisting_on_tls_is_turned_away(daemon: Daem
     assert "asked for TLS" in status["last_error"] and "local_tls = true" in status["last_error"]
 
 
+def test_check_speaks_mysql_on_a_mysql_route_and_names_it_behind_a_tcp_route(daemon: DaemonThread) -> None:
+    client = daemon.client()
+    for name in ("db", "db_tls"):
+        ok = client.post(f"/v1/routes/{name}/check")
+        assert ok["ok"] is True and ok["cause"] == "ok", ok
+    wrong = client.post("/v1/routes/db_as_tcp/check")
+    assert wrong["cause"] == "protocol_mismatch", wrong
+    assert "is a MySQL or MariaDB server" in wrong["message"]
+    assert 'set protocol = "mysql" for route db_as_tcp' in wrong["fix"]
+    # The tunnel counts the mariadb client on that route under the same key (status and check agree).
+    done = mariadb(daemon.port("db_as_tcp"), "select 1")
+    assert done.returncode != 0
+    wait_until(lambda: daemon.status()["routes"]["db_as_tcp"]["failures"], timeout=10, what="the failure")
+    status = daemon.status()["routes"]["db_as_tcp"]
+    assert status["failures"] == {"protocol_mismatch": 1}, status
+    assert 'set protocol = "mysql"' in status["last_error"]
+    assert daemon.status()["routes"]["db"]["failures"] == {}  # check's connections count nowhere
+
+
+def test_check_names_a_server_without_tls_and_one_that_rejects_our_certificate(
+    lab: tuple[Pki, MariaDB], isolated_home: Path
+) -> None:
+    pki, db = lab
+    CA("Not the server's client CA").client("dev").write_pair(isolated_home / "keystore" / "stranger", "dev-1")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with mariadb_mtls(
+        server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file, ssl=False
+    ) as plain:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}, "stranger": {"renew": "none"}},
+            active="dev",
+            routes={
+                "plain": route_to(pki, plain.port, protocol="mysql"),
+                "stranger": route_to(pki, db.port, protocol="mysql", identity="stranger"),
+            },
+        )
+        with DaemonThread(config) as daemon:
+            no_tls = daemon.client().post("/v1/routes/plain/check")
+            rejected = daemon.client().post("/v1/routes/stranger/check")
+    assert no_tls["cause"] == "server_offers_no_tls", no_tls
+    assert "does not offer TLS (its greeting lacks CLIENT_SSL)" in no_tls["message"]
+    assert "ssl_cert, ssl_key, ssl_ca" in no_tls["fix"]
+    assert rejected["ok"] is False and rejected["cause"] == "server_rejected_certificate", rejected
+
+
 class PacketReader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock

@@ -7,6 +7,8 @@ and encrypts a password for the public key the stage hands out (caching_sha2_pas
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import struct
 
 import pytest
@@ -14,6 +16,7 @@ from pymysql import _auth as pymysql_auth
 from pymysql import err as pymysql_err
 
 from sidecar.causes import Cause, cause_of
+from sidecar.check.observe import _prelude, _PreludeRefused
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols.mysql import (
     CLIENT_COMPRESS,
@@ -558,3 +561,67 @@ def test_local_tls_a_failure_during_the_handshakes_answers_the_clients_response(
     out = held.remote_failed(Cause.RESET, "reset")  # the client waits for the answer to packet 2: it is told now
     [(seq, err)] = sent_local(out)
     assert seq == 3 and err.startswith(b"\xff\x13\x04#08S01mtls-sidecar: reset") and out[-1] == Close()
+
+
+# --- check: the stage driven with no local client
+
+
+def test_check_reply_answers_the_greeting_with_a_minimal_handshake_response() -> None:
+    stage = MySQLStage(route(local_tls=True))  # check asks for no TLS of its own, local_tls or not
+    [greeting] = stage.from_remote(packet(0, greeting_payload()))
+    assert isinstance(greeting, SendLocal)
+    reply = stage.check_reply(greeting.data)
+    assert reply is not None
+    [(seq, response)] = split_packets(reply)[0]
+    flags = struct.unpack("<I", response[:4])[0]
+    assert seq == 1 and flags & CLIENT_PROTOCOL_41 and not flags & CLIENT_SSL
+    assert response[32:] == b"mtls-sidecar-check\0\0"  # the user; an empty auth response
+    out = stage.from_local(reply)
+    [(seq, ssl_request)] = sent_remote(out)
+    assert out[-1] == StartTLS() and seq == 1 and len(ssl_request) == 32
+    assert struct.unpack("<I", ssl_request[:4])[0] == flags | CLIENT_SSL
+
+
+def test_check_reply_has_nothing_to_say_to_anything_but_a_greeting() -> None:
+    stage = MySQLStage(route())
+    err = sent_local(stage.remote_failed(Cause.REFUSED, "refused"))
+    assert stage.check_reply(packet(*err[0])) is None
+    assert stage.check_reply(packet(2, OK_PACKET)) is None
+    assert stage.check_reply(b"\x4a\x00") is None
+
+
+def prelude_against(first: bytes, stage: MySQLStage) -> tuple[bytes, bytes]:
+    """check's prelude over a socket pair whose other end sent `first`: (its leftover, what that end read)."""
+
+    async def run(ours: socket.socket) -> bytes:
+        return await asyncio.wait_for(_prelude(ours, stage), 5)
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(first)
+        try:
+            leftover = asyncio.run(run(ours))
+        finally:
+            theirs.settimeout(0.5)
+            try:
+                got = theirs.recv(1024)
+            except TimeoutError:
+                got = b""
+    return leftover, got
+
+
+def test_checks_prelude_drives_the_stage_to_tls_against_a_greeting_server() -> None:
+    """`check`'s prelude on a socket: the server greets, check's stand-in answer becomes the
+    SSLRequest the server reads, and nothing reaches the (absent) local client."""
+    leftover, got = prelude_against(packet(0, greeting_payload()), MySQLStage(route()))
+    [(seq, ssl_request)], rest = split_packets(got)
+    assert leftover == b"" and rest == b""
+    assert seq == 1 and len(ssl_request) == 32
+    assert struct.unpack("<I", ssl_request[:4])[0] & CLIENT_SSL
+
+
+def test_checks_prelude_reports_a_server_without_tls() -> None:
+    with pytest.raises(_PreludeRefused) as refused:
+        prelude_against(packet(0, greeting_payload(flags=SERVER_FLAGS & ~CLIENT_SSL)), MySQLStage(route()))
+    assert cause_of(refused.value.fault) == Cause.SERVER_NO_TLS

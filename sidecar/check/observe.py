@@ -33,7 +33,7 @@ from sidecar.protocols import make_stage
 from sidecar.protocols.http_host import http_host
 from sidecar.protocols.postgres import SSL_REQUEST
 from sidecar.revocation.checker import RevocationChecker, check_server_policy
-from sidecar.stages import Refuse, SendRemote, Stage, StartTLS
+from sidecar.stages import Refuse, SendLocal, SendRemote, Stage, StartTLS
 from sidecar.tlsctx import ServerPolicy, build_client_context
 from sidecar.tlspipe import (
     CertificateRejected,
@@ -318,15 +318,22 @@ class _PreludeRefused(Exception):
 
 async def _prelude(sock: socket.socket, stage: Stage) -> bytes:
     """Run the route's protocol up to TLS, as the tunnel would (the same stage), with no local
-    client: what it would tell one is dropped. Returns bytes read past the prelude."""
+    client: what it would tell one is dropped, unless the stage knows what a client would
+    answer (`check_reply`: MySQL's greeting needs a HandshakeResponse before the stage asks the
+    server for TLS). Returns bytes read past the prelude."""
     loop = asyncio.get_running_loop()
     commands = stage.connected()
     opening = getattr(stage, "check_opening", None)  # a protocol whose client must speak before TLS
     if callable(opening):
         commands += opening()
+    reply_to = getattr(stage, "check_reply", None)  # a protocol whose client answers the server first
     while True:
         for command in commands:
-            if isinstance(command, SendRemote):
+            if isinstance(command, SendLocal) and callable(reply_to):
+                reply = reply_to(command.data)
+                if reply is not None:
+                    commands += stage.from_local(reply)  # in place: this loop goes on to the stage's answer
+            elif isinstance(command, SendRemote):
                 await loop.sock_sendall(sock, command.data)
             elif isinstance(command, StartTLS):
                 return command.leftover

@@ -108,6 +108,9 @@ MAX_GREETING = 4096  # real greetings are ~100 bytes; a non-MySQL server's first
 MAX_RESPONSE = 1 << 20  # a HandshakeResponse with connection attributes is a few hundred bytes
 SSL_REQUEST_LENGTH = 32  # capability flags, max packet size, charset, 23 reserved bytes
 SCRAMBLE_LENGTH = 20
+CHECK_USER = b"mtls-sidecar-check"  # the user name `check` gives, in the local client's place
+MAX_PACKET = 1 << 24  # a HandshakeResponse's max packet size, as clients send it (16 MiB)
+UTF8MB4 = 45  # utf8mb4_general_ci: the character set `check` names
 
 OK, ERR, AUTH_SWITCH, AUTH_MORE_DATA = 0x00, 0xFF, 0xFE, 0x01
 COM_QUIT = 0x01
@@ -428,6 +431,20 @@ class MySQLStage:
     def _not_a_client(self, why: str = "its answer to the greeting is not a 4.1+ HandshakeResponse") -> list[Command]:
         fault = Fault("local", "protocol", "no HandshakeResponse41")
         return [Refuse(fault, f"the local client does not speak MySQL: {why}")]
+
+    # --- check: no local client
+
+    def check_reply(self, sent: bytes) -> bytes | None:
+        """What `check` answers in the local client's place to what the stage sent it: to the
+        greeting, a minimal HandshakeResponse41 (user mtls-sidecar-check, no TLS asked, no auth
+        data), which the stage turns into its SSLRequest; to anything else, nothing. The server
+        sees no more of it than the SSLRequest: check stops after the TLS handshake."""
+        first = next_packet(sent)
+        if first is None or first[0] != 0 or first[1][:1] != b"\x0a":
+            return None
+        flags = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION
+        fixed = struct.pack("<IIB", flags, MAX_PACKET, UTF8MB4) + bytes(23)
+        return packet(1, fixed + CHECK_USER + b"\0" + b"\0")  # the user, NUL; an auth response of length 0
 
     def _relay_server(self) -> list[Command]:
         """Server → client during the connection phase: renumbered, and watched for its end."""
