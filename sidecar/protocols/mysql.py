@@ -35,7 +35,9 @@ server's ERR with one of those as a malformed packet.)
 
 Without `local_tls` the client gets a greeting without `CLIENT_SSL`, so it must not insist on
 TLS (`mariadb --skip-ssl`, `mysql --ssl-mode=DISABLED` or the default PREFERRED, PyMySQL
-without `ssl`); one that asks for TLS all the same is refused, named.
+without `ssl`). Clients that insist on TLS see that and give up by themselves ("SSL is
+required, but the server does not support it"); one that sends an SSLRequest all the same is
+refused, named, with local_tls as the fix.
 
 With `local_tls = true` the greeting keeps `CLIENT_SSL`, and a client that wants TLS gets it
 from the sidecar (a dev-CA certificate for localhost, 127.0.0.1 and ::1):
@@ -46,11 +48,13 @@ from the sidecar (a dev-CA certificate for localhost, 127.0.0.1 and ::1):
     stage ──HandshakeResponse (seq 2), through TLS──▶ server
 
 Both links then carry the same sequence ids (greeting 0, SSLRequest 1, response 2), so the
-renumbering below is the identity. The two handshakes run side by side; the client's
+renumbering described above is the identity. The two handshakes run side by side; the client's
 response may come before or after ours is done. A client that does not ask for TLS on such a
 route is served in plaintext as above.
 
-Authentication plugins over the plaintext local hop:
+Authentication plugins over the plaintext local hop (with local_tls the client's hop is TLS,
+and it behaves as it would towards a TLS server: caching_sha2_password's full authentication
+sends the password in cleartext through both TLS links, and the stage passes it as it is):
 
 - `mysql_native_password` and MariaDB's `ed25519` (and any other challenge–response plugin)
   work as they are: the client answers the server's challenge, TLS or not.
