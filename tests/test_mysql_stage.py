@@ -496,6 +496,19 @@ def test_local_tls_response_after_our_tls_goes_on_at_once_even_in_pieces() -> No
     assert sent_local(out) == [(3, b"\x01\x03"), (4, OK_PACKET)]
 
 
+def test_local_tls_caching_sha2_full_auth_passes_the_clients_cleartext_password() -> None:
+    """On its own TLS the client answers "perform full auth" with the password in cleartext,
+    as towards a TLS server: the stage passes it as it is, numbers unchanged."""
+    stage = MySQLStage(route(local_tls=True))
+    stage.from_remote(packet(0, greeting_payload(plugin="caching_sha2_password")))
+    stage.from_local(packet(1, ssl_request_payload()) + CLIENT_HELLO)
+    stage.from_local(packet(2, struct.pack("<I", CLIENT_FLAGS | CLIENT_SSL) + response_payload()[4:]))
+    stage.tls_established()
+    assert sent_local(stage.from_remote(packet(3, b"\x01\x04"))) == [(3, b"\x01\x04")]
+    assert sent_remote(stage.from_local(packet(4, b"s3cret\0"))) == [(4, b"s3cret\0")]
+    assert sent_local(stage.from_remote(packet(5, OK_PACKET))) == [(5, OK_PACKET)]
+
+
 def test_local_tls_client_that_does_not_ask_for_tls_is_served_in_plaintext() -> None:
     stage = MySQLStage(route(local_tls=True))
     stage.from_remote(packet(0, greeting_payload()))
