@@ -187,9 +187,11 @@ def machine() -> dict[str, Any]:
         "versions": {
             "nginx": version(["nginx", "-v"]),
             "haproxy": version(["haproxy", "-v"]),
-            "stunnel": version(["stunnel4", "-version"]),
+            "stunnel": version(["sh", "-c", "stunnel4 -version 2>&1 | grep -m1 '^stunnel'"]),
             "socat": version(["socat", "-V"])[:0] or version(["sh", "-c", "socat -V | sed -n 2p"]),
             "openssl": version(["openssl", "version"]),
+            "postgres": version(["sh", "-c", "/usr/lib/postgresql/*/bin/postgres --version"]),
+            "wrk": version(["wrk", "-v"]),
         },
     }
 
