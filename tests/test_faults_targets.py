@@ -203,3 +203,28 @@ def test_a_server_half_close_without_close_notify_keeps_the_other_direction_open
     # The server's end came without close_notify while the client was still sending: the answer
     # could have been cut short, and status says so; the connection itself was not torn down.
     assert status["failures"] == {"truncated": 1}, status
+
+
+def test_the_second_connection_resumes_the_tls_session(pki: Pki, isolated_home: Path) -> None:
+    """TLS 1.3 session tickets are kept per route and identity, and the next connection uses one
+    (the lookup for a ticket stops after a few records, which a server without tickets needs)."""
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with ScriptedTLSServer(
+        cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file, require_client_cert=True
+    ) as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"echo": route_to(pki, server.port)},
+        )
+        with DaemonThread(config) as daemon:
+            for n in range(3):
+                with daemon.connect("echo") as client:
+                    for _ in range(12):  # more records than the tunnel looks for a ticket in
+                        client.sendall(b"ping")
+                        got = b""
+                        while len(got) < 4 and (chunk := client.recv(4 - len(got))):
+                            got += chunk
+                        assert got == b"ping"
+                server.wait_closed(n + 1)
+    assert [r.resumed for r in server.records] == [False, True, True]

@@ -232,6 +232,7 @@ class ConnectionRecord:
     sni: str | None = None
     alpn: str | None = None
     version: str | None = None
+    resumed: bool = False  # the client resumed an earlier TLS session
     handshake_error: str | None = None
     io_error: str | None = None
     eof_kind: str | None = None
@@ -475,6 +476,7 @@ class ScriptedTLSServer:
             record.peer_cert = stream.peer_cert_der
             record.alpn = stream.alpn
             record.version = stream.version
+            record.resumed = bool(stream.sslobj is not None and stream.sslobj.session_reused)
             if stream.sslobj is not None:
                 record.sni = self._sni_by_obj.pop(id(stream.sslobj), None)
             self._cond.notify_all()
