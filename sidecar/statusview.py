@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,13 +27,19 @@ def countdown(not_after: str | None, now: datetime) -> str:
     return f"expires in {human_duration(moment - now)}"
 
 
+# Each table's columns are at least this wide (its look with everyday values), and as wide as
+# their longest value: a long subject or route name pushes the columns after it, for every row.
+_IDENTITY_WIDTHS = (13, 36, 0)
+_ROUTE_WIDTHS = (13, 48, 12, 7, 0)
+
+
 def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -> str:
     def paint(text: str, kind: str) -> str:
         return f"\033[{_COLOURS[kind]}m{text}\033[0m" if colour else text
 
     lines = [f"mtls-sidecar {status.get('version', '?')}  active identity: {status.get('active_identity') or '-'}"]
     lines.append("")
-    lines.append("IDENTITY      CERTIFICATE                          RENEWAL")
+    identities: list[_Row] = [_Row(("IDENTITY", "CERTIFICATE", "RENEWAL"))]
     for name, identity in status.get("identities", {}).items():
         selected = identity.get("selected")
         renewal = identity.get("renewal") or {}
@@ -49,11 +57,13 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         if renewal.get("last_error"):
             renewal_text += f" ({renewal['last_error']})"
         state_kind = {"valid": "ok", "renew_due": "warn", "renewing": "warn", "failing": "warn"}.get(state, "bad")
-        lines.append(f"{marker}{name:<12} {paint(f'{cert:<36}', kind)} {paint(renewal_text, state_kind)}")
+        row = _Row((f"{marker}{name}", cert, renewal_text), (None, kind, state_kind))
         if not selected and identity.get("problem"):
-            lines.append(f"  {paint(identity['problem'], 'dim')}")
+            row.notes.append(f"  {paint(identity['problem'], 'dim')}")
+        identities.append(row)
+    lines += _table(identities, _IDENTITY_WIDTHS, paint)
     lines.append("")
-    lines.append("ROUTE         LISTEN → TARGET                                  AS           STATE   CONNECTIONS")
+    routes: list[_Row] = [_Row(("ROUTE", "LISTEN → TARGET", "AS", "STATE", "CONNECTIONS"))]
     for name, route in status.get("routes", {}).items():
         path = f"{route['listen']} → {route['target']}"
         kind = "ok" if route["state"] == "up" else "bad"
@@ -61,10 +71,33 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         failed = sum(route.get("failures", {}).values())
         if failed:
             conns += f", {failed} failed"
-        state = paint(f"{route['state']:<7}", kind)
-        lines.append(f" {name:<12} {path:<48} {route['identity']:<12} {state} {conns}")
+        row = _Row((f" {name}", path, route["identity"], route["state"], conns), (None, None, None, kind, None))
         if route.get("last_error") and (route["state"] != "up" or failed):
-            lines.append(f"  {paint(route['last_error'], 'dim')}")
+            row.notes.append(f"  {paint(route['last_error'], 'dim')}")
+        routes.append(row)
+    lines += _table(routes, _ROUTE_WIDTHS, paint)
     for warning in status.get("warnings", []):
         lines.append(paint(f"warning: {warning}", "warn"))
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class _Row:
+    cells: tuple[str, ...]
+    kinds: tuple[str | None, ...] = ()
+    notes: list[str] = field(default_factory=list)  # lines shown under the row, outside the columns
+
+
+def _table(rows: list[_Row], minimum: tuple[int, ...], paint: Callable[[str, str], str]) -> list[str]:
+    """Rows padded to shared column widths (measured before colour codes are added)."""
+    widths = [max(least, *(len(row.cells[i]) for row in rows)) for i, least in enumerate(minimum)]
+    lines = []
+    for row in rows:
+        cells = []
+        for i, text in enumerate(row.cells):
+            padded = text if i == len(row.cells) - 1 else text.ljust(widths[i])
+            kind = row.kinds[i] if i < len(row.kinds) else None
+            cells.append(paint(padded, kind) if kind else padded)
+        lines.append(" ".join(cells).rstrip())
+        lines += row.notes
+    return lines
