@@ -65,6 +65,7 @@ from sidecar.tlspipe import (
     TLSPipe,
     Truncated,
 )
+from sidecar.units import rfc3339
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -79,21 +80,63 @@ HIGH_WATER = 256 * 1024
 SESSION_LOOKS = 8
 
 
+# Failures that say nothing about whether the route works: a local client from another OS user
+# was turned away before anything was tried; an identity with nothing to present shows live as
+# health "no_certificate" instead (it ends when a certificate arrives, not at the next connection).
+NOT_HEALTH = frozenset({Cause.OTHER_USER, Cause.NO_USABLE_CERT})
+
+
 @dataclass
 class RouteCounters:
+    """What a route's connections did. Health (README, "Route health"): each connection has one
+    outcome, decided once: a success when the server's first application bytes reach the local
+    side, or a failure when it fails before that. The latest outcome is the route's."""
+
     active: int = 0
     total: int = 0
     bytes_in: int = 0  # remote service → local clients
     bytes_out: int = 0  # local clients → remote service
     failures: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
+    last_error_at: datetime | None = None
+    last_success_at: datetime | None = None
+    # "ok" or "failing" once a connection had an outcome; None: nothing tried yet ("idle")
+    outcome: str | None = None
+    # the failures since the last success: when the first was, how many, the latest one's cause
+    failing_since: datetime | None = None
+    failing_count: int = 0
+    failing_cause: Cause | None = None
     # Connections let through with a warning (revocation = "soft" and no answer), by reason.
     warnings: Counter[str] = field(default_factory=Counter)
     last_warning: str | None = None
 
-    def fail(self, failure: Failure) -> None:
+    def fail(self, failure: Failure, now: datetime, *, outcome: bool = True) -> None:
+        """Count a failure; `outcome`: it decided a connection's outcome (the route is failing)."""
         self.failures[failure.reason] += 1
         self.last_error = failure.message
+        self.last_error_at = now
+        if not outcome or failure.reason in NOT_HEALTH:
+            return
+        if self.outcome != "failing":
+            self.failing_since = now
+            self.failing_count = 0
+        self.outcome = "failing"
+        self.failing_count += 1
+        self.failing_cause = failure.reason
+
+    def succeed(self, now: datetime) -> None:
+        self.last_success_at = now
+        self.outcome = "ok"
+        self.failing_since = None
+        self.failing_count = 0
+        self.failing_cause = None
+
+    def forget_outcome(self) -> None:
+        """The route's settings changed: what its connections did says nothing about the new ones."""
+        self.outcome = None
+        self.failing_since = None
+        self.failing_count = 0
+        self.failing_cause = None
 
 
 # Given the route as it is now (its identity may change at run time). Async so that a route can
@@ -119,6 +162,7 @@ class RouteListener:
         self.chains = chains if chains is not None else policy.ChainMemory()
         self.counters = RouteCounters()
         self.last_error: str | None = None
+        self.last_error_at: datetime | None = None
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_PlainSide] = set()
         self._drained = asyncio.Event()
@@ -126,6 +170,8 @@ class RouteListener:
         self.bound: ListenAddress | None = None
         self.reuse_port = False  # several processes share one TCP port (SO_REUSEPORT)
         self.on_failure: Callable[[str, Failure], None] | None = None
+        # Called with the route's name when its connections' outcome changes (ok ↔ failing, a new cause).
+        self.on_outcome: Callable[[str], None] | None = None
         # A new protocol stage per connection (sidecar.protocols); `tcp` passes bytes untouched.
         self.stage_factory: Callable[[], Stage] = self._make_stage
         # `local_tls` routes: the server context the local client's TLS ends in (the daemon's dev CA).
@@ -140,6 +186,15 @@ class RouteListener:
         assert route.listen == self.route.listen, "a new listen address needs a new listener"
         self.route = route
         self.policy = ServerPolicy.for_route(route)
+        self.counters.forget_outcome()
+
+    def health(self, *, has_certificate: bool) -> str:
+        """ok, failing, idle (no connection had an outcome yet), no_certificate or stopped."""
+        if not self.is_running:
+            return "stopped"
+        if not has_certificate:
+            return "no_certificate"
+        return self.counters.outcome or "idle"
 
     def status(self, *, identity: str, has_certificate: bool) -> dict[str, Any]:
         """This route as status shows it (the control API serves this shape).
@@ -155,19 +210,32 @@ class RouteListener:
             state = "no_certificate"
         else:
             state = "up"
+        health = self.health(has_certificate=has_certificate)
+        failing = None
+        if health == "failing" and counters.failing_since is not None:
+            failing = {
+                "since": rfc3339(counters.failing_since),
+                "cause": str(counters.failing_cause),
+                "count": counters.failing_count,
+            }
+        last_error_at = self.last_error_at if self.last_error else counters.last_error_at
         return {
             "listen": str(self.bound or route.listen),
             "target": self.target,
             "server_name": route.server_name,
             "protocol": route.protocol,
             "identity": identity,
-            "state": state,
+            "state": state,  # the listener's own state (kept for older clients); health says whether it works
+            "health": health,
+            "failing": failing,
             "active_connections": counters.active,
             "total_connections": counters.total,
             "bytes_in": counters.bytes_in,
             "bytes_out": counters.bytes_out,
             "failures": {str(cause): n for cause, n in counters.failures.items()},
             "last_error": self.last_error or counters.last_error,
+            "last_error_at": rfc3339(last_error_at) if last_error_at else None,
+            "last_success": rfc3339(counters.last_success_at) if counters.last_success_at else None,
             # connections let through despite a problem (revocation = "soft"), by reason, and the latest
             "warnings": {str(cause): n for cause, n in counters.warnings.items()},
             "last_warning": counters.last_warning,
@@ -226,8 +294,10 @@ class RouteListener:
                 self.bound = ListenAddress("tcp", listen.host, port)
         except OSError as exc:
             self.last_error = _listen_error(self.route, exc)
+            self.last_error_at = datetime.now(UTC)
             raise LocalSetupError(self.last_error) from exc
         self.last_error = None
+        self.last_error_at = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let open connections finish for up to `grace` seconds, then cut them."""
@@ -321,11 +391,29 @@ class RouteListener:
             self.counters.last_warning = None  # a definite answer again
         return verdict
 
-    def _record_failure(self, failure: failures.Failure) -> None:
-        self.counters.fail(failure)
+    def _record_failure(self, failure: failures.Failure, conn: _PlainSide | None = None) -> None:
+        """Count a failure; when it is the first thing that happened to `conn` (no answer from the
+        server yet), it is that connection's outcome, and the route is failing."""
+        decides = conn is None or conn.outcome is None
+        if conn is not None and conn.outcome is None:
+            conn.outcome = "failed"
+        before = (self.counters.outcome, self.counters.failing_cause)
+        self.counters.fail(failure, datetime.now(UTC), outcome=decides)
         log.warning("route %s: %s", self.name, failure.message)
         if self.on_failure is not None:
             self.on_failure(self.name, failure)
+        if (self.counters.outcome, self.counters.failing_cause) != before and self.on_outcome is not None:
+            self.on_outcome(self.name)
+
+    def _record_success(self, conn: _PlainSide) -> None:
+        """The server's first answer on `conn` reached the local side: the route works."""
+        conn.outcome = "ok"
+        before = self.counters.outcome
+        self.counters.succeed(datetime.now(UTC))
+        if before == "failing":
+            log.info("route %s: works again (a connection got the server's answer)", self.name)
+        if before != "ok" and self.on_outcome is not None:
+            self.on_outcome(self.name)
 
 
 def _listen_error(route: RouteSpec, exc: OSError) -> str:
@@ -360,6 +448,8 @@ class _PlainSide(asyncio.Protocol):
         self.remote: _RemoteSide | None = None
         self.ready = False  # the remote passed every check: bytes flow
         self.failed = False  # a failure was counted for this connection
+        # Decided once (see RouteCounters): "ok" at the server's first answer, "failed" at a failure before it.
+        self.outcome: str | None = None
         self.local_tls: TLSPipe | None = None  # `local_tls`: TLS towards the local client too
         self.eof = False  # the local client finished sending
         self.closed = False
@@ -374,7 +464,7 @@ class _PlainSide(asyncio.Protocol):
         refusal = self.listener._refusal(transport)
         if refusal is not None:
             self.closed = True
-            self.listener._record_failure(refusal)
+            self.listener._record_failure(refusal, self)
             transport.abort()
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
@@ -475,7 +565,7 @@ class _PlainSide(asyncio.Protocol):
         self.failed = True
         if self.listener.route.protocol == "tcp" and failure.reason in (Cause.CONNECT, Cause.NOT_TLS):
             failure = self._local_protocol_mismatch() or failure
-        self.listener._record_failure(failure)
+        self.listener._record_failure(failure, self)
         self.remote = None
         if self.stage.transparent:
             self.close()
@@ -535,7 +625,7 @@ class _PlainSide(asyncio.Protocol):
             elif isinstance(command, Refuse):
                 failure = failures.Failure(cause_of(command.fault), command.message)
                 if command.fault.stage == "local" or self.stage.transparent:
-                    self.listener._record_failure(failure)
+                    self.listener._record_failure(failure, self)
                     self.close()
                 else:  # the remote side broke the protocol: the stage may tell the client in its own words
                     if self.remote is not None:
@@ -630,7 +720,8 @@ class _PlainSide(asyncio.Protocol):
                         Cause.LOCAL_TLS,
                         f"the local client's TLS failed ({reason}); it must trust the dev CA "
                         "(mtls-sidecar ca export) and connect to localhost, 127.0.0.1 or ::1",
-                    )
+                    ),
+                    self,
                 )
                 self._flush_local_tls()
                 self.close()
@@ -881,7 +972,10 @@ class _RemoteSide(asyncio.Protocol):
         listener = self.peer.listener
         for event in events:
             if isinstance(event, Received):
-                self.peer.from_remote(event.data)
+                if self.peer.outcome is None:
+                    self._first_answer(event.data)
+                else:
+                    self.peer.from_remote(event.data)
             elif isinstance(event, HandshakeDone):
                 if not self.handshake_done.done():
                     self.handshake_done.set_result(None)
@@ -889,12 +983,12 @@ class _RemoteSide(asyncio.Protocol):
                 if isinstance(event, Truncated) and self.pipe is not None and Flow.CAN_SEND in self.pipe.flow:
                     # The local client has not finished: the answer it waits for may be cut short.
                     listener._record_failure(
-                        failures.broken_stream(None, target=listener.target, received=event.received)
+                        failures.broken_stream(None, target=listener.target, received=event.received), self.peer
                     )
                 self._remote_eof()
             elif isinstance(event, Reset):
                 listener._record_failure(
-                    failures.broken_stream(event.error, target=listener.target, received=event.received)
+                    failures.broken_stream(event.error, target=listener.target, received=event.received), self.peer
                 )
                 self.peer.reset()
             elif isinstance(event, CertificateRejected | Failed):
@@ -903,11 +997,25 @@ class _RemoteSide(asyncio.Protocol):
                     continue
                 # After the handshake; with TLS 1.3 this is how a server rejects our certificate.
                 failure = failures.classify_ssl_error(event.error, target=listener.target)
-                listener._record_failure(failure)
+                listener._record_failure(failure, self.peer)
                 self.abort()
                 self.peer.failed_late(failure)
         if self._approved and not self._session_saved and self.pipe is not None and self.pipe.handshake_complete:
             self._save_session()
+
+    def _first_answer(self, data: bytes) -> None:
+        """The server's first application bytes on this connection: unless the protocol stage
+        finds a failure in them (an error answer), the connection worked."""
+        peer = self.peer
+        counters = peer.listener.counters
+        failed_before = counters.failures.total()
+        peer.from_remote(data)
+        if peer.outcome is not None:
+            return
+        if counters.failures.total() != failed_before:
+            peer.outcome = "failed"  # counted meanwhile by code that did not name this connection
+            return
+        peer.listener._record_success(peer)
 
     def _remote_eof(self) -> None:
         if self.eof:
