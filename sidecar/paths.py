@@ -27,6 +27,7 @@ HOME_ENV = "MTLS_SIDECAR_HOME"
 CONFIG_ENV = "MTLS_SIDECAR_CONFIG"
 RUNTIME_ENV = "XDG_RUNTIME_DIR"
 CONTROL_SOCKET_NAME = "control.sock"
+LOCK_FILE_NAME = "daemon.lock"
 # Where logind makes each logged-in user's runtime folder, /run/user/<uid>.
 LOGIN_RUNTIME_ROOT = Path("/run/user")
 
@@ -48,6 +49,11 @@ class Places:
     def control_socket(self) -> Path:
         """The daemon's control API (a Unix socket, 0600, in the 0700 runtime folder)."""
         return self.run / CONTROL_SOCKET_NAME
+
+    @property
+    def lock_file(self) -> Path:
+        """The daemon's lock, in the data folder beside the keystore: one daemon per data folder."""
+        return self.keystore.parent / LOCK_FILE_NAME
 
 
 def resolve_places(

@@ -14,6 +14,7 @@ from sidecar.config import Config, load_config
 from sidecar.control.client import ControlClient
 from sidecar.control.server import ControlServer
 from sidecar.daemon import Daemon
+from sidecar.instance import InstanceLock
 from sidecar.paths import Places, resolve_places
 
 T = TypeVar("T")
@@ -37,6 +38,16 @@ class DaemonThread:
             self.loop.close()
 
     async def _serve(self) -> None:
+        lock = InstanceLock(self.places.lock_file)  # as `run` does: first, before anything is opened
+        try:
+            lock.acquire(self.socket, self.places.config_file)
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            return
+        with lock:
+            await self._serve_locked()
+
+    async def _serve_locked(self) -> None:
         self.daemon = Daemon(self.config, self.places)
         self.control = ControlServer(self.daemon, self.socket)
         try:

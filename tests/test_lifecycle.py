@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import stat
 from pathlib import Path
 
+import pytest
+
+from sidecar.instance import AlreadyRunning, Holder, InstanceLock, read_holder
+from sidecar.paths import resolve_places
 from tests.daemon_runner import DaemonThread
-from tests.scenario import Pki, mtls_server, one_route_config, recv_all
+from tests.scenario import Pki, mtls_server, one_route_config, recv_all, write_config
 from tests.test_cli import sidecar_process
 from tests.waiting import wait_until
 
@@ -86,3 +91,45 @@ def test_unix_socket_route_is_owner_only(isolated_home: Path, tmp_path: Path) ->
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == b"over unix\n"
         assert not path.exists()  # removed on stop
+
+
+def test_a_second_daemon_on_the_same_data_folder_exits_1_naming_the_first_whatever_its_runtime_folder(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The platform folders, as without MTLS_SIDECAR_HOME: data and config from XDG_*, the socket
+    # from XDG_RUNTIME_DIR, which differs between the two (a tray and a login-started daemon, say).
+    monkeypatch.delenv("MTLS_SIDECAR_HOME")
+    places = resolve_places()
+    write_config(places.config_file, identities={"dev": {"renew": "none"}}, routes={})
+    runtime_a, runtime_b = tmp_path / "run-a", tmp_path / "run-b"
+    with sidecar_process("run", env={"XDG_RUNTIME_DIR": str(runtime_a)}) as (first, first_log):
+        first_log.wait_for(r"control API on ")
+        with sidecar_process("run", env={"XDG_RUNTIME_DIR": str(runtime_b)}) as (second, second_log):
+            assert second.wait(timeout=30) == 1, second_log.text
+            second_log.join()
+        text = second_log.text
+        assert f"pid {first.pid}," in text and str(runtime_a / "mtls-sidecar" / "control.sock") in text, text
+        assert f"another mtls-sidecar daemon already uses the data folder {places.lock_file.parent}" in text, text
+        assert "Traceback" not in text, text
+        assert not (runtime_b / "mtls-sidecar").exists()  # it stopped before it opened anything
+        assert first.poll() is None  # the first one is untouched
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0, first_log.text
+    assert places.lock_file.read_text() == ""  # let go, and no stale pid left in it
+    with sidecar_process("run", env={"XDG_RUNTIME_DIR": str(runtime_b)}) as (third, third_log):
+        third_log.wait_for(r"control API on ")  # once the first has stopped, another may start
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(timeout=20) == 0, third_log.text
+
+
+def test_the_lock_is_per_open_file_so_even_one_process_cannot_take_it_twice(isolated_home: Path) -> None:
+    places = resolve_places()
+    first, second = InstanceLock(places.lock_file), InstanceLock(places.lock_file)
+    with first.hold(places.control_socket, places.config_file):
+        with pytest.raises(AlreadyRunning) as refused:
+            second.acquire("elsewhere.sock", "other.toml")
+        assert refused.value.holder == Holder(os.getpid(), str(places.control_socket), str(places.config_file))
+        assert not second.held
+    assert read_holder(places.lock_file) is None
+    with second.hold("elsewhere.sock", "other.toml"):  # released: free for the next one
+        assert read_holder(places.lock_file) == Holder(os.getpid(), "elsewhere.sock", "other.toml")

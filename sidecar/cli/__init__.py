@@ -231,10 +231,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_run(places: Places, args: argparse.Namespace) -> int:
+    from sidecar.instance import InstanceLock
+
+    # First, before any log, config, socket or port is opened: one daemon per data folder, whatever
+    # its runtime folder. A second one stops here (exit 1), naming the first one's pid and address.
+    with InstanceLock(places.lock_file).hold(places.control_socket, places.config_file):
+        return _run_daemon(places, args)
+
+
+def _run_daemon(places: Places, args: argparse.Namespace) -> int:
     from sidecar import logsetup
     from sidecar.control.server import ControlServer
     from sidecar.daemon import Daemon, log_file_path
     from sidecar.firstrun import load_or_create_config
+    from sidecar.instance import tell_starter_ready
     from sidecar.limits import raise_open_file_limit
 
     logsetup.configure(args.log_level or "info", log_file_path(places))
@@ -255,7 +265,8 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
         """True when a second Ctrl-C cut the shutdown short."""
         daemon = Daemon(config, places)
         control = ControlServer(daemon, places.control_socket)
-        await control.start()  # first: a second daemon stops here, before it touches any port
+        await control.start()  # before any port: a daemon of another data folder on this socket stops here
+        tell_starter_ready()  # the tray that started us may connect now
         try:
             await daemon.start()
             demo = daemon.listeners.get("demo")
