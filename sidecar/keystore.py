@@ -34,6 +34,14 @@ _MAX_CHAIN_DEPTH = 8
 class Rejected:
     candidate: Candidate
     reason: str
+    timed: bool = False  # the reason is the validity window ("expired 3 days ago"): it ages
+
+    def reason_at(self, now: datetime) -> str:
+        """The reason worded at `now` (when it is shown), not when the folder was read."""
+        cert = self.candidate.cert
+        if self.timed and cert is not None:
+            return validity_problem(cert, now) or self.reason
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,16 @@ class Selection:
         ]
         return min(moments, default=None)
 
-    def why_unusable(self) -> str:
-        """One line for logs and refusals when nothing can be presented."""
+    def why_unusable(self, now: datetime | None = None) -> str:
+        """One line for logs and refusals when nothing can be presented; `now`: word the reasons
+        that age ("expired 3 days ago") as of then, rather than as of the keystore's reading."""
         if self.selected is not None:
             return ""
         if not self.rejected:
             return f"identity {self.identity!r} has no certificates in its keystore folder"
-        reasons = "; ".join(f"{Path(r.candidate.file).name}: {r.reason}" for r in self.rejected)
+        reasons = "; ".join(
+            f"{Path(r.candidate.file).name}: {r.reason if now is None else r.reason_at(now)}" for r in self.rejected
+        )
         return f"identity {self.identity!r} has no usable certificate ({reasons})"
 
 
@@ -79,17 +90,25 @@ def evaluate(candidate: Candidate, now: datetime, anchors: Sequence[x509.Certifi
         return "incomplete credential"
     if not _key_matches(cert, key):
         return "key does not match certificate"
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now < not_before:
-        return f"not valid until {_when(not_before)} (in {human_duration(not_before - now)})"
-    if now >= not_after:
-        return f"expired {human_duration(now - not_after)} ago ({_when(not_after)})"
+    timing = validity_problem(cert, now)
+    if timing:
+        return timing
     usage_problem = _client_auth_problem(cert)
     if usage_problem:
         return usage_problem
     if anchors and not chains_to(cert, candidate.chain, anchors):
         names = ", ".join(a.subject.rfc4514_string() for a in anchors)
         return f"does not chain to the identity's issuer ({names})"
+    return None
+
+
+def validity_problem(cert: x509.Certificate, now: datetime) -> str | None:
+    """Why `cert` is not valid at `now` ("expired 3 days ago (…)"), or None while it is."""
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < not_before:
+        return f"not valid until {_when(not_before)} (in {human_duration(not_before - now)})"
+    if now >= not_after:
+        return f"expired {human_duration(now - not_after)} ago ({_when(not_after)})"
     return None
 
 
@@ -107,7 +126,9 @@ def select(
         if reason is None:
             usable.append(candidate)
         else:
-            rejected.append(Rejected(candidate, reason))
+            cert = candidate.cert
+            timed = cert is not None and reason == validity_problem(cert, now)
+            rejected.append(Rejected(candidate, reason, timed))
     winner = max(usable, key=_newest_first_key, default=None)
     return Selection(identity, winner, tuple(rejected), now)
 

@@ -480,7 +480,11 @@ class _PlainSide(asyncio.Protocol):
         route = listener.route
         selection = await listener.selection(route)
         if selection.selected is None:
-            self._fail(failures.Failure(Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable()}"))
+            self._fail(
+                failures.Failure(
+                    Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable(datetime.now(UTC))}"
+                )
+            )
             return
         loop = asyncio.get_running_loop()
         try:
