@@ -37,10 +37,13 @@ from sidecar.tablereader import Document, Table, toml_key, toml_string
 DEFAULT_LIFETIME = 7 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
+# How long before expiry a certificate that will not be renewed in time is warned about
+# (never more than a third of its lifetime: sidecar/expiry.py).
+DEFAULT_EXPIRY_WARNING = 7 * 86400.0
 RENEW_PROVIDERS = tuple(PROVIDERS)  # local-ca, acme, command, step-ca, none
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir",
+_TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir", "expiry_warning",
              "demo_service", "identities", "routes")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
@@ -158,6 +161,7 @@ class Config:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log_level: str = "info"
     keystore_dir: Path | None = None
+    expiry_warning: float = DEFAULT_EXPIRY_WARNING  # seconds
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -319,6 +323,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         shutdown_grace=top.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=False),
         log_level=top.choice("log_level", LOG_LEVELS, "log level", "info"),
         keystore_dir=top.file("keystore_dir"),
+        expiry_warning=top.duration("expiry_warning", DEFAULT_EXPIRY_WARNING, positive=False),
     )
 
 
@@ -582,6 +587,9 @@ active_identity = {quoted}
 log_level = "info"
 # How long open connections may finish on shutdown.
 shutdown_grace = "5s"
+# Warn this long before a certificate that will not be renewed in time expires
+# (renew = "none", or renewal failing); never more than a third of its lifetime.
+expiry_warning = "7d"
 
 # An identity is a named series of client certificates, kept in <keystore>/<name>/;
 # the newest usable one is presented. renew chooses who issues the next one:

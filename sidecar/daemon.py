@@ -20,6 +20,7 @@ from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
 from sidecar.errors import ConfigError, LocalSetupError, SidecarError
 from sidecar.events import EventBus
+from sidecar.expiry import Renewal, expiry_warning, warning_starts
 from sidecar.failures import Failure
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, remove_stale_temp_files
 from sidecar.identities import IdentityBook
@@ -34,6 +35,7 @@ from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
 from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import PEER_CHECK, RouteListener
+from sidecar.units import rfc3339
 from sidecar.watch import FolderWatch
 
 log = logging.getLogger("sidecar.daemon")
@@ -80,6 +82,9 @@ class Daemon:
         self.renewers: dict[str, IdentityRenewer] = {}
         self.warners: dict[str, ExpiryWarner] = {}
         self.config_error: str | None = None
+        # What events last told about each route's health and each identity's expiry warning.
+        self._told_health: dict[str, tuple[str, str | None]] = {}
+        self._told_expiry: dict[str, str] = {}
         self._identity_tasks: dict[str, asyncio.Task[None]] = {}
         self._watches: list[FolderWatch] = []
         self._clock_timer: asyncio.TimerHandle | None = None
@@ -125,6 +130,8 @@ class Daemon:
             watch.start()
         self._schedule_clock_refresh()
         self._spawn(self._watch_clock(), "clock watch")
+        self._spawn(self._follow_renewals(), "expiry warnings")
+        self._tell_expiry()
         self.ready.set()
 
     @property
@@ -245,6 +252,8 @@ class Daemon:
                 self.demo = None
             if new.demo_service.enabled:
                 await self._start_demo(datetime.now(UTC))
+        self._tell_health()
+        self._tell_expiry()
 
     async def reload_config(self) -> bool:
         """Re-read config.toml; a bad edit is rejected and the running config stays."""
@@ -357,6 +366,7 @@ class Daemon:
     async def _start_route(self, route: RouteSpec) -> RouteListener:
         listener = RouteListener(route, self.selection_for, self.contexts, self.chains)
         listener.on_failure = self._route_failed
+        listener.on_outcome = self._route_outcome
         listener.local_tls_context = self._local_tls
         self.listeners[route.name] = listener
         try:
@@ -364,9 +374,11 @@ class Daemon:
         except LocalSetupError as exc:
             log.error("%s", exc)
             self.events.publish("route.error", route=route.name, error=str(exc))
+            self._tell_health(route.name)
             return listener
         log.info("%s", self.describe_listener(listener))
         self.events.publish("route.up", route=route.name, listen=str(listener.bound), target=listener.target)
+        self._tell_health(route.name)
         return listener
 
     def _local_tls(self) -> ssl.SSLContext:
@@ -379,10 +391,40 @@ class Daemon:
     def _route_failed(self, route: str, failure: Failure) -> None:
         self.events.publish("route.failure", route=route, reason=failure.reason, error=failure.message)
 
+    def _route_outcome(self, route: str) -> None:
+        self._tell_health(route)
+
+    def _tell_health(self, *names: str) -> None:
+        """Publish `route.health` for each route (all when none is named) whose health or failing
+        cause changed since the last one told."""
+        for name in names or tuple(self.listeners):
+            listener = self.listeners.get(name)
+            if listener is None:
+                self._told_health.pop(name, None)
+                continue
+            identity = self.identity_for(listener.route)
+            health = listener.health(has_certificate=self.book.selection(identity).usable)
+            counters = listener.counters
+            cause = str(counters.failing_cause) if health == "failing" and counters.failing_cause else None
+            previous = self._told_health.get(name)
+            if previous == (health, cause):
+                continue
+            self._told_health[name] = (health, cause)
+            self.events.publish(
+                "route.health",
+                route=name,
+                health=health,
+                previous=previous[0] if previous else None,
+                cause=cause,
+                since=rfc3339(counters.failing_since) if cause and counters.failing_since else None,
+                error=(listener.last_error or counters.last_error) if health in ("failing", "stopped") else None,
+            )
+
     def _remove_listener(self, name: str) -> None:
         """Stop accepting now; open connections drain in the background."""
         listener = self.listeners.pop(name)
         listener.close()
+        self._told_health.pop(name, None)
         self._spawn(listener.drain(self.config.shutdown_grace), f"drain of route {name}")
         self.events.publish("route.down", route=name)
         log.info("route %s stopped listening on %s", name, listener.bound or listener.route.listen)
@@ -471,6 +513,8 @@ class Daemon:
         for warner in self.warners.values():
             warner.wake()
         self._schedule_clock_refresh()
+        self._tell_health()
+        self._tell_expiry()
 
     def _check_clock(self) -> bool:
         """Notice a wall-clock jump (sleep, clock change) and re-plan everything at once."""
@@ -501,7 +545,9 @@ class Daemon:
         """
         if self._clock_timer is not None:
             self._clock_timer.cancel()
-        boundary = self.book.next_boundary()
+        boundary = min(
+            (m for m in (self.book.next_boundary(), self._next_expiry_warning()) if m is not None), default=None
+        )
         delay = MAX_RESELECT_INTERVAL
         if boundary is not None:
             delay = min(delay, max(0.0, (boundary - datetime.now(UTC)).total_seconds()) + 0.5)
@@ -509,12 +555,79 @@ class Daemon:
 
     # --- status
 
+    # --- expiry warnings (sidecar/expiry.py decides)
+
+    def expiry_warning(self, name: str, now: datetime) -> str | None:
+        """The warning for identity `name`'s certificate at `now`: it expires within the warning
+        horizon and will not be renewed in time; None when it needs none."""
+        selected = self.book.selection(name).selected
+        if selected is None or selected.cert is None or name not in self.config.identities:
+            return None
+        renewer = self.renewers.get(name)
+        renewal = (
+            Renewal("none")
+            if renewer is None
+            else Renewal(renewer.status.provider, renewer.status.consecutive_failures, renewer.status.last_error)
+        )
+        return expiry_warning(
+            name,
+            not_before=selected.cert.not_valid_before_utc,
+            not_after=selected.cert.not_valid_after_utc,
+            renewal=renewal,
+            folder=str(self.book.folder(name)),
+            expiry_warning=timedelta(seconds=self.config.expiry_warning),
+            now=now,
+        )
+
+    def _tell_expiry(self) -> None:
+        """Log and publish `identity.expiry_warning` when an identity's warning begins (once per
+        certificate) or ends (`warning` null)."""
+        now = datetime.now(UTC)
+        for name in sorted(set(self.config.identities) | set(self._told_expiry)):
+            warning = self.expiry_warning(name, now)
+            selected = self.book.selection(name).selected
+            key = selected.fingerprint if warning and selected is not None else ""
+            if self._told_expiry.get(name, "") == key:
+                continue
+            if key:
+                self._told_expiry[name] = key
+                log.warning("%s", warning)
+            else:
+                self._told_expiry.pop(name, None)
+            self.events.publish("identity.expiry_warning", identity=name, warning=warning)
+
+    def _next_expiry_warning(self) -> datetime | None:
+        """The next moment an identity's certificate enters its warning horizon."""
+        now = datetime.now(UTC)
+        horizon = timedelta(seconds=self.config.expiry_warning)
+        moments = []
+        for name in self.config.identities:
+            selected = self.book.selection(name).selected
+            if selected is not None and selected.cert is not None:
+                starts = warning_starts(horizon, selected.cert.not_valid_before_utc, selected.cert.not_valid_after_utc)
+                if starts > now:
+                    moments.append(starts)
+        return min(moments, default=None)
+
+    async def _follow_renewals(self) -> None:
+        """A renewal that starts failing (or works again) changes the expiry warnings at once."""
+        with self.events.subscribe() as events:
+            while True:
+                event = await events.get()
+                if event["type"] in ("renewal.failed", "renewal.succeeded", "renewal.state"):
+                    self._tell_expiry()
+
+    # --- status
+
     def status(self, now: datetime | None = None) -> dict[str, Any]:
         """The status document (the control API serves this shape)."""
         now = now or datetime.now(UTC)
-        identities = {name: self._identity_status(name) for name in self.config.identities}
+        identities = {name: self._identity_status(name, now) for name in self.config.identities}
         routes = self.routes_status()
         warnings = [
+            identity["expiry_warning"] for identity in identities.values() if identity["expiry_warning"] is not None
+        ]
+        warnings += [
             f"route {name}: server verification is turned off (unsafe_skip_verify)"
             for name, listener in self.listeners.items()
             if listener.route.unsafe_skip_verify
@@ -538,9 +651,12 @@ class Daemon:
             "generated_at": rfc3339(now),
         }
 
-    def _identity_status(self, name: str) -> dict[str, Any]:
+    def _identity_status(self, name: str, now: datetime) -> dict[str, Any]:
         selection = self.book.selection(name)
-        candidates = [{"file": r.candidate.file, "usable": False, "reason": r.reason} for r in selection.rejected]
+        # Reasons that age ("expired 3 days ago") are worded now, not when the keystore was read.
+        candidates = [
+            {"file": r.candidate.file, "usable": False, "reason": r.reason_at(now)} for r in selection.rejected
+        ]
         if selection.selected is not None:
             candidates.insert(0, {"file": selection.selected.file, "usable": True, "reason": None})
         return {
@@ -548,7 +664,8 @@ class Daemon:
             "candidates": candidates,
             "folder": str(self.book.folder(name)),
             "renewal": self._renewal_status(name, selection),
-            "problem": selection.why_unusable() or None,
+            "problem": selection.why_unusable(now) or None,
+            "expiry_warning": self.expiry_warning(name, now),
         }
 
     def _renewal_status(self, name: str, selection: Selection) -> dict[str, Any]:
@@ -599,10 +716,6 @@ def describe_certificate(candidate: Candidate | None) -> dict[str, Any] | None:
         "file": candidate.file,
         "sha256": candidate.fingerprint,
     }
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def log_file_path(places: Places) -> Path:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import Any
 
+from sidecar.causes import Cause
 from sidecar.units import human_duration
 
 _COLOURS = {"ok": "32", "warn": "33", "bad": "31", "dim": "2"}
@@ -38,6 +40,10 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         return f"\033[{_COLOURS[kind]}m{text}\033[0m" if colour else text
 
     lines = [f"mtls-sidecar {status.get('version', '?')}  active identity: {status.get('active_identity') or '-'}"]
+    config = (status.get("config") or {}).get("path")
+    if config:  # which daemon answered: with another HOME or runtime folder it may not be the one you meant
+        pid = (status.get("daemon") or {}).get("pid")
+        lines.append(f"config: {config}" + (f" (daemon pid {pid})" if pid else ""))
     lines.append("")
     identities: list[_Row] = [_Row(("IDENTITY", "CERTIFICATE", "RENEWAL"))]
     for name, identity in status.get("identities", {}).items():
@@ -58,27 +64,63 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
             renewal_text += f" ({renewal['last_error']})"
         state_kind = {"valid": "ok", "renew_due": "warn", "renewing": "warn", "failing": "warn"}.get(state, "bad")
         row = _Row((f"{marker}{name}", cert, renewal_text), (None, kind, state_kind))
-        if not selected and identity.get("problem"):
-            row.notes.append(f"  {paint(identity['problem'], 'dim')}")
+        row.notes += [f"  {paint(note, 'dim')}" for note in identity_notes(identity)]
         identities.append(row)
     lines += _table(identities, _IDENTITY_WIDTHS, paint)
     lines.append("")
     routes: list[_Row] = [_Row(("ROUTE", "LISTEN → TARGET", "AS", "STATE", "CONNECTIONS"))]
     for name, route in status.get("routes", {}).items():
         path = f"{route['listen']} → {route['target']}"
-        kind = "ok" if route["state"] == "up" else "bad"
+        # STATE is the route's health (README, "Route health"); a daemon from before health, its listener state
+        health = route.get("health") or route["state"]
+        kind = _HEALTH_KINDS.get(health, "bad")
         conns = f"{route['active_connections']} open, {route['total_connections']} total"
         failed = sum(route.get("failures", {}).values())
         if failed:
             conns += f", {failed} failed"
-        row = _Row((f" {name}", path, route["identity"], route["state"], conns), (None, None, None, kind, None))
-        if route.get("last_error") and (route["state"] != "up" or failed):
-            row.notes.append(f"  {paint(route['last_error'], 'dim')}")
+        row = _Row((f" {name}", path, route["identity"], health, conns), (None, None, None, kind, None))
+        row.notes += [f"  {paint(note, 'dim')}" for note in route_notes(route, now)]
         routes.append(row)
     lines += _table(routes, _ROUTE_WIDTHS, paint)
     for warning in status.get("warnings", []):
         lines.append(paint(f"warning: {warning}", "warn"))
     return "\n".join(lines) + "\n"
+
+
+def identity_notes(identity: dict[str, Any]) -> list[str]:
+    """The lines under an identity's row: every candidate that cannot be used, and why, even
+    when another one is presented (an import that did not take is seen at once)."""
+    unusable = [c for c in identity.get("candidates") or [] if not c.get("usable")]
+    if unusable:
+        return [f"unusable: {PurePath(c['file']).name}: {c['reason']}" for c in unusable]
+    if not identity.get("selected") and identity.get("problem"):
+        return [identity["problem"]]
+    return []
+
+
+_HEALTH_KINDS = {"ok": "ok", "up": "ok", "idle": "dim", "failing": "bad", "no_certificate": "bad", "stopped": "bad"}
+
+
+def route_notes(route: dict[str, Any], now: datetime) -> list[str]:
+    """The lines under a route's row: why it fails and what to do, or when it last failed."""
+    error = route.get("last_error")
+    failing = route.get("failing")
+    if route.get("health") == "failing" and failing:
+        since = parse_time(failing.get("since"))
+        count = failing.get("count", 0)
+        how_long = f" for {human_duration(now - since)}" if since else ""
+        notes = [f"failing{how_long} ({count} connection{'s' if count != 1 else ''} failed): {error}"]
+        if failing.get("cause") in Cause.__members__.values():  # not one a newer daemon added
+            notes.append(f"fix: {Cause(failing['cause']).fix}")
+        return notes
+    if not error:
+        return []
+    at = parse_time(route.get("last_error_at"))
+    if route.get("health") in ("ok", "idle") and at is not None:
+        return [f"last error {human_duration(now - at)} ago: {error}"]
+    if route.get("health") is None and route["state"] == "up" and not route.get("failures"):
+        return []
+    return [error]
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import socket
 import stat
@@ -386,3 +387,25 @@ def test_check_command_through_the_daemon(
             assert result["cause"] == "server_untrusted" and result["identity"] == "dev"
             assert main(["check", "nope"]) == 2
             assert "no route named 'nope'" in capsys.readouterr().err
+
+
+def test_status_names_the_daemons_config_and_warns_when_it_is_not_the_clis(
+    pki: Pki, isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    other = write_config(tmp_path / "elsewhere" / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    with DaemonThread(config) as daemon:
+        assert main(["status"]) == 0
+        same = capsys.readouterr()
+        assert f"config: {config} (daemon pid {os.getpid()})" in same.out.splitlines()
+        assert same.err == ""
+        # The same socket, but this CLI reads another config: whoever answers is not "its" daemon.
+        assert main(["--config", str(other), "status"]) == 0
+        mixed = capsys.readouterr()
+        assert f"config: {config} (daemon pid {os.getpid()})" in mixed.out
+        assert mixed.err.startswith(f"mtls-sidecar: warning: the daemon answering on {daemon.socket} ")
+        assert f"runs config {config}, not {other} (this command's)" in mixed.err
+        assert main(["--config", str(other), "status", "--json"]) == 0
+        as_json = capsys.readouterr()
+        assert json.loads(as_json.out)["config"]["path"] == str(config)  # stdout stays pure JSON
+        assert "warning: the daemon answering on" in as_json.err

@@ -31,11 +31,45 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def cmd_status(places: Places, args: argparse.Namespace) -> int:
     status = client_for(places).get("/v1/status")
+    other = foreign_daemon(status, places)
+    if other:
+        print(f"mtls-sidecar: warning: {other}", file=sys.stderr)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         sys.stdout.write(render_status(status, datetime.now(UTC), colour=sys.stdout.isatty()))
     return EXIT_OK
+
+
+def foreign_daemon(status: dict[str, Any], places: Places) -> str | None:
+    """Why the daemon that answered is not the one of this command's config and data folder, or None.
+
+    One runtime folder can serve several homes (`XDG_RUNTIME_DIR` unset: /run/user/UID), so the
+    socket may belong to a daemon started with another HOME, MTLS_SIDECAR_HOME or config.
+    """
+    theirs = (status.get("config") or {}).get("path")
+    data = (status.get("daemon") or {}).get("data_folder")
+    differs = [
+        f"{what} {there}, not {here}"
+        for what, there, here in (
+            ("config", theirs, places.config_file),
+            ("data folder", data, places.lock_file.parent),
+        )
+        if there and not _same_path(there, here)
+    ]
+    if not differs:
+        return None
+    pid = (status.get("daemon") or {}).get("pid")
+    return (
+        f"the daemon answering on {places.control_socket}"
+        + (f" (pid {pid})" if pid else "")
+        + f" runs {' and '.join(differs)} (this command's). It was started with another HOME, MTLS_SIDECAR_HOME "
+        "or MTLS_SIDECAR_CONFIG: run this command with the same settings, or give each its own XDG_RUNTIME_DIR"
+    )
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def cmd_use(places: Places, args: argparse.Namespace) -> int:
