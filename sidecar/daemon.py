@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import time
@@ -648,6 +649,7 @@ class Daemon:
             "routes": routes,
             "warnings": warnings,
             "config": {"path": str(self.places.config_file), "error": self.config_error},
+            "daemon": {"pid": os.getpid(), "data_folder": str(self.places.lock_file.parent)},
             "generated_at": rfc3339(now),
         }
 
