@@ -30,6 +30,9 @@ class Cause(StrEnum):
     SERVER_CERT_EXPIRED = "server_certificate_expired"
     SERVER_CERT_NOT_YET_VALID = "server_certificate_not_yet_valid"
     SERVER_REJECTED_CERT = "server_rejected_certificate"
+    # The TLS handshake passed, then an HTTP server answered that it does not take our
+    # certificate (nginx's 400 "The SSL certificate error"): no TLS alert ever comes.
+    SERVER_REJECTED_CERT_HTTP = "server_rejected_certificate_http"
     NO_USABLE_CERT = "no_usable_certificate"
     ALPN_REFUSED = "alpn_refused"
     TLS_ERROR = "tls_error"
@@ -97,6 +100,12 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
     Cause.SERVER_REJECTED_CERT: (
         "the server refused our client certificate (TLS alert, also the TLS 1.3 post-handshake one)",
         "check that the server trusts the identity's issuer and that the certificate allows clientAuth",
+    ),
+    Cause.SERVER_REJECTED_CERT_HTTP: (
+        "the TLS handshake passed, then the HTTP server answered 400, 403, 495 or 496 naming our client "
+        'certificate (nginx: "The SSL certificate error")',
+        "check that the server's client CAs (nginx: ssl_client_certificate) hold the identity's issuer, "
+        "and that the certificate allows clientAuth",
     ),
     Cause.NO_USABLE_CERT: (
         "the route's identity has nothing usable: refused locally",
@@ -174,7 +183,7 @@ NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PA
 
 STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established", "local")
 KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify",
-         "protocol", "no_tls")  # fmt: skip
+         "protocol", "no_tls", "http_refused")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,8 +196,9 @@ class Fault:
            local client's side).
     kind:  "config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error",
            "tls" (an SSLError, `ssl_reason` set), "verify" (our check of the server failed),
-           "protocol" (a side does not speak the route's protocol) or "no_tls" (a database
-           server offers no TLS in its handshake).
+           "protocol" (a side does not speak the route's protocol), "no_tls" (a database
+           server offers no TLS in its handshake) or "http_refused" (an HTTP server's answer
+           says it does not take our certificate: `http_certificate_refusal`).
     first_bytes: the start of what the server sent, when it is worth judging (not TLS?).
     """
 
@@ -210,6 +220,8 @@ def cause_of(fault: Fault) -> Cause:
     """The one decision: which cause a fault is. Used by the tunnel and by `check`."""
     if fault.stage == "setup":
         return Cause.CONFIG if fault.kind == "config" else Cause.TLS_ERROR
+    if fault.kind == "http_refused":
+        return Cause.SERVER_REJECTED_CERT_HTTP
     if fault.kind == "protocol":
         return Cause.PROTOCOL_MISMATCH
     if fault.kind == "no_tls":
@@ -242,6 +254,42 @@ def cause_of(fault: Fault) -> Cause:
     if fault.stage == "established":
         return Cause.TRUNCATED if fault.kind == "closed" else Cause.RESET
     return Cause.CONNECT  # reset, closed, other OS errors before anything was carried
+
+
+# HTTP statuses with which a server that completed TLS may say "not your certificate":
+# nginx's 495 (certificate error) and 496 (no certificate) always mean it, and reach clients as
+# themselves when an `error_page` keeps them; its default is 400 with the reason in the body.
+# 400 and 403 mean it only when the answer says "certificate".
+CERTIFICATE_STATUSES = frozenset({495, 496})
+MAYBE_CERTIFICATE_STATUSES = frozenset({400, 403})
+_CERTIFICATE_WORD = re.compile(rb"certificate", re.IGNORECASE)
+_TAG = re.compile(rb"<[^>]*>")
+
+
+def http_certificate_refusal(status: int, reason: bytes, body: bytes) -> str | None:
+    """The server's own words when an HTTP answer says it does not take our certificate, else None.
+
+    `reason` is the status line's reason phrase, `body` the start of the answer's body (b"" for
+    an answer to HEAD, which then cannot tell a 400 about the certificate from any other 400).
+    nginx: `400` with "The SSL certificate error" (a certificate it does not accept) or "No
+    required SSL certificate was sent"; `495`/`496` where an error_page keeps them.
+    """
+    if status in CERTIFICATE_STATUSES:
+        words = _certificate_line(reason + b"\n" + body)
+        return words or reason.decode("latin-1").strip() or f"HTTP {status}"
+    if status in MAYBE_CERTIFICATE_STATUSES:
+        return _certificate_line(reason + b"\n" + body)
+    return None
+
+
+def _certificate_line(text: bytes) -> str | None:
+    """The first line of an answer (HTML tags taken out) that says "certificate", bounded."""
+    for raw in _TAG.sub(b"\n", text[:4096]).splitlines():
+        if _CERTIFICATE_WORD.search(raw):
+            line = raw.decode("latin-1").strip()
+            line = re.sub(r"^\d{3}\s+", "", line)  # nginx's <title>400 The SSL certificate error</title>
+            return printable(line.encode("latin-1"), 120)
+    return None
 
 
 def _verify_cause(code: int | None) -> Cause:

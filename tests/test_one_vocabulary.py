@@ -164,8 +164,9 @@ def test_status_and_check_use_the_same_key_for_the_same_real_failure(
     # Python's servers, nginx included, carry on without ALPN); both sides classify the alert
     # through causes.cause_of, tested in tests/test_failures.py and tests/test_check.py.
     no_server_for = {Cause.ALPN_REFUSED}
-    # protocol routes (postgres, mysql, http): their own tests assert status and check agree.
-    no_server_for |= {Cause.PROTOCOL_MISMATCH, Cause.SERVER_NO_TLS, Cause.LOCAL_TLS}
+    # protocol routes (postgres, mysql, http): their own tests assert status and check agree
+    # (server_rejected_certificate_http against real nginx: tests/test_check_refusals.py).
+    no_server_for |= {Cause.PROTOCOL_MISMATCH, Cause.SERVER_NO_TLS, Cause.LOCAL_TLS, Cause.SERVER_REJECTED_CERT_HTTP}
     assert set(EXPECTED.values()) == both - tunnel_only - no_server_for, "a cause both can produce has no scenario"
     print("\n" + "\n".join(f"{route}: status {counted}, check {cause}" for route, (counted, cause) in seen.items()))
 
