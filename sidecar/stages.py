@@ -7,7 +7,7 @@ A connection is a chain (the picture is in docs/architecture.md):
 A stage is told what happens on either side of it (`connected`, `tls_established`,
 `from_local`, `from_remote`, `local_eof`, `remote_eof`, `remote_failed`) and answers with
 commands for the connection to carry out (`SendLocal`, `SendRemote`, `EndLocal`,
-`EndRemote`, `StartTLS`, `Refuse`, `Close`). It never touches a socket, so every protocol is
+`EndRemote`, `StartTLS`, `Refuse`, `Close`, `Count`). It never touches a socket, so every protocol is
 testable by feeding it bytes.
 
 Order of calls: the local client's bytes reach a non-transparent stage from the start
@@ -93,7 +93,17 @@ class Refuse:
     message: str
 
 
-Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | StartLocalTLS | Refuse | Close
+@dataclass(frozen=True)
+class Count:
+    """Count a failure for the route and go on: the remote's answer is one (an HTTP server's 400
+    "The SSL certificate error" after a handshake that passed), and the local client still gets
+    it as it is. `fault` says why, as data."""
+
+    fault: Fault
+    message: str
+
+
+Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | StartLocalTLS | Refuse | Close | Count
 
 
 class Stage(Protocol):

@@ -43,6 +43,7 @@ from sidecar.revocation.checker import RevocationChecker, check_server_policy
 from sidecar.stages import (
     Close,
     Command,
+    Count,
     EndLocal,
     EndRemote,
     Refuse,
@@ -639,6 +640,8 @@ class _PlainSide(asyncio.Protocol):
                 self._start_local_tls(command.leftover)
             elif isinstance(command, Close):
                 self.close()
+            elif isinstance(command, Count):
+                self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message))
 
     def _from_local(self, data: bytes) -> None:
         if self.stage.transparent:

@@ -18,7 +18,12 @@ with another (we are its client), so that:
   and bytes pass untouched;
 - the sidecar's own answers are real HTTP: `400` for a request that is not HTTP/1.x (with h11's
   hint: 431 for a head too large), `502` with the reason and the fix when the target is down,
-  refuses us or does not speak HTTP, `504` when connecting timed out.
+  refuses us or does not speak HTTP, `504` when connecting timed out;
+- an answer from the target that says it does not take our client certificate (nginx's 400
+  "The SSL certificate error" or "No required SSL certificate was sent", a 495 or 496; see
+  `causes.http_certificate_refusal`) reaches the client as it is and is counted for the route
+  as `server_rejected_certificate_http`, once per connection. A 400 or 403 is judged by the
+  first 4 KiB of its body, so one to a HEAD request (no body) is not counted.
 
 One remote connection per local connection: when the target closes, the local connection
 closes after the answer in flight (an HTTP client then opens a new one).
@@ -30,10 +35,17 @@ from urllib.parse import urlsplit
 
 import h11
 
-from sidecar.causes import Cause, Fault, cause_of
+from sidecar.causes import (
+    CERTIFICATE_STATUSES,
+    MAYBE_CERTIFICATE_STATUSES,
+    Cause,
+    Fault,
+    cause_of,
+    http_certificate_refusal,
+)
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols.http_host import http_host
-from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import Close, Command, Count, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
 
 # The largest request or response head accepted (h11's default is 16 KiB; cookies and bearer
 # tokens can be larger, nginx takes up to 4 x 8 KiB lines).
@@ -45,6 +57,7 @@ _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large", 502: b
 # h11 states in which no response head has gone to the local client yet
 _NOT_ANSWERED = (h11.IDLE, h11.SEND_RESPONSE)
 _OVER = (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+_JUDGED_BODY = 4096  # of a 400 or 403 answer: where a server says it is about our certificate
 
 
 def local_base(local: ListenAddress) -> str:
@@ -133,6 +146,12 @@ class HTTPStage:
         self._established = False
         self._failure: tuple[Cause, str] | None = None
         self._over = False  # the stage said Close or Refuse: nothing more
+        # An answer of the target's that may say it does not take our certificate: its status,
+        # reason and the start of its body, until judged. Counted once per connection.
+        self._judging: tuple[int, bytes] | None = None
+        self._judged_body = bytearray()
+        self._counted = False
+        self._counts: list[Command] = []
         # What one call produces, turned into commands at its end: bytes for the local client,
         # bytes for the target (kept in _held until TLS is up), and the last word.
         self._to_local: list[bytes] = []
@@ -260,10 +279,13 @@ class HTTPStage:
                 self._target_broke(exc)
                 return
             if isinstance(event, h11.Data):
+                if self._judging is not None:
+                    self._judge_body(bytes(event.data))
                 pieces = local.send_with_data_passthrough(event)
                 assert pieces is not None
                 self._to_local.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
             elif isinstance(event, h11.Response):
+                self._judge_answer(event)
                 self._to_local.append(local.send(self._rewritten(event)))
                 if local.our_state is h11.SWITCHED_PROTOCOL:  # a 2xx to CONNECT
                     self._step_aside()
@@ -274,6 +296,8 @@ class HTTPStage:
                     self._step_aside()
                     return
             elif isinstance(event, h11.EndOfMessage):
+                if self._judging is not None:
+                    self._judge_body(b"", last=True)
                 trailers = event.headers.raw_items() if local.their_http_version == b"1.1" else []
                 self._to_local.append(local.send(h11.EndOfMessage(headers=trailers)))
                 self._after_message()
@@ -282,6 +306,36 @@ class HTTPStage:
                 return
             else:  # NEED_DATA, or PAUSED until the next request
                 return
+
+    def _judge_answer(self, event: h11.Response) -> None:
+        """Does this answer say the target does not take our certificate? At once for 495/496
+        (and a reason phrase that says so); for a 400 or 403, once the start of its body is here."""
+        self._judging = None
+        if self._counted or event.status_code not in CERTIFICATE_STATUSES | MAYBE_CERTIFICATE_STATUSES:
+            return
+        words = http_certificate_refusal(event.status_code, event.reason, b"")
+        if words is not None:
+            self._count_refusal(event.status_code, words)
+        elif self._method != b"HEAD":
+            self._judging = (event.status_code, event.reason)
+            self._judged_body.clear()
+
+    def _judge_body(self, data: bytes, *, last: bool = False) -> None:
+        assert self._judging is not None
+        status, reason = self._judging
+        self._judged_body += data[: _JUDGED_BODY - len(self._judged_body)]
+        words = http_certificate_refusal(status, reason, bytes(self._judged_body))
+        if words is not None:
+            self._count_refusal(status, words)
+        if words is not None or last or len(self._judged_body) >= _JUDGED_BODY:
+            self._judging = None
+            self._judged_body.clear()
+
+    def _count_refusal(self, status: int, words: str) -> None:
+        self._counted = True
+        name = _target_name(self.route)
+        message = f'{name} answered HTTP {status} "{words}": it does not take our client certificate'
+        self._counts.append(Count(Fault("established", "http_refused", words), message))
 
     def _rewritten(self, event: h11.Response) -> h11.Response:
         headers = event.headers
@@ -403,6 +457,9 @@ class HTTPStage:
 
     def _commands(self) -> list[Command]:
         out: list[Command] = []
+        if self._counts:
+            out.extend(self._counts)
+            self._counts = []
         if self._to_local:
             data = self._to_local[0] if len(self._to_local) == 1 else b"".join(self._to_local)
             if data:  # an EndOfMessage to an HTTP/1.0 client is no bytes at all
