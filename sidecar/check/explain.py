@@ -23,6 +23,7 @@ from sidecar.causes import (
     Cause,
     Fault,
     cause_of,
+    http_certificate_refusal,
     looks_like_tls,
     printable,
 )
@@ -40,6 +41,7 @@ NAME_MISMATCH = Cause.NAME_MISMATCH
 SERVER_CERT_EXPIRED = Cause.SERVER_CERT_EXPIRED
 SERVER_CERT_NOT_YET_VALID = Cause.SERVER_CERT_NOT_YET_VALID
 SERVER_REJECTED_CERT = Cause.SERVER_REJECTED_CERT
+SERVER_REJECTED_CERT_HTTP = Cause.SERVER_REJECTED_CERT_HTTP
 NO_USABLE_CERT = Cause.NO_USABLE_CERT
 ALPN_REFUSED = Cause.ALPN_REFUSED
 TLS_ERROR = Cause.TLS_ERROR
@@ -56,6 +58,7 @@ CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
     PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN, PROTOCOL_MISMATCH, SERVER_NO_TLS,
+    SERVER_REJECTED_CERT_HTTP,
 )  # fmt: skip
 
 EXPIRY_WARNING = timedelta(days=14)
@@ -89,6 +92,9 @@ class Observation:
     alpn_offered: tuple[str, ...] = ()
     skip_verify: bool = False
     client_cert: x509.Certificate | None = None
+    client_chain: tuple[x509.Certificate, ...] = ()  # the intermediates presented with it
+    client_file: str | None = None  # the keystore file it came from
+    renew: str | None = None  # the identity's `renew` setting: "none" means the sidecar never renews it
     # When nothing could be presented: why_unusable(), each (file, reason), and the folder.
     unusable: str | None = None
     rejected: tuple[tuple[str, str], ...] = ()
@@ -114,6 +120,12 @@ class Observation:
     local_tls: bool = False
     http_host: str | None = None
     http_status: str | None = None
+    http_method: str = "HEAD"  # HEAD; GET when a 400 or 403 to HEAD came without the body that says why
+    http_body: bytes = b""  # the start of the answer's body
+    # The issuers the server's CertificateRequest names (None: not seen, (): any issuer), and
+    # why they could not be read.
+    acceptable_issuers: tuple[x509.Name, ...] | None = None
+    acceptable_issuers_unknown: str | None = None
     prelude_error: str | None = None
     speaks: str | None = None
 
@@ -132,6 +144,10 @@ def explain(obs: Observation) -> CheckResult:
         return _policy_refused(obs, obs.policy, details)  # the tunnel checks this before anything else
     if obs.policy is not None and obs.policy.warning:
         details["warnings"].append(obs.policy.warning)
+    if failure is None and obs.http_status is not None:
+        refusal = http_refusal(obs)
+        if refusal is not None:
+            return _http_rejected(obs, refusal, details)
     if failure is None and obs.after_handshake == "closed":
         return _hung_up(obs, Fault("after_handshake", "closed"), details)
     if failure is None:
@@ -216,8 +232,7 @@ def _no_usable_certificate(obs: Observation, details: dict[str, Any]) -> CheckRe
         False,
         NO_USABLE_CERT,
         f"{obs.target}: not contacted: {obs.unusable}",
-        f"put a valid client certificate and key for {obs.identity} in {folder}, "
-        f"or run `mtls-sidecar renew {obs.identity}`",
+        f"put a valid client certificate and key for {obs.identity} in {folder}, or {_renew_hint(obs)}",
         details,
     )
 
@@ -236,7 +251,7 @@ def _setup_failed(obs: Observation, failure: Fault, details: dict[str, Any]) -> 
         False,
         TLS_ERROR,
         f"{obs.target}: not contacted: OpenSSL cannot use {obs.identity}'s certificate: {failure.text}",
-        f"replace that credential in {obs.identity}'s keystore folder, or run `mtls-sidecar renew {obs.identity}`",
+        f"replace that credential in {obs.identity}'s keystore folder, or {_renew_hint(obs)}",
         details,
     )
 
@@ -271,7 +286,7 @@ def _ok(obs: Observation, details: dict[str, Any]) -> CheckResult:
     if obs.http_status is not None:
         details["http_host"] = obs.http_host
         details["http_status"] = obs.http_status
-        answer = f'; HEAD / with Host: {obs.http_host} → "{obs.http_status}"'
+        answer = f'; {obs.http_method} / with Host: {obs.http_host} → "{obs.http_status}"'
     alpn = obs.alpn or "none"
     return CheckResult(
         True,
@@ -350,6 +365,9 @@ def _hung_up(obs: Observation, failure: Fault, details: dict[str, Any]) -> Check
             "without a TLS alert"
         )
         fix = f"look in the server's log for why it hung up; it may not accept {obs.identity}'s certificate"
+        elsewhere = _issuers_elsewhere(obs)
+        if elsewhere is not None:
+            message, fix = f"{message}; {elsewhere}", _issuers_fix(obs)
     elif not obs.first_bytes:
         message = f"{obs.target} accepted the TCP connection, then {how} it without answering our TLS hello"
         fix = (
@@ -359,6 +377,9 @@ def _hung_up(obs: Observation, failure: Fault, details: dict[str, Any]) -> Check
     else:
         message = f"{obs.target} {how} the connection in the middle of the TLS handshake"
         fix = f"look in the server's log for why; it may not accept {obs.identity}'s certificate or our TLS settings"
+        elsewhere = _issuers_elsewhere(obs)
+        if elsewhere is not None:
+            message, fix = f"{message}; {elsewhere}", _issuers_fix(obs)
     return CheckResult(False, CONNECT, message, fix, details)
 
 
@@ -509,10 +530,10 @@ def _alert(obs: Observation, failure: Fault, cause: Cause, details: dict[str, An
         fix = f"check which client CAs the server accepts and that {obs.identity}'s certificate is issued by one"
     elif alert == "certificate expired":
         message = f"{head}: the server considers {subject} (or its chain) expired"
-        fix = f"run `mtls-sidecar renew {obs.identity}`, and compare the server's clock with this machine's"
+        fix = f"{_renew_hint(obs)}, and compare the server's clock with this machine's"
     elif alert == "certificate revoked":
         message = f"{head}: {subject} (serial {_serial(client)}) is revoked"
-        fix = f"run `mtls-sidecar renew {obs.identity}` to get a new certificate"
+        fix = _renew_hint(obs, " to get a new certificate")
     elif alert == "access denied":
         message = f"{head}: it accepted {subject} but does not let it in"
         fix = f"ask the service's owner to allow {subject}, or use another identity for route {obs.route}"
@@ -525,7 +546,107 @@ def _alert(obs: Observation, failure: Fault, cause: Cause, details: dict[str, An
             f"check that the server trusts {issuer} and that {obs.identity}'s certificate allows clientAuth; "
             "the server's log says why"
         )
+    elsewhere = _issuers_elsewhere(obs)
+    if elsewhere is not None and alert not in ("certificate expired", "certificate revoked", "access denied"):
+        message = f"{message}; {elsewhere}"
+        fix = _issuers_fix(obs)
     return CheckResult(False, SERVER_REJECTED_CERT, message, fix, details)
+
+
+def http_refusal(obs: Observation) -> str | None:
+    """The server's words when its HTTP answer says it does not take our certificate."""
+    if obs.http_status is None:
+        return None
+    parts = obs.http_status.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    reason = parts[2] if len(parts) > 2 else ""
+    return http_certificate_refusal(int(parts[1]), reason.encode("latin-1", "replace"), obs.http_body)
+
+
+def _http_rejected(obs: Observation, words: str, details: dict[str, Any]) -> CheckResult:
+    """The handshake passed, and the HTTP server then said it does not take our certificate
+    (nginx verifies client certificates after the handshake and answers 400)."""
+    details["stage"] = "after_handshake"
+    details["http_host"] = obs.http_host
+    details["http_status"] = obs.http_status
+    details["http_says"] = words
+    client = obs.client_cert
+    subject = client.subject.rfc4514_string() if client is not None else "(none)"
+    issuer = client.issuer.rfc4514_string() if client is not None else "(none)"
+    head = (
+        f"{obs.target} completed the TLS handshake ({obs.tls_version}), then answered {obs.http_method} / "
+        f'with "{obs.http_status}": "{words}"'
+    )
+    if "no required" in words.lower() or " 496" in f" {obs.http_status}":
+        message = f"{head}: it says it got no client certificate, though {obs.identity}'s {subject} was presented"
+        fix = (
+            f"check that the server asks for client certificates for {obs.server_name} (nginx: ssl_verify_client "
+            "in the server block that this SNI selects); its error log says why"
+        )
+        return CheckResult(False, SERVER_REJECTED_CERT_HTTP, message, fix, details)
+    message = f"{head}: it does not accept {obs.identity}'s certificate {subject}, issued by {issuer}"
+    elsewhere = _issuers_elsewhere(obs)
+    if elsewhere is not None:
+        return CheckResult(False, SERVER_REJECTED_CERT_HTTP, f"{message}; {elsewhere}", _issuers_fix(obs), details)
+    fix = (
+        f"check that the server's client CAs (nginx: ssl_client_certificate) hold {issuer} or a CA above it, "
+        f"and that {obs.identity}'s certificate allows clientAuth; the server's error log says why"
+    )
+    return CheckResult(False, SERVER_REJECTED_CERT_HTTP, message, fix, details)
+
+
+def issuers_accepted(obs: Observation) -> bool | None:
+    """Whether the server's list of acceptable issuers holds one of ours (the issuer of our
+    certificate, or a CA of the chain we present); None when no list was seen or it is empty."""
+    if not obs.acceptable_issuers or obs.client_cert is None:
+        return None
+    ours = {obs.client_cert.issuer} | {c.issuer for c in obs.client_chain} | {c.subject for c in obs.client_chain}
+    return any(name in ours for name in obs.acceptable_issuers)
+
+
+def _issuers_elsewhere(obs: Observation) -> str | None:
+    """'The server asks for a certificate from X; identity dev presents one from Y', when ours is not among X."""
+    if issuers_accepted(obs) is not False:
+        return None
+    assert obs.acceptable_issuers is not None and obs.client_cert is not None
+    return (
+        f"the server asks for a certificate from {_names(obs.acceptable_issuers)}; identity {obs.identity} "
+        f"presents one from {short_name(obs.client_cert.issuer)}"
+    )
+
+
+def _issuers_fix(obs: Observation) -> str:
+    assert obs.acceptable_issuers and obs.client_cert is not None
+    return (
+        f"present a certificate from {_names(obs.acceptable_issuers)} on route {obs.route} (another identity, "
+        f"or one issued to {obs.identity} by that CA), or have the server's client CAs include "
+        f"{short_name(obs.client_cert.issuer)}"
+    )
+
+
+def short_name(name: x509.Name) -> str:
+    """A CA's common name ("Example Corp Issuing CA 1"), else its whole RFC 4514 name."""
+    cn = [str(a.value) for a in name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return cn[-1] if cn else (name.rfc4514_string() or "(empty name)")
+
+
+def _names(names: tuple[x509.Name, ...]) -> str:
+    shown = [short_name(n) for n in names[:3]]
+    if len(names) > 3:
+        shown.append(f"{len(names) - 3} other CA{'s' if len(names) > 4 else ''}")
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _renew_hint(obs: Observation, why: str = "") -> str:
+    """What gets the identity a new certificate: `renew`, unless its renew setting is "none"."""
+    if obs.renew == "none":
+        return (
+            f"get a new certificate for {obs.identity} from its issuer and add it with "
+            f"`mtls-sidecar identity import FILE --name {obs.identity}` "
+            f'({obs.identity} has renew = "none": the sidecar does not renew it)'
+        )
+    return f"run `mtls-sidecar renew {obs.identity}`{why}"
 
 
 def _details(obs: Observation) -> dict[str, Any]:
@@ -545,8 +666,14 @@ def _details(obs: Observation) -> dict[str, Any]:
             "subject": obs.client_cert.subject.rfc4514_string(),
             "issuer": obs.client_cert.issuer.rfc4514_string(),
             "serial": _serial(obs.client_cert),
+            "not_before": _rfc3339(obs.client_cert.not_valid_before_utc),
             "not_after": _rfc3339(obs.client_cert.not_valid_after_utc),
+            "file": obs.client_file,
         }
+    if obs.acceptable_issuers is not None:
+        details["acceptable_issuers"] = [n.rfc4514_string() for n in obs.acceptable_issuers]
+    elif obs.acceptable_issuers_unknown is not None:
+        details["acceptable_issuers_unknown"] = obs.acceptable_issuers_unknown
     if obs.address is not None:
         details["address"] = obs.address
     if obs.failure is not None:

@@ -8,11 +8,19 @@ exceptions or sockets. `explain` then says what it means.
 When our verification of the server fails, a second handshake that verifies nothing and
 presents no client certificate fetches the server's certificate, so the explanation can
 name its issuer, its names and its dates.
+
+After the handshake the server gets a short window to reject us: a TLS alert (TLS 1.3 sends
+it only now), or, for an HTTP target, its answer to `HEAD /` (nginx checks the certificate
+after the handshake and answers 400 "The SSL certificate error"). A 400 or 403 to HEAD has no
+body to say why, so one `GET /` on a new connection reads it. When the server refused us, a
+handshake that presents nothing reads the issuers its CertificateRequest asks for (through
+pyOpenSSL: Python's ssl module does not show them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 from contextlib import suppress
@@ -22,8 +30,10 @@ from pathlib import PurePath
 from typing import Any
 
 from cryptography import x509
+from OpenSSL import SSL
 
-from sidecar.causes import Fault, error_text, fault_from
+from sidecar.causes import MAYBE_CERTIFICATE_STATUSES, Cause, Fault, error_text, fault_from
+from sidecar.check.dername import name_from_der
 from sidecar.check.explain import CheckResult, Observation, explain
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import ConfigError
@@ -54,6 +64,12 @@ AFTER_HANDSHAKE_WAIT = 1.0
 _CHUNK = 65536
 _KEEP_FIRST_BYTES = 256  # of the real handshake: enough to show what a plaintext server said
 _KEEP_PROBE_BYTES = 256 * 1024  # of the probe: a TLS 1.2 certificate flight, to read the certificate from
+_KEEP_BODY = 4096  # of an HTTP answer's body: where a server says why it refused us
+_MAX_HEAD = 64 * 1024
+_HTTP_ALPN = frozenset({"http/1.1", "h2"})
+_HTTP_PORTS = frozenset({443, 8443})
+# After these, ask the server which issuers it wants (a handshake that got somewhere, then failed).
+_REFUSALS = frozenset({Cause.SERVER_REJECTED_CERT, Cause.SERVER_REJECTED_CERT_HTTP, Cause.CONNECT})
 _NO_LOCAL = ListenAddress("tcp", "127.0.0.1", 0)  # check has no local listener; stages only name it in rewrites
 
 
@@ -63,24 +79,38 @@ async def check_route(
     *,
     timeout: float | None = None,
     after_handshake_wait: float = AFTER_HANDSHAKE_WAIT,
+    renew: str | None = None,
 ) -> CheckResult:
     """Connect to the route's target as its identity would, and explain what happened.
 
     `timeout` (default: the route's connect_timeout) bounds DNS, TCP connect and the TLS
     handshake together; the server is then given `after_handshake_wait` seconds to reject
-    our certificate (TLS 1.3). A failed verification adds one more bounded handshake.
+    our certificate (TLS 1.3), or, for an HTTP target, to answer `HEAD /`. A failed
+    verification, an HTTP answer that needs its body, and a refusal each add one more
+    bounded handshake. `renew`: the identity's renew setting ("none": fixes never say renew).
     """
-    observation = observe_start(route, selection, now=datetime.now(UTC), timeout=timeout)
+    start = observe_start(route, selection, now=datetime.now(UTC), timeout=timeout, renew=renew)
     credential = selection.selected
     if credential is None:
-        return explain(observation)  # never contact a server with nothing to present
+        return explain(start)  # never contact a server with nothing to present
+    policy = ServerPolicy.for_route(route)
     try:
-        ctx = build_client_context(credential, ServerPolicy.for_route(route))
+        ctx = build_client_context(credential, policy)
     except ConfigError as exc:
-        return explain(replace(observation, failure=Fault("setup", "config", str(exc))))
+        return explain(replace(start, failure=Fault("setup", "config", str(exc))))
     except (ssl.SSLError, OSError, ValueError) as exc:
-        return explain(replace(observation, failure=Fault("setup", "credential", error_text(exc))))
-    observation = await _handshake(observation, ctx, after_handshake_wait, make_stage(route, _NO_LOCAL))
+        return explain(replace(start, failure=Fault("setup", "credential", error_text(exc))))
+    observation = await _handshake(start, ctx, after_handshake_wait, make_stage(route, _NO_LOCAL))
+    if observation.http_host is not None and observation.failure is None:
+        if observation.alpn == "h2" and observation.after_handshake != "closed":
+            # HTTP/1.1 cannot be spoken on an h2 connection: ask on one that offers only http/1.1.
+            ctx = build_client_context(credential, replace(policy, alpn=("http/1.1",)))
+            again = await _handshake(start, ctx, after_handshake_wait, make_stage(route, _NO_LOCAL))
+            observation = _with_http_answer(observation, again)
+        if _status_code(observation.http_status) in MAYBE_CERTIFICATE_STATUSES and not observation.http_body:
+            # HEAD's answer has no body, and only the body says whether a 400 is about our certificate.
+            again = await _handshake(start, ctx, after_handshake_wait, make_stage(route, _NO_LOCAL), "GET")
+            observation = _with_http_answer(observation, again)
     if route.protocol == "tcp" and _hung_up_on_our_hello(observation):
         observation = replace(observation, speaks=await _sniff_postgres(observation))
     if observation.failure is not None and observation.failure.kind == "verify":
@@ -94,12 +124,25 @@ async def check_route(
             verified=not route.unsafe_skip_verify,
         )
         observation = replace(observation, policy=verdict)
+    if explain(observation).cause in _REFUSALS and (observation.tls_version or observation.first_bytes):
+        observation = await _acceptable_issuers(observation, make_stage(route, _NO_LOCAL))
     return explain(observation)
 
 
-def observe_start(route: RouteSpec, selection: Selection, *, now: datetime, timeout: float | None) -> Observation:
+def is_http_target(route: RouteSpec) -> bool:
+    """Where `check` asks `HEAD /`: http routes, and tcp routes to port 443 or 8443 or with ALPN
+    http/1.1 or h2 (a local HTTP client behind a plain tunnel)."""
+    if route.protocol == "http":
+        return True
+    return route.protocol == "tcp" and (route.target_port in _HTTP_PORTS or bool(_HTTP_ALPN & set(route.alpn)))
+
+
+def observe_start(
+    route: RouteSpec, selection: Selection, *, now: datetime, timeout: float | None, renew: str | None = None
+) -> Observation:
     """The part of an observation known before any connection."""
-    cert = selection.selected.cert if selection.selected is not None else None
+    selected = selection.selected
+    cert = selected.cert if selected is not None else None
     rejected = tuple((r.candidate.file, r.reason) for r in selection.rejected)
     folders = {str(PurePath(f).parent) for f, _ in rejected if PurePath(f).parent != PurePath(".")}
     return Observation(
@@ -115,12 +158,15 @@ def observe_start(route: RouteSpec, selection: Selection, *, now: datetime, time
         alpn_offered=route.alpn,
         skip_verify=route.unsafe_skip_verify,
         client_cert=cert,
+        client_chain=selected.chain if selected is not None else (),
+        client_file=selected.file if selected is not None else None,
+        renew=renew,
         unusable=None if selection.selected is not None else selection.why_unusable(),
         rejected=rejected,
         identity_folder=folders.pop() if len(folders) == 1 else None,
         protocol=route.protocol,
         local_tls=route.local_tls,
-        http_host=http_host(route) if route.protocol == "http" else None,
+        http_host=http_host(route) if is_http_target(route) else None,
     )
 
 
@@ -212,17 +258,24 @@ async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]
     raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
 
 
-async def _handshake(obs: Observation, ctx: ssl.SSLContext, after_wait: float, stage: Stage) -> Observation:
+async def _handshake(
+    obs: Observation, ctx: ssl.SSLContext, after_wait: float, stage: Stage, http_method: str = "HEAD"
+) -> Observation:
     held: list[socket.socket] = []
     try:
-        return await _handshake_on(obs, ctx, after_wait, held, stage)
+        return await _handshake_on(obs, ctx, after_wait, held, stage, http_method)
     finally:
         for sock in held:
             sock.close()
 
 
 async def _handshake_on(
-    obs: Observation, ctx: ssl.SSLContext, after_wait: float, held: list[socket.socket], stage_: Stage
+    obs: Observation,
+    ctx: ssl.SSLContext,
+    after_wait: float,
+    held: list[socket.socket],
+    stage_: Stage,
+    http_method: str,
 ) -> Observation:
     stage = "resolve"
     wire: _Wire | None = None
@@ -259,8 +312,8 @@ async def _handshake_on(
         server_cert=_load_der(der),
         server_cert_verified=not obs.skip_verify,
     )
-    if obs.http_host is not None:  # an http route: ask what its requests would get
-        return await _http_answer(done, wire)
+    if obs.http_host is not None and done.alpn != "h2":  # an HTTP target: ask what its requests would get
+        return await _http_answer(done, wire, http_method)
     # Send nothing and listen: with TLS 1.3 a server that rejects our certificate says so now.
     # Most servers wait for their client to speak first, so silence until the deadline is fine.
     try:
@@ -345,28 +398,131 @@ async def _prelude(sock: socket.socket, stage: Stage) -> bytes:
         commands = stage.from_remote(data)
 
 
-async def _http_answer(obs: Observation, wire: _Wire) -> Observation:
-    """Send one HEAD request with the Host the route gives requests, and keep the status line."""
+async def _http_answer(obs: Observation, wire: _Wire, method: str) -> Observation:
+    """Send one request (HEAD /, or GET / for the body of a refusal) with the Host the route
+    gives requests; keep the status line and the start of the body."""
     assert obs.http_host is not None
-    request = f"HEAD / HTTP/1.1\r\nHost: {obs.http_host}\r\nUser-Agent: mtls-sidecar-check\r\nConnection: close\r\n\r\n"
+    request = (
+        f"{method} / HTTP/1.1\r\nHost: {obs.http_host}\r\nUser-Agent: mtls-sidecar-check\r\nAccept: */*\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    answer = bytearray()
     try:
         async with asyncio.timeout(max(obs.timeout, 1.0)):
             wire.pipe.send(request.encode())
             await wire._flush()
-            answer = b""
-            while b"\r\n" not in answer and len(answer) < 8192:
+            while not _answer_complete(answer, method):
                 data = await wire.read()
                 if not data:
                     break
                 answer += data
     except TimeoutError:
-        return replace(obs, after_handshake="silent")
+        if not answer:
+            return replace(obs, after_handshake="silent")
     except Exception as exc:
-        return replace(obs, failure=fault_from("after_handshake", exc))
+        if not answer:
+            return replace(obs, failure=fault_from("after_handshake", exc))
     if not answer:
         return replace(obs, after_handshake="closed")
-    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
-    return replace(obs, after_handshake="data", http_status=line)
+    head, _, body = bytes(answer).partition(b"\r\n\r\n")
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if not line.startswith("HTTP/") and obs.protocol != "http":
+        return replace(obs, after_handshake="data")  # a tcp route's target that is no HTTP server after all
+    return replace(obs, after_handshake="data", http_status=line, http_method=method, http_body=body[:_KEEP_BODY])
+
+
+def _answer_complete(answer: bytearray, method: str) -> bool:
+    end = answer.find(b"\r\n\r\n")
+    if end < 0:
+        return len(answer) >= _MAX_HEAD or (len(answer) >= 5 and not answer.startswith(b"HTTP/"))
+    return method == "HEAD" or len(answer) - end - 4 >= _KEEP_BODY
+
+
+def _status_code(status_line: str | None) -> int | None:
+    parts = (status_line or "").split(" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _with_http_answer(obs: Observation, again: Observation) -> Observation:
+    """The HTTP answer a second connection got, when it got one; else what the first one saw."""
+    if again.http_status is None:
+        return obs
+    return replace(obs, http_status=again.http_status, http_method=again.http_method, http_body=again.http_body)
+
+
+async def _acceptable_issuers(obs: Observation, stage: Stage) -> Observation:
+    """Which issuers the server's CertificateRequest asks for, from one more handshake that
+    presents no certificate and verifies nothing.
+
+    Python's ssl module does not show them; OpenSSL keeps them for the client
+    (SSL_get_client_CA_list), and pyOpenSSL reads them, for TLS 1.3 (where the request is
+    encrypted) as for TLS 1.2. Over memory BIOs, on the same event loop.
+    """
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_verify(SSL.VERIFY_NONE)
+    tls = SSL.Connection(ctx, None)
+    tls.set_connect_state()
+    if not _is_ip(_sni(obs.server_name)):
+        tls.set_tlsext_host_name(_sni(obs.server_name).encode("idna"))
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+    error: BaseException | None = None
+    try:
+        async with asyncio.timeout(obs.timeout):
+            await _connect_first(await _resolve(obs.host, obs.port), held)
+            leftover = b"" if stage.transparent else await _prelude(held[0], stage)
+            if leftover:
+                tls.bio_write(leftover)
+            while not _handshake_step(tls):
+                outgoing = _drain_bio(tls)
+                if outgoing:
+                    await loop.sock_sendall(held[0], outgoing)
+                data = await loop.sock_recv(held[0], _CHUNK)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                tls.bio_write(data)
+    except Exception as exc:  # a server that requires a certificate ends this handshake: expected
+        error = exc
+    finally:
+        for sock in held:
+            sock.close()
+    names = []
+    for name in tls.get_client_ca_list():
+        try:
+            names.append(name_from_der(name.der()))
+        except ValueError:
+            continue  # one name we cannot read; the others still say what the server wants
+    if names or tls.get_peer_cert_chain() is not None:  # the server's flight arrived: what it asked for is known
+        return replace(obs, acceptable_issuers=tuple(names))
+    reason = error_text(error) if error is not None else "no server certificate"
+    return replace(obs, acceptable_issuers_unknown=f"a handshake to read them failed: {reason}")
+
+
+def _handshake_step(tls: SSL.Connection) -> bool:
+    """One step of pyOpenSSL's handshake: True when it is done, False when it needs bytes."""
+    try:
+        tls.do_handshake()
+    except SSL.WantReadError:
+        return False
+    return True
+
+
+def _drain_bio(tls: SSL.Connection) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            out += tls.bio_read(_CHUNK)
+        except SSL.WantReadError:
+            return bytes(out)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _hung_up_on_our_hello(obs: Observation) -> bool:

@@ -152,8 +152,10 @@ async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
     route = daemon.config.routes.get(name)
     if route is None:
         raise NotFound(f"no route named {name!r} (known: {', '.join(daemon.config.routes) or 'none'})")
-    result = await check_route(route, daemon.current_selection(route))
-    return ApiResponse(200, {"route": name, "identity": daemon.identity_for(route), **result.to_json()})
+    identity = daemon.identity_for(route)
+    spec = daemon.config.identities.get(identity)
+    result = await check_route(route, daemon.current_selection(route), renew=spec.renew if spec is not None else None)
+    return ApiResponse(200, {"route": name, "identity": identity, **result.to_json()})
 
 
 async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
