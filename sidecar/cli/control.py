@@ -132,9 +132,26 @@ def cmd_identity_list(places: Places, args: argparse.Namespace) -> int:
 def cmd_check(places: Places, args: argparse.Namespace) -> int:
     result = client_for(places).post(f"/v1/routes/{args.route}/check")
     text = ("ok: " if result["ok"] else "problem: ") + result["message"]
+    presented = presented_line(result)
+    if presented:
+        text += f"\n{presented}"
     if result.get("fix"):
         text += f"\nfix: {result['fix']}"
     for warning in (result.get("details") or {}).get("warnings", []):
         text += f"\nwarning: {warning}"
     _emit(args, result, text)
     return EXIT_OK if result["ok"] else EXIT_FAILURE
+
+
+def presented_line(result: dict[str, Any], now: datetime | None = None) -> str | None:
+    """Which client certificate `check` presented: "presented: dev's CN=dev, issued by …, expires in 6 days (…)"."""
+    details = result.get("details") or {}
+    cert = details.get("client_certificate")
+    if not cert:
+        return None
+    when = countdown(cert.get("not_after"), now or datetime.now(UTC))
+    where = f" from {cert['file']}" if cert.get("file") else ""
+    return (
+        f"presented: {details.get('identity', '?')}'s {cert['subject']}, issued by {cert['issuer']}, "
+        f"{when} ({cert.get('not_after')}){where}"
+    )
