@@ -233,6 +233,7 @@ def _nginx_conf(
     client_ca: Path | None,
     verify_client: str,
     http2: bool,
+    protocols: str | None = None,
 ) -> str:
     w = workdir
     listen = f"{LOOPBACK}:{port} ssl" + (" http2" if http2 else "")
@@ -243,6 +244,8 @@ def _nginx_conf(
             f"        ssl_verify_client {verify_client};\n"
             "        ssl_verify_depth 3;\n"
         )
+    if protocols is not None:  # nginx 1.22's default is TLSv1 TLSv1.1 TLSv1.2
+        client_auth += f"        ssl_protocols {protocols};\n"
     # Workers would drop to `nobody` and then could not read pytest's 0700 tmp_path: as root,
     # keep them root. As another user nginx ignores `user` anyway, so leave it out.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -309,6 +312,7 @@ def nginx_mtls(
     verify_client: str = "on",
     http2: bool = False,
     port: int | None = None,
+    protocols: str | None = None,
 ) -> Iterator[NginxServer]:
     """Run nginx with TLS (and client-certificate checks when `client_ca` is given).
 
@@ -317,7 +321,8 @@ def nginx_mtls(
     - `/bytes/NAME`  the file written by `NginxServer.write_data_file(NAME, size)`
     - `/upload`      reads the whole request body, answers "received=N\\n"
     With no client certificate (or an untrusted one) and `verify_client on`, nginx answers
-    HTTP 400, it does not fail the handshake.
+    HTTP 400, it does not fail the handshake. `protocols`: its `ssl_protocols` (nginx 1.22
+    speaks up to TLS 1.2 unless told "TLSv1.2 TLSv1.3").
     """
     nginx = require_binary("nginx")
     # nginx reads relative paths from its prefix (workdir): make every path absolute.
@@ -349,6 +354,7 @@ def nginx_mtls(
                 client_ca=client_ca,
                 verify_client=verify_client,
                 http2=http2,
+                protocols=protocols,
             )
         )
         sock_path.unlink(missing_ok=True)
@@ -464,3 +470,67 @@ def redis_tls(
         finally:
             stop_process(proc)
     raise ServerStartError(f"redis-server: no free port after {attempts} attempts: {failures}")
+
+
+# --------------------------------------------------------------------------------------------
+# openssl s_server
+
+
+@dataclass(frozen=True)
+class OpenSSLServer:
+    host: str
+    port: int
+    log: Path
+    pid: int
+
+
+@contextmanager
+def openssl_s_server(
+    workdir: Path,
+    *,
+    server_cert: Path,
+    server_key: Path,
+    client_ca: Path,
+    tls: str | None = None,
+    port: int | None = None,
+) -> Iterator[OpenSSLServer]:
+    """Run `openssl s_server -www` that requires a client certificate from `client_ca` and ends
+    the handshake with an alert when it gets another (`-Verify 3 -verify_return_error`): the
+    TLS-alert way of saying no, where nginx says it in HTTP. With TLS 1.3 the client sees the
+    alert only after its side of the handshake. `tls`: "1.2" or "1.3" to speak only that.
+    Its client CA list (what its CertificateRequest names) is `client_ca`'s subjects.
+    """
+    openssl = require_binary("openssl")
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "s_server.log"
+    only = {"1.2": ["-tls1_2"], "1.3": ["-tls1_3"], None: []}[tls]
+    attempts = 1 if port is not None else PORT_ATTEMPTS
+    failures: list[str] = []
+    for _attempt in range(attempts):
+        chosen = port if port is not None else free_port()
+        log_offset = _file_size(log)
+        argv = [
+            openssl, "s_server", "-accept", f"{LOOPBACK}:{chosen}", "-www",
+            "-cert", str(server_cert.resolve()), "-key", str(server_key.resolve()),
+            "-CAfile", str(client_ca.resolve()), "-Verify", "3", "-verify_return_error", *only,
+        ]  # fmt: skip
+        proc = start_process(argv, log, cwd=workdir)
+        try:
+            try:
+                ready = partial(_log_says, log, log_offset, "ACCEPT")
+                wait_for_port(LOOPBACK, chosen, START_DEADLINE_S, proc, ready=ready)
+            except (ServerStartError, TimeoutError) as exc:
+                stop_process(proc)
+                text = _read_text(log, log_offset)
+                if port is None and _is_address_in_use(text):
+                    failures.append(f"port {chosen}: address in use")
+                    continue
+                raise ServerStartError(
+                    f"openssl s_server did not start on {LOOPBACK}:{chosen}: {exc}\n--- {log} ---\n{text}"
+                ) from exc
+            yield OpenSSLServer(host=LOOPBACK, port=chosen, log=log, pid=proc.pid)
+            return
+        finally:
+            stop_process(proc)
+    raise ServerStartError(f"openssl s_server: no free port after {attempts} attempts: {failures}")
