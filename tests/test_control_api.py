@@ -7,8 +7,11 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -409,3 +412,29 @@ def test_status_names_the_daemons_config_and_warns_when_it_is_not_the_clis(
         as_json = capsys.readouterr()
         assert json.loads(as_json.out)["config"]["path"] == str(config)  # stdout stays pure JSON
         assert "warning: the daemon answering on" in as_json.err
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar", *args]
+
+
+def test_status_piped_to_a_reader_that_goes_away_ends_quietly(pki: Pki, isolated_home: Path) -> None:
+    config = write_config(
+        isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={"api": route_to(pki, 9)}
+    )
+    with DaemonThread(config):
+        # What a user types: only the first line is read.
+        piped = subprocess.run(
+            f"{shlex.join(_cli('status'))} | head -1", shell=True, capture_output=True, text=True, timeout=60
+        )
+        assert piped.returncode == 0 and piped.stdout.startswith("mtls-sidecar "), piped
+        assert piped.stderr == "", piped.stderr
+        # The reader gone before a byte is written: the write fails for certain, and quietly.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            closed = subprocess.run(_cli("status"), stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert closed.returncode == 141, closed.stderr
+        assert closed.stderr == "", closed.stderr

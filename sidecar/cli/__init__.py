@@ -3,14 +3,17 @@
 Exit codes: 0 success; 1 a runtime failure (could not start, remote refused, `check` found a
 problem); 2 bad usage or bad configuration (the message names the file, line and field);
 3 the daemon is not running (for commands that talk to it); 130 `run` was stopped by a second
-Ctrl-C, which cut the open connections instead of letting them finish.
+Ctrl-C, which cut the open connections instead of letting them finish; 141 the output's reader
+went away (`| head`): the command stops quietly, as `cat` would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -27,9 +30,11 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: `run` stopped by a second Ctrl-C, open connections cut
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE, as `cat` or `git log` report it: the output's reader went away
 
 EPILOG = """exit codes: 0 success; 1 runtime failure (or `check` found a problem); 2 bad usage or
-configuration; 3 the daemon is not running; 130 `run` cut short by a second Ctrl-C.
+configuration; 3 the daemon is not running; 130 `run` cut short by a second Ctrl-C;
+141 the output's reader went away (`| head`).
 environment: MTLS_SIDECAR_HOME (everything under one folder), MTLS_SIDECAR_CONFIG (config file)."""
 
 
@@ -194,6 +199,24 @@ class _Commands:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # now rather than at exit, so that a reader gone away is caught below
+    except BrokenPipeError:  # `mtls-sidecar status | head -1`: the reader has all it wanted
+        _discard_stdout()
+        return EXIT_PIPE_CLOSED
+    return code
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):  # no real file behind stdout (tests): nothing to do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     places = resolve_places(home=args.home, config=args.config)
