@@ -8,7 +8,18 @@ from typing import Any
 
 import pytest
 
-from tray.model import IconState, MenuItem, NotificationMemory, build_menu, icon_state, notifications_for, tooltip, view
+from tray.model import (
+    IconState,
+    MenuItem,
+    NotificationMemory,
+    build_menu,
+    cause_words,
+    check_notification,
+    icon_state,
+    notifications_for,
+    tooltip,
+    view,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -48,8 +59,11 @@ def identity(
     }
 
 
-def route(state: str = "up", open_: int = 2, ident: str = "dev", verify: bool = True) -> dict[str, Any]:
-    return {
+def route(
+    state: str = "up", open_: int = 2, ident: str = "dev", verify: bool = True, health: str | None = "ok"
+) -> dict[str, Any]:
+    """A route as status shows it; health None: as a daemon from before route health showed it."""
+    shown: dict[str, Any] = {
         "listen": "127.0.0.1:8443",
         "target": "api.example.test:443",
         "server_name": "api.example.test",
@@ -62,6 +76,21 @@ def route(state: str = "up", open_: int = 2, ident: str = "dev", verify: bool = 
         "failures": {},
         "last_error": None,
         "verify": verify,
+    }
+    if health is not None:
+        shown["health"] = health
+        shown["failing"] = None
+    return shown
+
+
+def failing_route(cause: str = "server_rejected_certificate", count: int = 4) -> dict[str, Any]:
+    return {
+        **route(open_=0),
+        "health": "failing",
+        "failing": {"since": stamp(-timedelta(minutes=12)), "cause": cause, "count": count},
+        "failures": {cause: count},
+        "last_error": "api.example.test:443 rejected our client certificate (TLS alert: unknown ca)",
+        "last_error_at": stamp(-timedelta(minutes=1)),
     }
 
 
@@ -100,8 +129,17 @@ def with_(status: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str
         (with_(healthy(), ("warnings",), ["config.toml was not applied: …"]), IconState.WARNING),
         (with_(healthy(), ("identities", "dev"), identity(None, state="expired")), IconState.ERROR),
         (with_(healthy(), ("identities", "dev"), identity(-timedelta(minutes=1))), IconState.ERROR),
-        (with_(healthy(), ("routes", "api"), route(state="error")), IconState.ERROR),
-        (with_(healthy(), ("routes", "api"), route(state="no_certificate")), IconState.ERROR),
+        (with_(healthy(), ("routes", "api"), route(state="error", health="stopped")), IconState.ERROR),
+        (with_(healthy(), ("routes", "api"), route(state="no_certificate", health="no_certificate")), IconState.ERROR),
+        # listening fine, but every connection fails: red, not green
+        (with_(healthy(), ("routes", "api"), failing_route()), IconState.ERROR),
+        # nothing tried yet is no trouble
+        (with_(healthy(), ("routes", "api"), route(health="idle")), IconState.OK),
+        # expires inside the warning horizon and will not be renewed (the daemon says so): amber
+        (with_(healthy(), ("identities", "dev", "expiry_warning"), "identity dev: its certificate …"), IconState.WARNING),
+        # a daemon from before route health: its listener state decides
+        (with_(healthy(), ("routes", "api"), route(state="error", health=None)), IconState.ERROR),
+        (with_(healthy(), ("routes", "api"), route(health=None)), IconState.OK),
     ],
     ids=[
         "ok",
@@ -113,8 +151,13 @@ def with_(status: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str
         "config-warning",
         "no-certificate",
         "expired",
-        "route-error",
+        "route-stopped",
         "route-without-certificate",
+        "route-failing",
+        "route-idle",
+        "expiry-warning",
+        "old-daemon-route-error",
+        "old-daemon-route-up",
     ],
 )
 def test_icon_state(status: dict[str, Any] | None, expected: IconState) -> None:
@@ -123,8 +166,14 @@ def test_icon_state(status: dict[str, Any] | None, expected: IconState) -> None:
 
 def test_tooltip() -> None:
     assert tooltip(healthy(), NOW) == "dev · expires in 5 d · 3 routes OK"
-    failing = with_(healthy(), ("routes", "db"), route(state="error"))
-    assert tooltip(failing, NOW) == "dev · expires in 5 d · 1 of 3 routes failing"
+    failing = with_(healthy(), ("routes", "db"), failing_route())
+    assert tooltip(failing, NOW) == (
+        "dev · expires in 5 d · 1 of 3 routes failing: the server refused our client certificate"
+    )
+    stopped = with_(healthy(), ("routes", "db"), route(state="error", health="stopped"))
+    assert tooltip(stopped, NOW) == "dev · expires in 5 d · 1 of 3 routes failing: not listening"
+    warned = with_(healthy(), ("identities", "dev", "expiry_warning"), "identity dev: …")
+    assert tooltip(warned, NOW) == "dev · expires in 5 d · 3 routes OK · not renewed"
     renewal = with_(healthy(), ("identities", "dev"), identity(timedelta(hours=3), state="failing"))
     assert tooltip(renewal, NOW) == "dev · expires in 3 h · 3 routes OK · renewal failing"
     assert tooltip(None, NOW) == "mtls-sidecar · daemon not running"
@@ -182,32 +231,149 @@ def test_view_bundles_everything() -> None:
     assert result.state is IconState.OK and result.tooltip.startswith("dev") and result.menu
 
 
-def test_notifications() -> None:
+def test_failing_routes_are_counted_first_and_marked_with_their_reason_and_a_check_item() -> None:
+    status = with_(with_(healthy(), ("routes", "db"), failing_route()), ("routes", "cache"), route(health="idle"))
+    menu = build_menu(status, NOW)
+    assert [item.text for item in menu[:2]] == [
+        "1 of 3 routes failing: the server refused our client certificate",
+        "dev · expires in 5 d",
+    ]
+    assert not menu[0].enabled and menu[0].action is None
+    routes = {item.text.split()[0]: item for item in find(menu, "Routes").submenu}
+    assert routes["db"].text == "db  127.0.0.1:8443 → api.example.test:443 · 0 open · ✗ failing"
+    assert routes["cache"].text == "cache  127.0.0.1:8443 → api.example.test:443 · 2 open"  # idle is no trouble
+    db = routes["db"].submenu
+    assert [(i.text, i.action, i.enabled) for i in db[:3]] == [
+        ("Failing for 12 min (4 failed): the server refused our client certificate", None, False),
+        (
+            "Fix: check that the server trusts the identity's issuer and that the certificate allows clientAuth",
+            None,
+            False,
+        ),
+        ("Check db now", "check:db", True),
+    ]
+    assert db[3].text == "-" and db[4].action == "copy:db"
+    assert [i.action for i in routes["cache"].submenu][:1] == ["copy:cache"]  # no Check clutter on a fine route
+    # without a certificate, or not listening: said in words, with a Check item too
+    bare = with_(healthy(), ("routes", "db"), route(state="no_certificate", health="no_certificate"))
+    db = next(i for i in find(build_menu(bare, NOW), "Routes").submenu if i.text.startswith("db "))
+    assert [i.text for i in db.submenu[:3]] == [
+        "Its identity has no usable certificate",
+        "Fix: put a valid certificate and key in the identity's keystore folder, or run `mtls-sidecar renew`",
+        "Check db now",
+    ]
+    stopped = {**route(state="error", health="stopped"), "last_error": "route db: cannot listen on …: address in use"}
+    db = next(
+        i for i in find(build_menu(with_(healthy(), ("routes", "db"), stopped), NOW), "Routes").submenu
+        if i.text.startswith("db ")
+    )
+    assert db.text.endswith("· ✗ stopped") and db.submenu[0].text == "route db: cannot listen on …: address in use"
+
+
+def test_cause_words_leave_out_the_readme_detail_and_survive_unknown_keys() -> None:
+    assert cause_words("server_rejected_certificate") == "the server refused our client certificate"
+    assert cause_words("refused") == "nothing listens at the target's port"
+    assert cause_words("a_cause_from_a_newer_daemon") == "a cause from a newer daemon"
+    assert cause_words(None) == "unknown cause"
+
+
+def test_notifications_name_the_route_or_identity_and_the_fix() -> None:
     memory = NotificationMemory()
-    status = healthy()  # ci-bot expires in 20 h: inside the 1-day warning window
-    first = notifications_for({"type": "hello"}, status, NOW, memory)
-    assert [(n.title, n.message) for n in first] == [("Certificate expiring", "ci-bot: expires in 20 hours")]
-    assert notifications_for({"type": "route.up"}, status, NOW, memory) == []  # once per certificate
+    status = healthy()
+    assert notifications_for({"type": "hello"}, status, NOW, memory) == []  # nothing to say
     renewed = notifications_for(
         {"type": "renewal.succeeded", "identity": "dev", "not_after": stamp(timedelta(days=7))}, status, NOW, memory
     )
     assert renewed[0].title == "Certificate renewed" and "dev: new certificate" in renewed[0].message
     failed = {"type": "renewal.failed", "identity": "dev", "error": "CA down", "consecutive_failures": 1}
-    assert notifications_for(failed, status, NOW, memory)[0].message == "dev: CA down"
+    [note] = notifications_for(failed, status, NOW, memory)
+    assert note.title == "Renewal of dev failing"
+    assert note.message.startswith("CA down. The current certificate keeps serving meanwhile; fix that, then ")
+    assert "Renew dev now" in note.message and "`mtls-sidecar renew dev`" in note.message
     assert notifications_for({**failed, "consecutive_failures": 2}, status, NOW, memory) == []
-    rejected = {
-        "type": "route.failure",
+
+    # a route that starts failing: once per route and cause; ok again clears it
+    failing = {
+        "type": "route.health",
         "route": "api",
-        "reason": "server_rejected_certificate",
-        "error": "x rejected our client certificate (TLS alert: unknown ca)",
+        "health": "failing",
+        "previous": "ok",
+        "cause": "server_rejected_certificate",
+        "error": "api.example.test:443 rejected our client certificate (TLS alert: unknown ca)",
     }
-    assert notifications_for(rejected, status, NOW, memory)[0].title == "Server rejected our certificate"
-    assert notifications_for(rejected, status, NOW, memory) == []  # once per route and cause
-    assert (
-        notifications_for(
-            {"type": "route.failure", "reason": "connect", "route": "api", "error": "e"}, status, NOW, memory
-        )
-        == []
+    [note] = notifications_for(failing, status, NOW, memory)
+    assert note.title == "Route api is failing"
+    assert note.message == (
+        "api.example.test:443 rejected our client certificate (TLS alert: unknown ca). "
+        "Fix: check that the server trusts the identity's issuer and that the certificate allows clientAuth"
     )
-    route_error = notifications_for({"type": "route.error", "error": "cannot listen"}, status, NOW, memory)
-    assert route_error[0].title == "Route could not start"
+    assert notifications_for(failing, status, NOW, memory) == []  # the same news once (reconnects, repeats)
+    refused = {**failing, "cause": "refused", "error": "connection to api.example.test:443 refused"}
+    assert notifications_for(refused, status, NOW, memory)[0].message.endswith(
+        "Fix: start the service, or correct the target's port"
+    )
+    assert notifications_for({"type": "route.health", "route": "api", "health": "ok"}, status, NOW, memory) == []
+    assert notifications_for(refused, status, NOW, memory)[0].title == "Route api is failing"  # a new streak
+
+    route_error = notifications_for(
+        {"type": "route.error", "route": "db", "error": "route db: cannot listen"}, status, NOW, memory
+    )
+    assert (route_error[0].title, route_error[0].message) == ("Route db could not start", "route db: cannot listen")
+    rejected = {"type": "config.rejected", "error": "config.toml:3: routes.x.listen: bad"}
+    assert notifications_for(rejected, status, NOW, memory)[0].message == (
+        "config.toml:3: routes.x.listen: bad. The previous config keeps running until the file is fixed."
+    )
+
+
+def test_expiry_warnings_come_from_the_daemon_once_per_certificate() -> None:
+    memory = NotificationMemory()
+    warning = 'identity ci-bot: its certificate expires in 20 hours (…) and will not be renewed (renew = "none"): …'
+    status = with_(healthy(), ("identities", "ci-bot", "expiry_warning"), warning)
+    [note] = notifications_for({"type": "hello"}, status, NOW, memory)
+    assert (note.title, note.message) == ("Certificate of ci-bot expires soon", warning)
+    assert notifications_for({"type": "route.up"}, status, NOW, memory) == []  # once per certificate
+    renewed = with_(status, ("identities", "ci-bot", "selected", "serial"), "cd")
+    assert [n.title for n in notifications_for({"type": "x"}, renewed, NOW, memory)] == [
+        "Certificate of ci-bot expires soon"
+    ]
+    # 20 hours left but being renewed normally: the daemon gives no warning, the tray says nothing
+    assert notifications_for({"type": "hello"}, healthy(), NOW, NotificationMemory()) == []
+
+
+def test_an_identity_left_without_a_certificate_is_announced_once_with_what_to_do() -> None:
+    memory = NotificationMemory()
+    gone = with_(healthy(), ("identities", "ci-bot"), identity(None, state="expired", provider="none"))
+    gone["identities"]["ci-bot"]["folder"] = "/k/ci-bot"
+    gone["identities"]["ci-bot"]["problem"] = "identity 'ci-bot' has no usable certificate (x.pem: expired 1 day ago)"
+    [note] = notifications_for({"type": "certificate.selected"}, gone, NOW, memory)
+    assert note.title == "ci-bot has no usable certificate"
+    assert note.message == (
+        "identity 'ci-bot' has no usable certificate (x.pem: expired 1 day ago); its routes refuse connections. "
+        "put a valid certificate and key in /k/ci-bot."
+    )
+    assert notifications_for({"type": "x"}, gone, NOW, memory) == []
+    assert notifications_for({"type": "x"}, healthy(), NOW, memory) == []  # back: forgotten, so a new loss is told
+    assert len(notifications_for({"type": "x"}, gone, NOW, memory)) == 1
+
+
+def test_check_results_as_notifications() -> None:
+    ok = check_notification(
+        "api", {"ok": True, "cause": "ok", "message": "api:443: OK: TLSv1.3", "fix": None, "details": {"warnings": []}}
+    )
+    assert (ok.title, ok.message) == ("Check api: OK", "api:443: OK: TLSv1.3")
+    bad = check_notification(
+        "db",
+        {
+            "ok": False,
+            "cause": "refused",
+            "message": "db:5432: connection refused",
+            "fix": "start the service",
+            "details": {"warnings": ["identity dev: its certificate expires in 2 days …"]},
+        },
+    )
+    assert bad.title == "Check db: nothing listens at the target's port"
+    assert bad.message.splitlines() == [
+        "db:5432: connection refused",
+        "Fix: start the service",
+        "Warning: identity dev: its certificate expires in 2 days …",
+    ]
