@@ -45,6 +45,18 @@ def add_route(text: str, name: str, fields: Mapping[str, Any]) -> str:
     return tomlkit.dumps(doc)
 
 
+def set_route(text: str, name: str, fields: Mapping[str, Any]) -> str:
+    """Change some keys of route `name` in place; a None value removes that key (its default applies)."""
+    doc = tomlkit.parse(text)
+    table = _route_table(doc, name)
+    for key, value in fields.items():
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    return tomlkit.dumps(doc)
+
+
 def remove_route(text: str, name: str) -> str:
     doc = tomlkit.parse(text)
     routes = doc.get("routes")

@@ -34,7 +34,7 @@ from sidecar.renewal.providers.base import ProviderContext, ProviderError
 from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
-from sidecar.tlsctx import ContextCache
+from sidecar.tlsctx import ContextCache, check_trust_files
 from sidecar.tunnel import PEER_CHECK, RouteListener
 from sidecar.units import rfc3339
 from sidecar.watch import FolderWatch
@@ -457,9 +457,32 @@ class Daemon:
 
     async def add_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
         if name in self.config.routes:
-            raise LocalSetupError(f"a route named {name!r} exists already; remove it first or pick another name")
+            raise LocalSetupError(
+                f"a route named {name!r} exists already; change it in place (`route set`), or pick another name"
+            )
+        return await self._change_route(name, fields, lambda text: config_edit.add_route(text, name, fields))
+
+    async def set_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
+        """Change some of a route's keys (None removes one); an unchanged listen address keeps its connections."""
+        self._require_route(name)
+        return await self._change_route(name, fields, lambda text: config_edit.set_route(text, name, fields))
+
+    async def _change_route(self, name: str, fields: dict[str, Any], edit: Callable[[str], str]) -> RouteListener:
+        """Save and apply a route edit, or refuse it with config.toml untouched.
+
+        Errors name the request's own keys (`target`, `ca_file`), not a line of config.toml that
+        only existed in the refused edit.
+        """
+        check_trust_files(fields, source=f"route {name}", base_dir=self.places.config_file.parent)
         before = _read_text(self.places.config_file)
-        await self.edit_config(lambda text: config_edit.add_route(text, name, fields))
+        try:
+            await self.edit_config(edit)
+        except ConfigError as exc:
+            prefix = f"routes.{name}."
+            if exc.field is None or not exc.field.startswith(prefix):
+                raise
+            key = exc.field.removeprefix(prefix)
+            raise ConfigError(exc.message, source=f"route {name}", field=key, value=exc.value, hint=exc.hint) from exc
         listener = self.listeners[name]
         if not listener.is_running:  # the port is taken, say: put config.toml back as it was
             error = listener.last_error or f"route {name} could not start"

@@ -13,11 +13,13 @@ import ssl
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.config import RouteSpec
@@ -72,6 +74,45 @@ def build_client_context(credential: Candidate | None, policy: ServerPolicy) -> 
     if credential is not None:
         load_credential(ctx, credential)
     return ctx
+
+
+def check_trust_files(fields: Mapping[str, Any], *, source: str, base_dir: Path) -> None:
+    """Refuse a route's `ca_file` / `ca_dir` that could not be loaded, before the route is saved.
+
+    Otherwise the route would be written and only its first connection would find out. Relative
+    paths count from `base_dir` (the config file's folder), as in config.toml.
+    """
+    for key in ("ca_file", "ca_dir"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        problem = _ca_file_problem(base_dir / path) if key == "ca_file" else _ca_dir_problem(base_dir / path)
+        if problem:
+            hint = "give a PEM file of the CA certificate(s) that issued the server's certificate"
+            raise ConfigError(problem, source=source, field=key, value=str(value), hint=hint)
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "a folder, not a file"
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        return "holds no certificate (no -----BEGIN CERTIFICATE----- block)" if data.strip() else "the file is empty"
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return "a certificate in it is malformed"
+    return None
+
+
+def _ca_dir_problem(path: Path) -> str | None:
+    return None if path.is_dir() else "no such folder"
 
 
 def _load_trust(ctx: ssl.SSLContext, policy: ServerPolicy) -> None:

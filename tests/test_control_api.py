@@ -438,3 +438,64 @@ def test_status_piped_to_a_reader_that_goes_away_ends_quietly(pki: Pki, isolated
             os.close(write_end)
         assert closed.returncode == 141, closed.stderr
         assert closed.stderr == "", closed.stderr
+
+
+def test_route_add_checks_the_ca_file_first_and_names_the_flags(
+    pki: Pki, isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        before = config.read_text()
+        empty = tmp_path / "empty.pem"
+        empty.write_text("")
+        not_pem = tmp_path / "notes.txt"
+        not_pem.write_text("the API team's CA is somewhere on the wiki\n")
+        add = ["route", "add", "extra", "--listen", f"127.0.0.1:{free_port()}", "--target", f"127.0.0.1:{server.port}"]
+        with DaemonThread(config) as daemon:
+            for ca_file, why in (
+                (tmp_path / "missing.pem", "no such file"),
+                (empty, "the file is empty"),
+                (not_pem, "holds no certificate"),
+            ):
+                assert main([*add, "--ca-file", str(ca_file)]) == 2
+                err = capsys.readouterr().err
+                assert f"mtls-sidecar: config error: command line: --ca-file = '{ca_file}': {why}" in err, err
+                assert "config.toml" not in err and "routes.extra" not in err, err
+            bad_target = ["route", "add", "extra", "--listen", "127.0.0.1:0", "--target", "api.example.test"]
+            assert main(bad_target) == 2
+            err = capsys.readouterr().err
+            assert "command line: --target = 'api.example.test': missing port" in err and "config.toml" not in err, err
+            assert "extra" not in daemon.status()["routes"]
+            # through the API, the same refusal names the request's key
+            request = {"name": "x", "listen": "127.0.0.1:0", "target": "a.test:1", "ca_file": str(empty)}
+            with pytest.raises(ApiCallError) as refused:
+                daemon.client().post("/v1/routes", request)
+            assert refused.value.status == 400 and refused.value.body["field"] == "ca_file"
+    assert config.read_text() == before  # nothing saved
+
+
+def test_route_set_changes_a_live_route_in_place(
+    pki: Pki, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mtls_server(pki) as old, mtls_server(pki) as new:
+        config = two_identities(isolated_home, pki, old.port)
+        with DaemonThread(config) as daemon:
+            port = daemon.port("api")
+            with daemon.connect("api") as held:
+                held.sendall(b"to the old one\n")
+                assert held.recv(100) == b"to the old one\n"
+                assert main(["route", "set", "api", "--target", f"127.0.0.1:{new.port}"]) == 0
+                assert f"route api changed: 127.0.0.1:{port} → 127.0.0.1:{new.port} as dev" in capsys.readouterr().out
+                assert _echo(port, b"to the new one\n") == b"to the new one\n"  # same port, new target
+                held.sendall(b"still the old one\n")  # the open connection is left alone
+                assert held.recv(100) == b"still the old one\n"
+            assert b"to the new one\n" in new.app_received and b"to the new one" not in old.app_received
+            assert old.app_received == b"to the old one\nstill the old one\n"
+            assert main(["route", "set", "api"]) == 2
+            assert "nothing to change" in capsys.readouterr().err
+            assert main(["route", "set", "nope", "--target", "a.test:1"]) == 2
+            assert "no route named 'nope'" in capsys.readouterr().err
+            assert main(["route", "set", "api", "--identity", "nobody"]) == 2
+            assert "command line: --identity = 'nobody': unknown identity" in capsys.readouterr().err
+    saved = config.read_text()
+    assert f'target = "127.0.0.1:{new.port}"' in saved and f"127.0.0.1:{old.port}" not in saved

@@ -71,22 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     route = commands.add_parser("route", help="routes of the running daemon (changes are saved to config.toml)")
     route_commands = commands.add_subparsers(route, dest="route_command", metavar="ROUTE_COMMAND")
     add = route_commands.add_parser("add", help="add a route; it listens at once")
-    add.add_argument("name")
-    add.add_argument("--listen", required=True, help="127.0.0.1:PORT, [::1]:PORT or unix:/path")
-    add.add_argument("--target", required=True, help="HOST:PORT of the mTLS service")
-    add.add_argument("--server-name", dest="server_name")
-    add.add_argument("--ca-file", dest="ca_file")
-    add.add_argument("--identity")
-    add.add_argument("--alpn", action="append", default=[], help="repeatable")
-    add.add_argument(
-        "--protocol", choices=("tcp", "postgres", "mysql", "http"), help="what the local client speaks (default tcp)"
+    _add_route_flags(add, required=True)
+    change = route_commands.add_parser(
+        "set", help="change a route in place (the flags of `route add`); same listen address: open connections stay"
     )
-    add.add_argument("--postgres-negotiation", dest="postgres_negotiation", choices=("sslrequest", "direct"))
-    add.add_argument(
-        "--local-tls", dest="local_tls", action="store_true", default=None, help="postgres/mysql: TLS to the client too"
-    )
-    add.add_argument("--host-header", dest="host_header", help="http: the Host every request gets")
-    add.add_argument("--json", action="store_true")
+    _add_route_flags(change, required=False)
     rm = route_commands.add_parser("rm", help="remove a route; open connections finish on their own")
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true")
@@ -174,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
             help="Linux: a systemd user unit (default where systemd runs) or XDG autostart entries only",
         )
     return parser
+
+
+def _add_route_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """The flags of `route add` (listen and target required) and `route set` (any of them)."""
+    parser.add_argument("name")
+    parser.add_argument("--listen", required=required, help="127.0.0.1:PORT, [::1]:PORT or unix:/path")
+    parser.add_argument("--target", required=required, help="HOST:PORT of the mTLS service")
+    parser.add_argument("--server-name", dest="server_name")
+    parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CA(s) that issued the server's certificate")
+    parser.add_argument("--identity")
+    parser.add_argument("--alpn", action="append", default=[], help="repeatable")
+    parser.add_argument(
+        "--protocol", choices=("tcp", "postgres", "mysql", "http"), help="what the local client speaks (default tcp)"
+    )
+    parser.add_argument("--postgres-negotiation", dest="postgres_negotiation", choices=("sslrequest", "direct"))
+    parser.add_argument(
+        "--local-tls", dest="local_tls", action="store_true", default=None, help="postgres/mysql: TLS to the client too"
+    )
+    parser.add_argument("--host-header", dest="host_header", help="http: the Host every request gets")
+    parser.add_argument("--json", action="store_true")
 
 
 def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:

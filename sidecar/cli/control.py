@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.control.client import ControlClient
+from sidecar.control.client import ApiCallError, ControlClient
+from sidecar.errors import ConfigError
 from sidecar.paths import Places
 from sidecar.statusview import countdown, render_status
 
@@ -104,16 +105,51 @@ def cmd_route(places: Places, args: argparse.Namespace) -> int:
         answer = client.delete(f"/v1/routes/{args.name}")
         _emit(args, answer, f"route {args.name} removed; its open connections finish on their own")
         return EXIT_OK
-    body: dict[str, Any] = {"name": args.name, "listen": args.listen, "target": args.target}
-    for key in ("server_name", "ca_file", "identity", "protocol", "postgres_negotiation", "local_tls", "host_header"):
+    fields: dict[str, Any] = {}
+    for key in _ROUTE_FLAG_KEYS:
         value = getattr(args, key)
         if value is not None:
-            body[key] = str(Path(value).absolute()) if key == "ca_file" else value
+            fields[key] = str(Path(value).absolute()) if key == "ca_file" else value
     if args.alpn:
-        body["alpn"] = args.alpn
-    route = client.post("/v1/routes", body)
-    _emit(args, route, f"route {args.name}: listening on {route['listen']} → {route['target']} as {route['identity']}")
+        fields["alpn"] = args.alpn
+    try:
+        if args.route_command == "set":
+            if not fields:
+                raise ConfigError("nothing to change", source="command line", hint="give any flag of `route add`")
+            route = client.patch(f"/v1/routes/{args.name}", fields)
+            text = f"route {args.name} changed: {route['listen']} → {route['target']} as {route['identity']}"
+        else:
+            route = client.post("/v1/routes", {"name": args.name, **fields})
+            text = f"route {args.name}: listening on {route['listen']} → {route['target']} as {route['identity']}"
+    except ApiCallError as exc:
+        raise _as_flag_error(exc) from None
+    _emit(args, route, text)
     return EXIT_OK
+
+
+# The `route add` / `route set` flags, by the route key each one sets (`--ca-file` sets ca_file).
+_ROUTE_FLAG_KEYS = (
+    "listen",
+    "target",
+    "server_name",
+    "ca_file",
+    "identity",
+    "protocol",
+    "postgres_negotiation",
+    "local_tls",
+    "host_header",
+)
+
+
+def _as_flag_error(exc: ApiCallError) -> Exception:
+    """A refused route key said as the flag the user typed: `--ca-file`, not a line of config.toml."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    key = body.get("field")
+    if exc.status != 400 or not body.get("message") or key not in (*_ROUTE_FLAG_KEYS, "alpn"):
+        return exc
+    flag = "--" + str(key).replace("_", "-")
+    value, hint = body.get("value"), body.get("hint")
+    return ConfigError(body["message"], source="command line", field=flag, value=value, hint=hint)
 
 
 def cmd_identity_list(places: Places, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@
 | POST | /v1/identities/NAME/renew | | {"renewing": NAME} (202) |
 | GET | /v1/routes | | {NAME: route status} |
 | POST | /v1/routes | {"name", "listen", "target", ...config keys} | the route's status (201) |
+| PATCH | /v1/routes/NAME | {config keys to change; null removes one} | the route's status |
 | DELETE | /v1/routes/NAME | | {"removed": NAME} |
 | POST | /v1/routes/NAME/check | | the diagnosis |
 | GET | /v1/events | | newline-delimited JSON events, until the client goes |
@@ -83,12 +84,25 @@ async def dispatch(daemon: Daemon, method: str, path: str, body: bytes) -> ApiRe
         except NotFound as exc:
             return ApiResponse(404, {"error": str(exc)})
         except ConfigError as exc:
-            return ApiResponse(400, {"error": str(exc), "field": exc.field, "line": exc.line})
+            return ApiResponse(400, _config_error(exc))
         except LocalSetupError as exc:
             return ApiResponse(409, {"error": str(exc)})
     if allowed:
         return ApiResponse(405, {"error": f"{method} is not allowed on {path}; use {' or '.join(allowed)}"})
     return ApiResponse(404, {"error": f"no such endpoint: {method} {path} (see the API reference in the README)"})
+
+
+def _config_error(exc: ConfigError) -> dict[str, Any]:
+    """The whole error in one line, and its parts, so a client can say it in its own terms (a flag)."""
+    value = exc.value if exc.value is None or isinstance(exc.value, str | int | float | bool | list) else str(exc.value)
+    return {
+        "error": str(exc),
+        "field": exc.field,
+        "line": exc.line,
+        "message": exc.message,
+        "value": value,
+        "hint": exc.hint,
+    }
 
 
 def _json_body(body: bytes) -> Any:
@@ -132,12 +146,24 @@ async def _list_routes(daemon: Daemon, params: dict[str, str], body: Any) -> Api
 
 async def _add_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
     name = _name_field(body, "route")
-    unknown = sorted(set(body) - {"name", *ROUTE_KEYS})
-    if unknown:
-        raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_KEYS)}")
-    fields = {key: body[key] for key in ROUTE_KEYS if key in body}
+    fields = _route_fields(body, allowed=frozenset({"name"}))
     await daemon.add_route(name, fields)
     return ApiResponse(201, daemon.route_status(name))
+
+
+async def _set_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    if not isinstance(body, dict) or not body:
+        raise ApiError(400, 'send the route keys to change, for example {"target": "api.example.test:443"}')
+    name = params["name"]
+    await daemon.set_route(name, _route_fields(body))
+    return ApiResponse(200, daemon.route_status(name))
+
+
+def _route_fields(body: dict[str, Any], allowed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    unknown = sorted(set(body) - allowed - set(ROUTE_KEYS))
+    if unknown:
+        raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_KEYS)}")
+    return {key: body[key] for key in ROUTE_KEYS if key in body}
 
 
 async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
@@ -171,6 +197,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
     ("GET", re.compile(r"/v1/routes"), _list_routes),
     ("POST", re.compile(r"/v1/routes"), _add_route),
     ("DELETE", re.compile(rf"/v1/routes/{_NAME}"), _remove_route),
+    ("PATCH", re.compile(rf"/v1/routes/{_NAME}"), _set_route),
     ("POST", re.compile(rf"/v1/routes/{_NAME}/check"), _check),
     ("GET", re.compile(r"/v1/events"), _events),
 ]

@@ -64,6 +64,9 @@ class ControlClient:
     def delete(self, target: str) -> Any:
         return self.request("DELETE", target)
 
+    def patch(self, target: str, body: Any) -> Any:
+        return self.request("PATCH", target, body)
+
     def request(self, method: str, target: str, body: Any = None) -> Any:
         conn = _UnixConnection(self.path, self.timeout)
         try:
