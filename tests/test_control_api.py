@@ -288,7 +288,7 @@ def test_cli_commands_against_a_running_daemon(
             assert main(["status"]) == 0
             table = capsys.readouterr().out
             assert re.search(r"\*dev\s+CN=dev, expires in 6 days", table)
-            assert re.search(r" api\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+\s+dev\s+up", table)
+            assert re.search(r" api\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+\s+dev\s+idle", table)  # STATE: health
             assert "\033[" not in table  # no colour when not a terminal
 
             assert main(["status", "--json"]) == 0

@@ -128,6 +128,9 @@ class Observation:
     acceptable_issuers_unknown: str | None = None
     prelude_error: str | None = None
     speaks: str | None = None
+    # The daemon's warning about the identity's certificate: it expires soon and will not be
+    # renewed in time (sidecar/expiry.py). Shown whatever the connection did.
+    identity_warning: str | None = None
 
     @property
     def target(self) -> str:
@@ -659,7 +662,7 @@ def _details(obs: Observation) -> dict[str, Any]:
         "alpn_offered": list(obs.alpn_offered),
         "timeout": obs.timeout,
         "checked_at": _rfc3339(obs.now),
-        "warnings": [],
+        "warnings": [obs.identity_warning] if obs.identity_warning else [],
     }
     if obs.client_cert is not None:
         details["client_certificate"] = {

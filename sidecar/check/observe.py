@@ -80,6 +80,7 @@ async def check_route(
     timeout: float | None = None,
     after_handshake_wait: float = AFTER_HANDSHAKE_WAIT,
     renew: str | None = None,
+    identity_warning: str | None = None,
 ) -> CheckResult:
     """Connect to the route's target as its identity would, and explain what happened.
 
@@ -88,8 +89,10 @@ async def check_route(
     our certificate (TLS 1.3), or, for an HTTP target, to answer `HEAD /`. A failed
     verification, an HTTP answer that needs its body, and a refusal each add one more
     bounded handshake. `renew`: the identity's renew setting ("none": fixes never say renew).
+    `identity_warning`: the daemon's expiry warning for the identity, a line of the result.
     """
     start = observe_start(route, selection, now=datetime.now(UTC), timeout=timeout, renew=renew)
+    start = replace(start, identity_warning=identity_warning)
     credential = selection.selected
     if credential is None:
         return explain(start)  # never contact a server with nothing to present

@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sidecar import __version__
@@ -180,7 +181,12 @@ async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
         raise NotFound(f"no route named {name!r} (known: {', '.join(daemon.config.routes) or 'none'})")
     identity = daemon.identity_for(route)
     spec = daemon.config.identities.get(identity)
-    result = await check_route(route, daemon.current_selection(route), renew=spec.renew if spec is not None else None)
+    result = await check_route(
+        route,
+        daemon.current_selection(route),
+        renew=spec.renew if spec is not None else None,
+        identity_warning=daemon.expiry_warning(identity, datetime.now(UTC)),
+    )
     return ApiResponse(200, {"route": name, "identity": identity, **result.to_json()})
 
 
