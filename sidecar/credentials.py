@@ -45,6 +45,10 @@ class Secrets:
     key_password: bytes | None = field(default=None, repr=False)
     pkcs12_password_source: str = "pkcs12_password_env"
     key_password_source: str = "key_password_env"
+    # Why there is no password although the identity names where it comes from, in words
+    # ("environment variable CORP_P12 is not set"); None when nothing names a source.
+    pkcs12_password_missing: str | None = None
+    key_password_missing: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,8 +185,10 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
     if not blocks:
         return None, "not a PEM private key"
     block = blocks[0]
-    encrypted = b"ENCRYPTED" in block.split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in block
+    encrypted = _encrypted(block)
     if encrypted and secrets.key_password is None:
+        if secrets.key_password_missing:
+            return None, f"private key is encrypted and needs a password: {secrets.key_password_missing}"
         return None, f"private key is encrypted and no password is set ({secrets.key_password_source})"
     try:
         key = serialization.load_pem_private_key(block, password=secrets.key_password if encrypted else None)
@@ -197,6 +203,16 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
     return key, None
 
 
+def _encrypted(block: bytes) -> bool:
+    return b"ENCRYPTED" in block.split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in block
+
+
+def key_is_encrypted(data: bytes) -> bool:
+    """Whether the private key in PEM `data` (the first, as the keystore reads it) needs a password."""
+    keys = [block for label, block in _pem_blocks(data) if label in _KEY_LABELS]
+    return bool(keys) and _encrypted(keys[0])
+
+
 def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
     password = secrets.pkcs12_password
     try:
@@ -206,9 +222,12 @@ def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
         text = str(exc).lower()
         if "password" in text or "mac" in text:
             if password is None:
+                missing = secrets.pkcs12_password_missing
                 return Candidate(
                     file=name,
-                    problem=f"PKCS#12 file needs a password and none is set ({secrets.pkcs12_password_source})",
+                    problem=f"PKCS#12 file needs a password: {missing}"
+                    if missing
+                    else f"PKCS#12 file needs a password and none is set ({secrets.pkcs12_password_source})",
                 )
             return Candidate(file=name, problem=f"wrong PKCS#12 password (from {secrets.pkcs12_password_source})")
         return Candidate(file=name, problem=f"malformed PKCS#12 file: {_short(exc)}")

@@ -30,7 +30,19 @@ def secrets_for(spec: IdentitySpec, environ: Mapping[str, str], keyring_lookup: 
         key_password=key,
         pkcs12_password_source=pkcs12_source or "neither pkcs12_password_env nor pkcs12_password_keyring is set",
         key_password_source=key_source or "neither key_password_env nor key_password_keyring is set",
+        pkcs12_password_missing=_missing(pkcs12, pkcs12_source),
+        key_password_missing=_missing(key, key_source),
     )
+
+
+def _missing(password: bytes | None, source: str | None) -> str | None:
+    """Why a named source gave no password ("environment variable CORP_P12 is not set"): a missing
+    password then reads differently from a wrong one."""
+    if password is not None or source is None:
+        return None
+    if source.startswith("environment variable "):
+        return f"{source} is not set"
+    return source
 
 
 KeyringLookup = Callable[[str, str], "str | None"]
