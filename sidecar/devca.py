@@ -20,15 +20,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.credentials import PrivateKey
+from sidecar.credentials import PKCS12_SUFFIXES, Candidate, PrivateKey
 from sidecar.errors import KeystoreError
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, loose_key_problem
+from sidecar.keystore import chains_to
 
 log = logging.getLogger("sidecar.devca")
 
 CA_LIFETIME = timedelta(days=3650)
 # Backdating notBefore a little tolerates small clock differences between client and server.
 BACKDATE = timedelta(minutes=1)
+# The organization of every dev CA's name: an earlier dev CA (its folder moved away) is still ours.
+DEV_CA_ORGANIZATION = "mtls-sidecar development"
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ def create_ca(now: datetime) -> DevCA:
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, f"mtls-sidecar dev CA ({who})"[:64]),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mtls-sidecar development"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEV_CA_ORGANIZATION),
         ]
     )
     cert = (
@@ -164,6 +167,30 @@ def create_ca(now: datetime) -> DevCA:
         .sign(key, hashes.SHA256())
     )
     return DevCA(cert=cert, key=key)
+
+
+def from_dev_ca(cert: x509.Certificate, chain: Sequence[x509.Certificate], ca_cert: x509.Certificate | None) -> bool:
+    """Whether a dev CA issued `cert`: this one (checked by signature), or an earlier one of this
+    tool, as after `ca/` was moved away to start a new CA (its issuer name says so)."""
+    if ca_cert is not None and chains_to(cert, chain, [ca_cert]):
+        return True
+    organizations = cert.issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return any(attribute.value == DEV_CA_ORGANIZATION for attribute in organizations)
+
+
+def foreign_credentials(candidates: Sequence[Candidate], ca_cert: x509.Certificate | None) -> list[str]:
+    """The credentials of an identity folder that no dev CA issued, one phrase each
+    ("corp.p12 (issued by CN=Example Corp CA)"). A PKCS#12 file that cannot be opened counts:
+    the dev CA never writes one. Files too broken to hold a certificate are no one's."""
+    foreign = []
+    for candidate in candidates:
+        name = Path(candidate.file).name
+        if candidate.cert is not None:
+            if not from_dev_ca(candidate.cert, candidate.chain, ca_cert):
+                foreign.append(f"{name} (issued by {candidate.cert.issuer.rfc4514_string()})")
+        elif Path(candidate.file).suffix.lower() in PKCS12_SUFFIXES:
+            foreign.append(f"{name} (a PKCS#12 file, which the dev CA never writes)")
+    return foreign
 
 
 # I/O

@@ -20,6 +20,7 @@ from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import ProviderContext
 from sidecar.renewal.scheduler import IdentityRenewer
 from sidecar.renewal.state import State
+from tests.pki import CA
 
 
 class Clock:
@@ -305,3 +306,60 @@ def test_renew_none_warns_once_per_certificate(tmp_path: Path, ca: DevCA, caplog
         warner.check(clock())
     assert [e["type"] for e in warner.events.history] == ["certificate.expiring"]
     assert sum("is not renewed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_dev_ca_refuses_to_renew_beside_another_issuers_certificate(tmp_path: Path, ca: DevCA) -> None:
+    """A company certificate in a local-ca identity: renewing would put a newer dev-CA certificate
+    beside it, which would win the keystore rule. Refused; the company one keeps serving."""
+    clock = Clock(datetime.now(UTC))
+    folder = tmp_path / "keystore" / "dev"
+    company = CA("Example Corp Issuing CA 1").client("dev", lifetime=timedelta(hours=3))
+    company.write_bundle(folder, "corp.pem")
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
+    clock.advance(timedelta(hours=2, minutes=30))  # due: past 2/3 of its life
+    renewer.book.refresh(clock())
+    assert renewer.plan(clock()).due
+    assert not asyncio.run(renewer.attempt())
+    status = renewer.status
+    assert status.state is State.FAILING  # a certificate is still in use: a failed renewal, not "expired"
+    assert status.last_error is not None
+    assert status.last_error.startswith("refused: the dev CA does not issue into identity dev, whose folder ")
+    assert "corp.pem (issued by CN=Example Corp Issuing CA 1)" in status.last_error
+    assert sorted(p.name for p in folder.iterdir()) == ["corp.pem"]
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert == company.cert
+    assert not renewer.plan(clock()).due  # backs off while the folder stays as it is
+
+
+def test_an_earlier_dev_ca_is_not_another_issuer(tmp_path: Path, ca: DevCA) -> None:
+    """After `ca/` is moved away (a new dev CA), the identity's old certificates are still the dev CA's."""
+    clock = Clock(datetime.now(UTC))
+    earlier = load_or_create_ca(tmp_path / "earlier-ca", clock())
+    assert earlier.cert != ca.cert
+    write_credential(
+        tmp_path / "keystore" / "dev", earlier.issue_client("CN=dev", timedelta(hours=3), clock()), clock()
+    )
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
+    renewer.renew_now()
+    assert asyncio.run(renewer.attempt()), renewer.status.last_error
+    selected = renewer.book.selection("dev").selected
+    assert selected is not None and selected.cert is not None and selected.cert.issuer == ca.cert.subject
+
+
+def test_an_enrollment_refused_is_tried_again_once_the_folder_changes(tmp_path: Path, ca: DevCA) -> None:
+    clock = Clock(datetime.now(UTC))
+    folder = tmp_path / "keystore" / "dev"
+    p12 = CA("Example Corp Issuing CA 1").client("dev").write_p12(folder, "corp.p12", b"not given")
+    renewer = renewer_for(tmp_path, 'renew = "local-ca"', clock, ca)
+    assert renewer.plan(clock()).enrolling
+    assert not asyncio.run(renewer.attempt(enrolling=True))
+    assert renewer.status.state is State.EXPIRED
+    assert "corp.p12 (a PKCS#12 file, which the dev CA never writes)" in (renewer.status.last_error or "")
+    assert not renewer.plan(clock()).due  # the same folder: the back-off waits
+    clock.advance(timedelta(seconds=5))
+    p12.unlink()
+    renewer.book.refresh(clock())
+    plan = renewer.plan(clock())
+    assert plan.due and plan.enrolling  # changed: at once, not after the back-off
+    assert asyncio.run(renewer.attempt(enrolling=True))
+    assert renewer.status.state is State.VALID

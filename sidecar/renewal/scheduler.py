@@ -19,7 +19,7 @@ from sidecar.config import IdentitySpec
 from sidecar.events import EventBus
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection, load_anchor_file
-from sidecar.renewal.providers.base import CannotEnroll, Provider, ProviderError, RenewalRequest
+from sidecar.renewal.providers.base import CannotEnroll, Provider, ProviderError, Refused, RenewalRequest
 from sidecar.renewal.state import Event, RenewalStatus, State
 from sidecar.renewal.store import (
     CredentialNotWritten,
@@ -71,6 +71,7 @@ class IdentityRenewer:
         self._forced = False
         self._known_fingerprint = ""
         self._hold_until: datetime | None = None  # a renewed certificate that starts in the future
+        self._refused_files: frozenset[str] | None = None  # the folder's credentials when the provider refused
 
     @property
     def name(self) -> str:
@@ -168,7 +169,14 @@ class IdentityRenewer:
         failed_at = self.status.last_failure_at
         if failed_at is None or self.status.consecutive_failures == 0:
             return None
+        if self._refused_files is not None and self._refused_files != self._credential_files():
+            return None  # the provider refused this folder as it was; it has changed since: ask again now
         return next_retry(failed_at, self.status.consecutive_failures, not_after)
+
+    def _credential_files(self) -> frozenset[str]:
+        selection = self.book.selection(self.name)
+        found = (selection.selected, *(r.candidate for r in selection.rejected))
+        return frozenset(c.file for c in found if c is not None)
 
     def _note_selection(self, selection: Selection) -> None:
         """A usable certificate that arrived by other means (by hand, another tool) ends a failure streak."""
@@ -182,6 +190,7 @@ class IdentityRenewer:
     async def attempt(self, *, enrolling: bool = False) -> bool:
         """One renewal (or enrollment) attempt; True when a new certificate is in use."""
         self._forced = False
+        self._refused_files = None
         now = self.clock()
         current = self.book.selection(self.name).selected
         self.status = self.status.apply(Event.START, now)
@@ -198,7 +207,10 @@ class IdentityRenewer:
                 self.book.folder(self.name), candidate.cert, issued.cert_chain_pem, issued.key_pem, self.clock()
             )
         except CannotEnroll as exc:
-            return self._failed(_one_line(exc), event=Event.CANNOT_ENROLL)
+            if isinstance(exc, Refused):
+                self._refused_files = self._credential_files()
+            # With a usable certificate in hand this is a renewal that failed, not a missing certificate.
+            return self._failed(_one_line(exc), event=Event.CANNOT_ENROLL if current is None else Event.FAILED)
         except (ProviderError, CredentialRejected, CredentialNotWritten, OSError, ValueError) as exc:
             return self._failed(_one_line(exc))
         except Exception as exc:  # a provider bug must not end the renewal task

@@ -25,6 +25,12 @@ class CannotEnroll(ProviderError):
     `expired`, not `failing`; the message says what the user can run."""
 
 
+class Refused(CannotEnroll):
+    """The provider will not write into the identity's folder as it is now (the dev CA beside
+    certificates from another issuer). Nothing is issued; the renewer tries again as soon as the
+    folder's credentials change (or on the usual back-off), and the message says what to change."""
+
+
 @dataclass(frozen=True)
 class ProviderContext:
     """Daemon-wide things providers may need."""
