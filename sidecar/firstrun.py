@@ -22,14 +22,18 @@ def load_or_create_config(places: Places) -> tuple[Config, bool]:
     if places.config_file.exists():
         return load_config(places.config_file), False
     ensure_private_dir(places.config_file.parent)
-    route_port = pick_port(PREFERRED_ROUTE_PORT)
-    demo_port = pick_port(PREFERRED_DEMO_PORT, avoid={route_port})
-    text = default_config_text(
-        user=current_user(), ca_file=ca_paths(places.ca)[0], route_port=route_port, demo_port=demo_port
-    )
-    atomic_write(places.config_file, text.encode(), 0o600)
+    atomic_write(places.config_file, default_config_for(places).encode(), 0o600)
     log.info("first run: wrote a default config to %s", places.config_file)
     return load_config(places.config_file), True
+
+
+def default_config_for(places: Places) -> str:
+    """The text a first run writes: an identity for this user, the demo service and its route."""
+    route_port = pick_port(PREFERRED_ROUTE_PORT)
+    demo_port = pick_port(PREFERRED_DEMO_PORT, avoid={route_port})
+    return default_config_text(
+        user=current_user(), ca_file=ca_paths(places.ca)[0], route_port=route_port, demo_port=demo_port
+    )
 
 
 def current_user() -> str:
