@@ -261,6 +261,10 @@ class Daemon:
         async with self._config_lock:
             text = _read_text(self.places.config_file)
             if text == self._config_text:
+                if self.config_error is not None:  # the rejected edit was undone: nothing left to warn about
+                    self.config_error = None
+                    self.events.publish("config.reloaded", path=str(self.places.config_file))
+                    log.info("config.toml is back to the running config; the rejected edit is gone")
                 return False
             try:
                 new = parse_config(text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)

@@ -499,3 +499,22 @@ def test_route_set_changes_a_live_route_in_place(
             assert "command line: --identity = 'nobody': unknown identity" in capsys.readouterr().err
     saved = config.read_text()
     assert f'target = "127.0.0.1:{new.port}"' in saved and f"127.0.0.1:{old.port}" not in saved
+
+
+def test_reverting_a_rejected_edit_clears_its_warning(pki: Pki, isolated_home: Path) -> None:
+    with mtls_server(pki) as server:
+        config = two_identities(isolated_home, pki, server.port)
+        text = config.read_text()
+        with DaemonThread(config) as daemon:
+            seen: list[tuple[float, dict[str, Any]]] = []
+            threading.Thread(target=_follow, args=(daemon.client(), seen), daemon=True).start()
+            wait_until(lambda: seen, timeout=5, what="the events stream")
+            config.write_text(text.replace('active_identity = "dev"', 'active_identity = "nobody"'))
+            wait_until(lambda: daemon.status()["config"]["error"], timeout=5, what="the bad edit to be rejected")
+            assert any("config.toml was not applied" in w for w in daemon.status()["warnings"])
+            config.write_text(text)  # put back exactly as it was: the running config, unchanged
+            wait_until(lambda: any(e["type"] == "config.reloaded" for _, e in seen), timeout=5, what="config.reloaded")
+            status = daemon.status()
+            assert status["config"]["error"] is None
+            assert not any("config.toml" in w for w in status["warnings"]), status["warnings"]
+            assert status["active_identity"] == "dev"
