@@ -7,6 +7,7 @@ backend of the test's own; everything from `keyring.get_password` on is the real
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import keyring
 import pytest
 from keyring.backend import KeyringBackend
 
+from sidecar.cli import main
 from sidecar.config import IdentitySpec
+from sidecar.credentials import candidates_from_files
 from sidecar.identities import KeyringUnavailable, secrets_for
 from tests.daemon_runner import DaemonThread
 from tests.scenario import Pki, write_config
@@ -95,3 +98,43 @@ def test_a_pkcs12_identity_unlocked_from_the_keyring(
         daemon.call(lambda d: d.keystore_changed())
         selected = daemon.call(lambda d: d.status())["identities"]["dev"]["selected"]
     assert selected is not None and selected["subject"] == "CN=dev"
+
+
+def test_an_unset_variable_is_not_a_wrong_password(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    p12 = pki.client_ca.client("alice").write_p12(tmp_path, "corp.p12", PASSWORD.encode())
+    files = {"corp.p12": p12.read_bytes()}
+    named = spec(pkcs12_password_env="CORP_P12")
+    (unset,) = candidates_from_files(files, secrets_for(named, {}))
+    assert unset.problem == "PKCS#12 file needs a password: environment variable CORP_P12 is not set"
+    (wrong,) = candidates_from_files(files, secrets_for(named, {"CORP_P12": "nope"}))
+    assert wrong.problem == "wrong PKCS#12 password (from environment variable CORP_P12)"
+    (unnamed,) = candidates_from_files(files, secrets_for(spec(), {}))
+    assert unnamed.problem == (
+        "PKCS#12 file needs a password and none is set (neither pkcs12_password_env nor pkcs12_password_keyring is set)"
+    )
+
+
+def test_import_names_a_keyring_entry_it_can_read_and_stores_no_password(
+    memory_keyring: MemoryKeyring, isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    p12 = pki.client_ca.client("alice.corp").write_p12(tmp_path / "in", "corp.p12", PASSWORD.encode())
+    argv = ["identity", "import", str(p12), "--name", "company", "--password-keyring", "mtls-sidecar/company"]
+    assert main(argv) == 1  # nothing stored under that entry yet: import stores nothing itself
+    err = capsys.readouterr().err
+    assert (
+        "OS keyring entry mtls-sidecar/company, which is empty (store it with: keyring set mtls-sidecar company)" in err
+    )
+    assert not (isolated_home / "config.toml").exists() and not (isolated_home / "keystore").exists()
+
+    memory_keyring.set_password("mtls-sidecar", "company", PASSWORD)
+    assert main(argv) == 0
+    assert 'pkcs12_password_keyring = "mtls-sidecar/company"' in capsys.readouterr().out
+    text = (isolated_home / "config.toml").read_text()
+    assert tomllib.loads(text)["identities"]["company"] == {
+        "renew": "none",
+        "pkcs12_password_keyring": "mtls-sidecar/company",
+    }
+    assert PASSWORD not in text
+    assert (isolated_home / "keystore" / "company" / "corp.p12").read_bytes() == p12.read_bytes()

@@ -138,12 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     identity_commands = commands.add_subparsers(identity, dest="identity_command", metavar="IDENTITY_COMMAND")
     identity_list = identity_commands.add_parser("list", help="identities of the running daemon")
     identity_list.add_argument("--json", action="store_true")
-    imported = identity_commands.add_parser("import", help="copy a credential file into an identity's folder")
+    imported = identity_commands.add_parser(
+        "import", help="check a credential, copy it into an identity's folder and add the identity to config.toml"
+    )
     imported.add_argument("file", help="PEM bundle, certificate (with --key), or PKCS#12 file")
     imported.add_argument("--key", help="the private key, when FILE holds only the certificate")
-    imported.add_argument("--name", help="identity (default: the active identity)")
-    imported.add_argument("--password-env", metavar="VAR", help="environment variable with the file's password")
-    new = identity_commands.add_parser("new", help="issue a certificate from the dev CA into the keystore")
+    imported.add_argument("--name", required=True, help="identity to import into (added to config.toml if new)")
+    password = imported.add_mutually_exclusive_group()
+    password.add_argument("--password-env", metavar="VAR", help="environment variable with the file's password")
+    password.add_argument(
+        "--password-keyring",
+        metavar="SERVICE/USER",
+        help="OS keyring entry with the password (keyring set SERVICE USER)",
+    )
+    new = identity_commands.add_parser("new", help="issue a dev-CA certificate into the keystore and config.toml")
     new.add_argument("name")
     new.add_argument("--lifetime", help="e.g. 2m, 8h, 7d (default: the identity's, else 7d)")
     new.add_argument("--subject", help='RFC 4514 subject (default: the identity\'s, else "CN=NAME")')
@@ -239,13 +247,17 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command in _REMOTE or (args.command == "identity" and args.identity_command == "list"):
             return _remote(places, args)
         if args.command == "identity" and args.identity_command == "import":
-            return _cmd_identity_import(places, args)
+            from sidecar.cli.identity import cmd_identity_import
+
+            return cmd_identity_import(places, args)
         if args.command == "ca" and args.ca_command == "server":
             return _cmd_ca_server(places, args)
         if args.command == "ca":
             return _cmd_ca_export(places)
         if args.command == "identity":
-            return _cmd_identity_new(places, args)
+            from sidecar.cli.identity import cmd_identity_new
+
+            return cmd_identity_new(places, args)
         if args.command == "autostart":
             from sidecar.cli.autostart import cmd_autostart
 
@@ -345,64 +357,6 @@ def _remote(places: Places, args: argparse.Namespace) -> int:
         return EXIT_USAGE if exc.status in (400, 404, 405) else EXIT_FAILURE
 
 
-def _cmd_identity_import(places: Places, args: argparse.Namespace) -> int:
-    import os
-
-    from sidecar.config import load_config
-    from sidecar.credentials import Secrets, candidates_from_files
-    from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
-    from sidecar.keystore import evaluate
-
-    config = load_config(places.config_file) if places.config_file.exists() else None
-    name = args.name or (config.active_identity if config else "")
-    if not name:
-        raise ConfigError(
-            "no identity named",
-            source="command line",
-            field="--name",
-            hint="give --name NAME (there is no config with an active identity)",
-        )
-    source, key = Path(args.file), Path(args.key) if args.key else None
-    files = {source.name: _read_file(source, "FILE")}
-    if key is not None:  # pair them by name, as the keystore does
-        files = {source.stem + ".crt": files[source.name], source.stem + ".key": _read_file(key, "--key")}
-    password = os.environ.get(args.password_env, "").encode() if args.password_env else None
-    found = candidates_from_files(files, Secrets(password, password))
-    problem = evaluate(found[0], datetime.now(UTC)) if found else "not a credential file (.pem, .crt, .p12, .pfx)"
-    if problem:
-        print(f"mtls-sidecar: {source} cannot be used: {problem}; nothing was imported", file=sys.stderr)
-        return EXIT_FAILURE
-    keystore = (config.keystore_dir if config and config.keystore_dir else None) or places.keystore
-    folder = ensure_private_dir(keystore / name)
-    for file_name in files:
-        if (folder / file_name).exists():
-            print(f"mtls-sidecar: {folder / file_name} exists already; nothing was imported", file=sys.stderr)
-            return EXIT_FAILURE
-    for file_name, data in files.items():
-        atomic_write(folder / file_name, data, PRIVATE_FILE_MODE)
-    cert = found[0].cert
-    assert cert is not None
-    print(
-        f"imported {cert.subject.rfc4514_string()} (serial {cert.serial_number:x}, expires "
-        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC) into {folder}"
-    )
-    if args.password_env:
-        print(
-            f"note: the daemon needs the password too: set key_password_env or pkcs12_password_env = "
-            f'"{args.password_env}" for identities.{name}'
-        )
-    return EXIT_OK
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the file: {exc.strerror}", source="command line", field=what, value=str(path)
-        ) from exc
-
-
 def _cmd_ca_server(places: Places, args: argparse.Namespace) -> int:
     from sidecar.devca import load_or_create_ca
     from sidecar.files import PRIVATE_FILE_MODE, atomic_write
@@ -421,39 +375,6 @@ def _cmd_ca_server(places: Places, args: argparse.Namespace) -> int:
     atomic_write(out / f"{stem}.crt", issued.cert_pem(), 0o644)
     print(f"wrote {out / (stem + '.crt')} (certificate and dev CA chain) and {out / (stem + '.key')} (mode 0600)")
     print("clients verify it with the dev CA: mtls-sidecar ca export > dev-ca.pem")
-    return EXIT_OK
-
-
-def _cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
-    from sidecar.config import DEFAULT_LIFETIME, load_config
-    from sidecar.devca import load_or_create_ca, write_credential
-    from sidecar.units import parse_duration
-
-    spec = None
-    if places.config_file.exists():
-        spec = load_config(places.config_file).identities.get(args.name)
-    try:
-        lifetime = parse_duration(args.lifetime) if args.lifetime else (spec.lifetime if spec else DEFAULT_LIFETIME)
-    except ValueError as exc:
-        raise ConfigError(str(exc), source="command line", field="--lifetime", value=args.lifetime) from exc
-    subject = args.subject or (spec.subject if spec else f"CN={args.name}")
-    now = datetime.now(UTC)
-    ca = load_or_create_ca(places.ca, now)
-    issued = ca.issue_client(subject, timedelta(seconds=lifetime), now)
-    keystore = places.keystore
-    if places.config_file.exists():
-        keystore = load_config(places.config_file).keystore_dir or keystore
-    path = write_credential(keystore / args.name, issued, now)
-    print(
-        f"issued {subject} serial {issued.cert.serial_number:x}, expires "
-        f"{issued.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-    )
-    print(f"wrote {path} (certificate, chain and key; mode 0600)")
-    if spec is None:
-        print(
-            f"note: identity {args.name!r} is not in {places.config_file}; add an "
-            f"[identities.{args.name}] section to use it in routes"
-        )
     return EXIT_OK
 
 
