@@ -388,3 +388,34 @@ def test_tray_start_at_login_toggle_changes_autostart_status(
     menu_item(app.icon.menu, "Start at login")(app.icon)
     assert reported() is False
     assert menu_item(app.icon.menu, "Start at login").checked is False
+
+
+def test_install_warns_about_passwords_a_login_started_daemon_will_not_have(
+    tmp_path: Path, isolated_home: Path
+) -> None:
+    (isolated_home / "config.toml").write_text(
+        'active_identity = "dev"\n'
+        '[identities.dev]\nrenew = "local-ca"\n'
+        '[identities.company]\nrenew = "none"\npkcs12_password_env = "CORP_P12"\n'
+        '[identities.vault]\nrenew = "none"\nkey_password_env = "VAULT_KEY"\n'
+        'key_password_keyring = "mtls-sidecar/vault"\n'
+    )
+    env = {**os.environ, "HOME": str(tmp_path / "user"), "CORP_P12": "set in this shell only"}
+    installed = cli("autostart", "install", "--method", "xdg", env=env)
+    assert installed.returncode == 0, installed.stderr
+    warnings = [line for line in installed.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, installed.stdout  # vault falls back to its keyring entry
+    assert warnings[0].startswith(
+        "warning: identity company takes its PKCS#12 password from the environment variable CORP_P12, "
+        "which a daemon started at login does not have"
+    )
+    assert "keyring set mtls-sidecar company" in warnings[0]
+    assert 'pkcs12_password_keyring = "mtls-sidecar/company"' in warnings[0]
+    assert "set in this shell only" not in installed.stdout
+
+    again = json.loads(cli("autostart", "install", "--method", "xdg", "--json", env=env).stdout)
+    assert [w.split(",")[0] for w in again["warnings"]] == [
+        "identity company takes its PKCS#12 password from the environment variable CORP_P12"
+    ]
+    (isolated_home / "config.toml").write_text('[identities.dev]\nrenew = "local-ca"\n')
+    assert "warning" not in cli("autostart", "install", "--method", "xdg", env=env).stdout

@@ -8,6 +8,8 @@ import os
 from typing import Any
 
 from sidecar.autostart.manage import Autostart, Report, current_launch, user_folders
+from sidecar.config import Config, load_config
+from sidecar.errors import ConfigError
 from sidecar.paths import CONFIG_ENV, HOME_ENV, Places
 
 EXIT_OK = 0
@@ -27,15 +29,57 @@ def cmd_autostart(places: Places, args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2) if args.json else format_status(status))
         return EXIT_OK
     report = autostart.install() if args.autostart_command == "install" else autostart.uninstall()
+    warnings = login_environment_warnings(places) if args.autostart_command == "install" else []
     if args.json:
-        print(json.dumps(report_json(report, autostart.status()), indent=2))
+        print(json.dumps(report_json(report, autostart.status(), warnings), indent=2))
     else:
         print(format_report(args.autostart_command, report, places))
+        for warning in warnings:
+            print(f"warning: {warning}")
     return EXIT_OK
 
 
-def report_json(report: Report, status: dict[str, Any]) -> dict[str, Any]:
-    return {"changed": report.changed, "unchanged": report.unchanged, "notes": report.notes, "status": status}
+def report_json(report: Report, status: dict[str, Any], warnings: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "changed": report.changed,
+        "unchanged": report.unchanged,
+        "notes": report.notes,
+        "warnings": warnings or [],
+        "status": status,
+    }
+
+
+def login_environment_warnings(places: Places) -> list[str]:
+    """What a daemon started at login will miss: passwords in environment variables."""
+    if not places.config_file.exists():
+        return []
+    try:
+        config = load_config(places.config_file)
+    except ConfigError as exc:
+        return [f"config.toml cannot be read ({exc}): the daemon started at login will not start until it is fixed"]
+    return env_password_warnings(config)
+
+
+def env_password_warnings(config: Config) -> list[str]:
+    """One warning per password an identity takes from an environment variable with no keyring
+    entry to fall back on: a daemon started at login (systemd, launchd, the desktop's autostart)
+    does not read your shell's profile, so the variable is not there and the credential does not open."""
+    warnings = []
+    for name, spec in config.identities.items():
+        for kind, env, keyring, what in (
+            ("pkcs12", spec.pkcs12_password_env, spec.pkcs12_password_keyring, "PKCS#12 password"),
+            ("key", spec.key_password_env, spec.key_password_keyring, "key password"),
+        ):
+            if env is None or keyring is not None:
+                continue
+            warnings.append(
+                f"identity {name} takes its {what} from the environment variable {env}, which a daemon started at "
+                f"login does not have (it does not read your shell's profile), so its credential will not open. "
+                f"Keep the password in the OS keyring instead: pip install 'mtls-sidecar[keyring]', run "
+                f"`keyring set mtls-sidecar {name}`, and in config.toml under [identities.{name}] replace "
+                f'{kind}_password_env = "{env}" with {kind}_password_keyring = "mtls-sidecar/{name}"'
+            )
+    return warnings
 
 
 def format_report(command: str, report: Report, places: Places) -> str:
