@@ -641,7 +641,7 @@ class _PlainSide(asyncio.Protocol):
             elif isinstance(command, Close):
                 self.close()
             elif isinstance(command, Count):
-                self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message))
+                self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message), self)
 
     def _from_local(self, data: bytes) -> None:
         if self.stage.transparent:

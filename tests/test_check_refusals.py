@@ -226,6 +226,8 @@ def test_the_tunnel_counts_nginx_400_like_check_and_the_cli_names_the_presented_
     assert "The SSL certificate error" in answer.stdout
     assert "Mtls-Sidecar-Cause" not in answer.stdout
     assert status["failures"] == {"server_rejected_certificate_http": 1}, status
+    # the handshake passed and nginx answered, but the route does not work: failing, not ok
+    assert status["health"] == "failing" and status["last_success"] is None, status
     assert 'answered HTTP 400 "The SSL certificate error"' in str(status["last_error"])
     assert checked["cause"] == "server_rejected_certificate_http"
     assert after["failures"] == status["failures"]  # check's own connections are not the route's
