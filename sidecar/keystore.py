@@ -237,11 +237,13 @@ def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
 
 
 def _refuse_loose_key(candidate: Candidate, folder: Path, modes: dict[str, int]) -> Candidate:
-    """A candidate whose private key sits in a file others can read becomes unusable."""
-    if candidate.key is None:
-        return candidate
     key_file = candidate.key_file or candidate.file
-    problem = loose_key_problem(folder / key_file, modes.get(key_file, 0))
+    return refuse_loose_key(candidate, folder / key_file, modes.get(key_file, 0))
+
+
+def refuse_loose_key(candidate: Candidate, key_path: Path, mode: int) -> Candidate:
+    """A candidate whose private key sits in a file others can read (`mode`) becomes unusable."""
+    problem = loose_key_problem(key_path, mode) if candidate.key is not None else None
     return candidate if problem is None else replace(candidate, problem=problem)
 
 

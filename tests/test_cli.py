@@ -241,3 +241,43 @@ def test_ca_server_issues_a_certificate_for_a_local_test_service(
     assert main(["ca", "export"]) == 0
     ca = x509.load_pem_x509_certificate(capsys.readouterr().out.encode())
     cert.verify_directly_issued_by(ca)
+
+
+def _tunnel_args(*credential: str) -> list[str]:
+    return ["tunnel", "--listen", "127.0.0.1:0", "--target", "example.test:443", *credential]
+
+
+def test_tunnel_refuses_a_key_file_others_can_read_as_the_daemon_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "client", "me")
+    key.chmod(0o644)
+    assert main(_tunnel_args("--cert", str(cert), "--key", str(key))) == 2
+    err = capsys.readouterr().err
+    assert f"command line: --cert = '{cert}': no usable client certificate (" in err, err
+    assert f"private key file {key} is readable by other users (mode 0644)" in err, err
+    assert f"chmod 600 '{key}'" in err, err
+    # one PEM bundle given as --keystore: the same rule
+    bundle = tmp_path / "client" / "bundle.pem"
+    bundle.write_bytes(cert.read_bytes() + key.read_bytes())
+    bundle.chmod(0o640)
+    assert main(_tunnel_args("--keystore", str(bundle))) == 2
+    assert f"chmod 600 '{bundle}'" in capsys.readouterr().err
+
+
+def test_tunnel_with_no_usable_certificate_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    pki = Pki.create(tmp_path / "pki")
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    expired = pki.client_ca.client("me", not_before=long_ago, not_after=long_ago + timedelta(days=1))
+    cert, key = expired.write_pair(tmp_path / "client", "me")
+    assert main(_tunnel_args("--cert", str(cert), "--key", str(key))) == 2
+    err = capsys.readouterr().err
+    assert f"command line: --cert = '{cert}': no usable client certificate (me.pem: expired 29 days ago" in err, err
+    empty = tmp_path / "empty-keystore"
+    empty.mkdir()
+    assert main(_tunnel_args("--keystore", str(empty))) == 2
+    err = capsys.readouterr().err
+    assert f"--keystore = '{empty}': no usable client certificate (no credential files found)" in err, err

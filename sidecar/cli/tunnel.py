@@ -22,7 +22,7 @@ from sidecar import eventloop, logsetup
 from sidecar.config import DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
-from sidecar.keystore import Selection, read_identity_folder, select
+from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
 from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import RouteListener
 from sidecar.units import parse_duration
@@ -86,6 +86,7 @@ class FlagCredentials:
         self.secrets = Secrets(password, password, source, source)
         self.folder: Path | None = None
         self.files: dict[str, bytes] = {}
+        self.key_file: tuple[Path, int] | None = None  # where the private key is read from, and its mode
         if args.keystore and (args.cert or args.key):
             raise ConfigError(
                 "use either --keystore or --cert/--key, not both",
@@ -96,13 +97,17 @@ class FlagCredentials:
         if args.keystore:
             path = Path(args.keystore).expanduser()
             if path.is_dir():
-                self.folder = path
+                self.folder = path  # read as the daemon reads an identity folder: loose keys refused there
             else:
-                self.files = {path.name: _read(path, "--keystore")}
+                data, mode = _read(path, "--keystore")
+                self.files, self.key_file = {path.name: data}, (path, mode)
         elif args.cert and args.key:
             # One bundle: candidates_from_files pairs a certificate with a key in the same file.
             cert, key = Path(args.cert).expanduser(), Path(args.key).expanduser()
-            self.files = {cert.stem + ".pem": _read(cert, "--cert") + b"\n" + _read(key, "--key")}
+            cert_data, _ = _read(cert, "--cert")
+            key_data, key_mode = _read(key, "--key")
+            self.files = {cert.stem + ".pem": cert_data + b"\n" + key_data}
+            self.key_file = (key, key_mode)
         else:
             raise ConfigError(
                 "a client certificate is required",
@@ -110,23 +115,38 @@ class FlagCredentials:
                 field="--cert",
                 hint="give --cert FILE --key FILE, or --keystore PATH",
             )
-        self.current = Selection("tunnel", None, (), datetime.now(UTC))
-        self.refresh()
+        self.current = self._select()
+        if self.current.selected is None:  # nothing to present at all: a usage error, not a tunnel that refuses
+            flag = "--keystore" if args.keystore else "--cert"
+            value = args.keystore if args.keystore else args.cert
+            reasons = "; ".join(f"{Path(r.candidate.file).name}: {r.reason}" for r in self.current.rejected)
+            raise ConfigError(
+                f"no usable client certificate ({reasons or 'no credential files found'})",
+                source=SOURCE,
+                field=flag,
+                value=value,
+            )
 
     def refresh(self) -> None:
-        now = datetime.now(UTC)
+        self.current = self._select()
+        if self.current.selected is None:
+            log.warning("%s", self.current.why_unusable())
+
+    def _select(self) -> Selection:
         if self.folder is not None:
             candidates = read_identity_folder(self.folder, self.secrets)
         else:
             candidates = candidates_from_files(self.files, self.secrets)
-        self.current = select("tunnel", candidates, now)
-        if self.current.selected is None:
-            log.warning("%s", self.current.why_unusable())
+            if self.key_file is not None:  # as the daemon does: a key others can read is refused
+                candidates = [refuse_loose_key(c, *self.key_file) for c in candidates]
+        return select("tunnel", candidates, datetime.now(UTC))
 
 
-def _read(path: Path, flag: str) -> bytes:
+def _read(path: Path, flag: str) -> tuple[bytes, int]:
+    """The file's bytes and its mode (a private key others can read is refused)."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            return fh.read(), os.fstat(fh.fileno()).st_mode
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag, value=str(path)) from exc
 
