@@ -518,3 +518,34 @@ def test_reverting_a_rejected_edit_clears_its_warning(pki: Pki, isolated_home: P
             assert status["config"]["error"] is None
             assert not any("config.toml" in w for w in status["warnings"]), status["warnings"]
             assert status["active_identity"] == "dev"
+
+
+def test_renew_waits_for_the_outcome_and_prints_it(
+    pki: Pki, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki.enroll(isolated_home / "keystore", "ci", "ci-1", cn="ci")  # usable now: no enrollment at start
+    failing = ["sh", "-c", "echo 'the CA is down for maintenance' >&2; exit 3"]
+    config = write_config(
+        isolated_home / "config.toml",
+        active="dev",
+        identities={"dev": {"renew": "local-ca"}, "ci": {"renew": "command", "renew_command": failing}},
+        routes={},
+    )
+    with DaemonThread(config) as daemon:
+        first = daemon.status()["identities"]["dev"]["selected"]["serial"]
+        assert main(["renew", "dev"]) == 0
+        out = capsys.readouterr().out
+        selected = daemon.status()["identities"]["dev"]["selected"]
+        assert selected["serial"] != first  # it returned after the renewal, not before
+        expires = selected["not_after"].replace("T", " ").replace("Z", " UTC")
+        assert re.fullmatch(rf"renewed dev: serial {selected['serial']}, expires {expires} \(took \d+\.\d s\)\n", out)
+
+        assert main(["renew", "ci"]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("renewal of ci failed (command): "), out
+        assert "the CA is down for maintenance" in out and "the current certificate stays" in out, out
+
+        assert main(["renew", "dev", "--no-wait"]) == 0  # ask only
+        assert "renewal of dev started" in capsys.readouterr().out
+        assert main(["renew", "dev", "--wait", "soon"]) == 2
+        assert "--wait = 'soon'" in capsys.readouterr().err

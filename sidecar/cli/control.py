@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from sidecar.control.client import ApiCallError, ControlClient
 from sidecar.errors import ConfigError
 from sidecar.paths import Places
 from sidecar.statusview import countdown, render_status
+from sidecar.units import parse_duration
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -86,9 +89,46 @@ def cmd_use(places: Places, args: argparse.Namespace) -> int:
 
 
 def cmd_renew(places: Places, args: argparse.Namespace) -> int:
-    answer = client_for(places).post(f"/v1/identities/{args.name}/renew")
-    _emit(args, answer, f"renewal of {args.name} started; follow it with `mtls-sidecar status`")
-    return EXIT_OK
+    """Ask for a renewal and wait (up to --wait) for its outcome on the events stream."""
+    try:
+        wait = parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="command line", field="--wait", value=args.wait) from exc
+    client = client_for(places)
+    path = f"/v1/identities/{args.name}/renew"
+    if args.no_wait:
+        answer = client.post(path)
+        _emit(args, answer, f"renewal of {args.name} started; follow it with `mtls-sidecar status`")
+        return EXIT_OK
+    deadline = time.monotonic() + wait
+    with contextlib.closing(client.events(timeout=wait)) as events:
+        next(events)  # the greeting: from here on no event is missed, so ask now
+        client.post(path)
+        try:
+            for event in events:
+                if event.get("identity") == args.name and event["type"] in ("renewal.succeeded", "renewal.failed"):
+                    _emit(args, event, _renewal_outcome(event))
+                    return EXIT_OK if event["type"] == "renewal.succeeded" else EXIT_FAILURE
+                if time.monotonic() > deadline:
+                    break
+        except TimeoutError:
+            pass
+    print(
+        f"mtls-sidecar: the renewal of {args.name} has not finished after {args.wait}; "
+        "it goes on in the daemon: follow it with `mtls-sidecar status`",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
+def _renewal_outcome(event: dict[str, Any]) -> str:
+    name = event["identity"]
+    if event["type"] == "renewal.succeeded":
+        expires = event["not_after"].replace("T", " ").replace("Z", " UTC")
+        return f"renewed {name}: serial {event['serial']}, expires {expires} (took {event['seconds']:.1f} s)"
+    retry = event.get("retry_at")
+    again = f"; it is tried again at {retry.replace('T', ' ').replace('Z', ' UTC')}" if retry else ""
+    return f"renewal of {name} failed ({event['provider']}): {event['error']}{again}; the current certificate stays"
 
 
 def cmd_route(places: Places, args: argparse.Namespace) -> int:

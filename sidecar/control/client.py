@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ class ControlClient:
             raise ApiCallError(response.status, decoded)
         return decoded
 
-    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    def events(self, timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
         """Follow GET /v1/events: yields each event as it comes, until the daemon goes away."""
         conn = _UnixConnection(self.path, timeout)
         try:
