@@ -51,7 +51,7 @@ def expiry_warning(
     """
     if now >= not_after or now < warning_starts(expiry_warning, not_before, not_after):
         return None
-    when = f"expires in {human_duration(not_after - now)} ({not_after:%Y-%m-%d %H:%M} UTC)"
+    when = f"expires in {_time_left(not_after - now)} ({not_after:%Y-%m-%d %H:%M} UTC)"
     if renewal.provider == "none":
         return (
             f'identity {identity}: its certificate {when} and will not be renewed (renew = "none"): '
@@ -66,3 +66,11 @@ def expiry_warning(
             f"with {renewal.provider}{error}): fix that, then run `mtls-sidecar renew {identity}`"
         )
     return None
+
+
+def _time_left(left: timedelta) -> str:
+    """Hours until two days are left: "1 day" for 47 hours would make it sound later than it is."""
+    if timedelta(hours=1) <= left < timedelta(days=2):
+        hours = int(left.total_seconds() // 3600)
+        return f"{hours} hour{'s' if hours != 1 else ''}"
+    return human_duration(left)

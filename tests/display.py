@@ -16,6 +16,7 @@ install: a skipped display test would let a broken tray pass unnoticed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -71,6 +72,10 @@ _DUNSTRC = """\
     font = Monospace 9
 """
 
+_CLIPBOARD_READ = (
+    "import gi; gi.require_version('Gtk', '3.0'); from gi.repository import Gdk, Gtk; "
+    "text = Gtk.Clipboard.get(Gdk.SELECTION_CLIPBOARD).wait_for_text(); print('<empty>' if text is None else text)"
+)
 _GTK_CHECK = (
     "import gi; gi.require_version('Gtk', '3.0'); from gi.repository import Gtk; print(Gtk.get_major_version())"
 )
@@ -327,6 +332,19 @@ class Display:
     def notifications_history(self) -> int:
         """How many notifications dunst has closed (timed out or dismissed)."""
         return int(self.run("dunstctl", "count", "history").strip())
+
+    def read_notifications(self) -> list[tuple[str, str]]:
+        """Close what dunst shows, then read every closed notification as (summary, body), newest first."""
+        self.run("dunstctl", "close-all")
+        history = json.loads(self.run("dunstctl", "history"))
+        return [(n["summary"]["data"], n["body"]["data"]) for group in history["data"] for n in group]
+
+    # -- the clipboard -----------------------------------------------------------------------
+
+    def clipboard_text(self) -> str | None:
+        """What the CLIPBOARD selection holds, read by another X client (GTK, as a paste would)."""
+        out = self.run(sys.executable, "-c", _CLIPBOARD_READ).strip()
+        return None if out == "<empty>" else out
 
 
 # ------------------------------------------------------------------------------------------

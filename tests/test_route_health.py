@@ -189,7 +189,7 @@ def test_a_certificate_that_expires_soon_and_is_not_renewed_is_warned_about(
             warning = status["identities"]["ci"]["expiry_warning"]
             assert warning is not None and status["identities"]["short"]["expiry_warning"] is None
             assert re.fullmatch(
-                r"identity ci: its certificate expires in (1 day|2 days) \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\) "
+                r"identity ci: its certificate expires in 47 hours \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\) "
                 r'and will not be renewed \(renew = "none"\): put a new certificate and key in \S+/keystore/ci '
                 r"\(mtls-sidecar identity import FILE --name ci\)",
                 warning,

@@ -185,3 +185,144 @@ def test_no_display_names_the_backends_tried(monkeypatch: pytest.MonkeyPatch) ->
     assert "no system tray available (display: none)" in result.stderr
     for backend in ("appindicator", "gtk", "xorg"):
         assert f"{backend}:" in result.stderr
+
+
+def fake_program(folder: Path, name: str, script: str) -> Path:
+    """An executable shell script called `name` in `folder` (put first in PATH by the caller)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / name
+    program.write_text(f"#!/bin/sh\n{script}\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_a_failing_route_is_told_and_its_check_item_checks_it(
+    pystray: Any, isolated_home: Path, tmp_path: Path
+) -> None:
+    from tests.realservers import free_port
+    from tray.app import TrayApp
+
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "none"}},
+        routes={"api": route_to(pki, free_port())},  # nothing listens there
+    )
+    with DaemonThread(config) as daemon:
+        app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+        follower = threading.Thread(target=app.follow, daemon=True)
+        follower.start()
+        wait_until(lambda: app.status is not None, timeout=5, what="the tray to connect")
+        with daemon.connect("api") as sock:
+            assert sock.recv(10) == b""  # the tunnel could not reach the target: it closes
+        wait_until(
+            lambda: app._view is not None and app._view.state is IconState.ERROR,
+            timeout=5,
+            what="the icon to turn red",
+        )
+        assert app.icon.title.endswith("1 of 1 route failing: nothing listens at the target's port")
+        assert str(app.icon.menu.items[0].text) == "1 of 1 route failing: nothing listens at the target's port"
+        told = wait_until(
+            lambda: [(t, m) for m, t in app.icon.notified if t == "Route api is failing"], timeout=5, what="the news"
+        )
+        assert told[0][1].endswith(
+            "refused (is the service running?). Fix: start the service, or correct the target's port"
+        )
+
+        menu_item(app.icon.menu, "Routes", "api", "Check api now")(app.icon)
+        checked = wait_until(
+            lambda: [(t, m) for m, t in app.icon.notified if t and t.startswith("Check api")], timeout=15, what="check"
+        )
+        assert checked[0][0] == "Check api: nothing listens at the target's port"
+        assert "connection refused" in checked[0][1] and "\nFix: start the service" in checked[0][1]
+        app.stop()
+    follower.join(timeout=5)
+
+
+def test_copy_address_copies_or_says_it_could_not_and_shows_it(
+    pystray: Any, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tray.app import TrayApp
+
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    with mtls_server(pki) as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"api": route_to(pki, server.port)},
+        )
+        with DaemonThread(config) as daemon:
+            app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+            app.fetch_status()
+            address = f"127.0.0.1:{daemon.port('api')}"
+            # no clipboard program and no GTK (a dummy backend, no display): said, with the address
+            monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+            monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+            monkeypatch.setenv("DISPLAY", ":99")
+            menu_item(app.icon.menu, "Routes", "api", "Copy address")(app.icon)
+            assert app.icon.notified == [
+                (
+                    f"{address} (it could not be copied: GTK is not in use, and no clipboard program is installed "
+                    "(install xclip, or wl-clipboard on Wayland))",
+                    f"Address of route api: {address}",
+                )
+            ]
+            # with xclip (a stand-in that keeps what it is given): copied, and nothing to say
+            pasted = tmp_path / "clipboard"
+            fake_program(tmp_path / "bin", "xclip", f'[ "$*" = "-selection clipboard" ] && /bin/cat > {pasted}')
+            monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+            menu_item(app.icon.menu, "Routes", "api", "Copy address")(app.icon)
+            assert pasted.read_text() == address
+            assert len(app.icon.notified) == 1
+
+
+def test_open_config_and_logs_say_where_they_are_when_nothing_opens_them(
+    pystray: Any, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tray.app import TrayApp
+
+    places = resolve_places()
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    app = TrayApp(places, pystray, icon_factory=recording_icon_class(pystray))
+    # xdg-open with no application for the file exits 3 at once
+    fake_program(tmp_path / "bin", "xdg-open", "exit 3")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    menu_item(app.icon.menu, "Open config")(app.icon)
+    wait_until(lambda: app.icon.notified, timeout=10, what="a notification")
+    assert app.icon.notified[-1] == (
+        f"xdg-open found nothing to open it with (exit code 3). The config file is {config}",
+        "Open config file",
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    menu_item(app.icon.menu, "Open logs folder")(app.icon)
+    wait_until(lambda: len(app.icon.notified) == 2, timeout=10, what="a second notification")
+    assert app.icon.notified[-1] == (
+        f"xdg-open is not installed (apt install xdg-utils). The logs folder is {places.logs}",
+        "Open logs folder",
+    )
+    # an opener that takes the file (it is still running after a moment): nothing to say
+    opened = tmp_path / "opened"
+    fake_program(tmp_path / "bin", "xdg-open", f'echo "$1" > {opened}; exec /bin/sleep 6')
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    menu_item(app.icon.menu, "Open config")(app.icon)
+    wait_until(lambda: opened.exists() and opened.read_text() == f"{config}\n", timeout=10, what="the opener")
+    wait_until(
+        lambda: not any(t.name == "tray: open config" for t in threading.enumerate()),
+        timeout=10,
+        what="the tray to decide that the opener took the file",
+    )
+    assert len(app.icon.notified) == 2
+
+
+def test_the_xorg_backend_notice_names_what_to_install() -> None:
+    from tray.app import backend_notice
+
+    assert backend_notice("gtk", []) is None
+    assert backend_notice("xorg", []) is None  # chosen on purpose (PYSTRAY_BACKEND=xorg): nothing missing
+    notice = backend_notice("xorg", ["appindicator: ImportError: no gi", "gtk: ImportError: no gi"])
+    assert notice is not None
+    assert notice.startswith("the tray icon has no menu and shows no notifications: GTK for Python is missing")
+    assert "(appindicator: ImportError: no gi; gtk: ImportError: no gi)" in notice
+    assert "gir1.2-gtk-3.0" in notice

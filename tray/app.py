@@ -24,13 +24,27 @@ from sidecar.control.client import ApiCallError, ControlClient, DaemonNotRunning
 from sidecar.errors import SidecarError
 from sidecar.paths import Places, resolve_places
 from tray.icons import icon_image
-from tray.model import MenuItem, NotificationMemory, TrayView, notifications_for, utc_now, view
+from tray.model import (
+    MenuItem,
+    Notification,
+    NotificationMemory,
+    TrayView,
+    check_notification,
+    notifications_for,
+    utc_now,
+    view,
+)
 
 log = logging.getLogger("tray")
 
 # Reconnect back-off after the daemon goes away: never a busy loop.
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LINUX_BACKENDS = ("appindicator", "gtk", "xorg")
+# A check connects, handshakes and waits for the server's verdict: up to the route's
+# connect_timeout (10 s by default) and a few seconds more.
+CHECK_TIMEOUT = 60.0
+# How long an opener (xdg-open) has to fail before we take it that it opened the file.
+OPEN_WAIT = 3.0
 
 
 class NoTrayBackend(Exception):
@@ -51,14 +65,37 @@ def load_pystray() -> Any:
                 continue
             os.environ["PYSTRAY_BACKEND"] = backend
         try:
-            return importlib.import_module("pystray")
+            pystray = importlib.import_module("pystray")
         except Exception as exc:
             failures.append(f"{backend or 'default'}: {type(exc).__name__}: {exc}")
+            continue
+        notice = backend_notice(backend, failures)
+        if notice is not None:
+            log.warning("%s", notice)  # once: the tray loads its backend once
+        return pystray
     display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or "none"
     raise NoTrayBackend(
         f"no system tray available (display: {display}); tried "
         + "; ".join(failures)
         + ". Run it inside a desktop session, or set PYSTRAY_BACKEND to a working backend"
+    )
+
+
+def backend_notice(backend: str, failures: list[str]) -> str | None:
+    """What to say when the tray runs on pystray's xorg backend because GTK is missing: that
+    icon has no menu and shows no notifications, and the line that installs what is missing."""
+    if backend != "xorg" or not failures:
+        return None
+    if sys.prefix == sys.base_prefix == "/usr":  # Debian's own Python: its package has GTK's bindings
+        install = "sudo apt install python3-gi gir1.2-gtk-3.0 gir1.2-ayatanaappindicator3-0.1"
+    else:  # a virtual environment (or another Python) sees only what pip put there
+        install = (
+            "sudo apt install gir1.2-gtk-3.0 gir1.2-ayatanaappindicator3-0.1 libgirepository1.0-dev "
+            f'libcairo2-dev pkg-config, then {sys.executable} -m pip install "PyGObject<3.51"'
+        )
+    return (
+        "the tray icon has no menu and shows no notifications: GTK for Python is missing, so it runs on "
+        f"pystray's xorg backend ({'; '.join(failures)}). For the full tray: {install}"
     )
 
 
@@ -120,12 +157,7 @@ class TrayApp:
 
     def on_event(self, event: dict[str, Any]) -> None:
         for note in notifications_for(event, self.status, utc_now(), self.memory):
-            if getattr(self.icon, "HAS_NOTIFICATION", False):
-                try:
-                    self.icon.notify(note.message, note.title)
-                except Exception as exc:  # a notification daemon that went away must not stop the tray
-                    log.debug("notification failed: %s", exc)
-            log.info("%s: %s", note.title, note.message)
+            self._tell_note(note, level=logging.INFO)
 
     # --- showing
 
@@ -198,14 +230,14 @@ class TrayApp:
         elif kind == "renew":
             self.client.post(f"/v1/identities/{rest}/renew")
         elif kind == "copy":
-            address = (self.status or {}).get("routes", {}).get(rest, {}).get("listen", "")
-            if not copy_to_clipboard(address):
-                self._tell("Route address", address)
+            self.copy_address(rest)
+        elif kind == "check":
+            self._in_background(f"check {rest}", self.check_route, rest)
         elif kind == "open-config":
-            open_path(self.places.config_file)
+            self._in_background("open config", self.open_file, "config file", self.places.config_file)
         elif kind == "open-logs":
             self.places.logs.mkdir(parents=True, exist_ok=True)
-            open_path(self.places.logs)
+            self._in_background("open logs", self.open_file, "logs folder", self.places.logs)
         elif kind == "start-daemon":
             start_daemon()
         elif kind == "toggle-autostart" and self.autostart is not None:
@@ -217,8 +249,43 @@ class TrayApp:
         elif kind == "quit":
             self.stop()
 
-    def _tell(self, title: str, message: str) -> None:
-        log.warning("%s: %s", title, message)
+    def copy_address(self, route: str) -> None:
+        address = (self.status or {}).get("routes", {}).get(route, {}).get("listen")
+        if not address:
+            self._tell(f"Route {route}", "its address is not known: is the daemon running?")
+            return
+        problem = copy_to_clipboard(address)
+        if problem is None:
+            log.info("copied the address of route %s: %s", route, address)
+        else:  # then at least show it
+            self._tell(f"Address of route {route}: {address}", f"{address} (it could not be copied: {problem})")
+
+    def check_route(self, route: str) -> None:
+        """Ask the daemon to check a route (what `mtls-sidecar check ROUTE` does) and tell the result."""
+        client = ControlClient(self.client.path, timeout=CHECK_TIMEOUT)
+        try:
+            result = client.post(f"/v1/routes/{route}/check")
+        except (ApiCallError, DaemonNotRunning, OSError) as exc:
+            self._tell(f"Check {route}", f"could not check it: {exc}")
+            return
+        self._tell_note(check_notification(route, result), level=logging.INFO if result.get("ok") else logging.WARNING)
+        self.fetch_status()
+
+    def open_file(self, what: str, path: Path) -> None:
+        """Open a file or folder with the desktop's application; when nothing can, say where it is."""
+        problem = open_path(path)
+        if problem is not None:
+            self._tell(f"Open {what}", f"{problem}. The {what} is {path}")
+
+    def _in_background(self, name: str, work: Callable[..., None], *args: Any) -> None:
+        """Menu actions that wait (a check, an opener) run on their own thread: the menu stays live."""
+        threading.Thread(target=work, args=args, name=f"tray: {name}", daemon=True).start()
+
+    def _tell_note(self, note: Notification, level: int = logging.WARNING) -> None:
+        self._tell(note.title, note.message, level)
+
+    def _tell(self, title: str, message: str, level: int = logging.WARNING) -> None:
+        log.log(level, "%s: %s", title, message)
         if getattr(self.icon, "HAS_NOTIFICATION", False):
             try:
                 self.icon.notify(message, title)
@@ -239,27 +306,103 @@ class TrayApp:
         self.icon.run(setup=setup)
 
 
-def copy_to_clipboard(text: str) -> bool:
-    for tool in (
-        ["wl-copy"],
-        ["xclip", "-selection", "clipboard"],
-        ["xsel", "--clipboard", "--input"],
-        ["pbcopy"],
-        ["clip"],
-    ):
-        if shutil.which(tool[0]):
-            subprocess.run(tool, input=text.encode(), check=False, timeout=5)
-            return True
-    return False
-
-
-def open_path(path: Path) -> None:
+def clipboard_tools() -> list[list[str]]:
+    """Clipboard programs for this session, most fitting first."""
     if sys.platform == "darwin":
-        subprocess.Popen(["open", str(path)])
-    elif os.name == "nt":
-        os.startfile(str(path))  # type: ignore[attr-defined]  # Windows only
+        return [["pbcopy"]]
+    if os.name == "nt":
+        return [["clip"]]
+    tools = []
+    if os.environ.get("WAYLAND_DISPLAY"):
+        tools.append(["wl-copy"])
+    if os.environ.get("DISPLAY"):
+        tools += [["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]]
+    return tools
+
+
+def copy_to_clipboard(text: str) -> str | None:
+    """Put `text` on the clipboard: None when it is there, else why not, in words.
+
+    A clipboard program if one is installed (wl-copy, xclip, xsel, pbcopy, clip), else GTK's own
+    clipboard when the tray runs on GTK (the tray process then holds the text while it runs).
+    """
+    tried: list[str] = []
+    for tool in clipboard_tools():
+        if shutil.which(tool[0]) is None:
+            continue
+        try:
+            # No pipes but stdin: xclip and wl-copy leave a child behind that serves the clipboard.
+            done = subprocess.run(
+                tool, input=text.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            tried.append(f"{tool[0]}: {exc}")
+            continue
+        if done.returncode == 0:
+            return None
+        tried.append(f"{tool[0]} exited with code {done.returncode}")
+    gtk = _copy_with_gtk(text)
+    if gtk is None:
+        return None
+    if not tried:
+        return f"{gtk}, and no clipboard program is installed (install xclip, or wl-clipboard on Wayland)"
+    return f"{'; '.join(tried)}; {gtk}"
+
+
+def _copy_with_gtk(text: str) -> str | None:
+    """GTK's clipboard, when pystray's gtk or appindicator backend has loaded GTK: None when copied."""
+    if "gi.repository.Gtk" not in sys.modules:
+        return "GTK is not in use"
+    gi: Any = importlib.import_module("gi.repository")
+    done = threading.Event()
+
+    def put() -> bool:
+        gi.Gtk.Clipboard.get(gi.Gdk.SELECTION_CLIPBOARD).set_text(text, -1)
+        done.set()
+        return False  # once (as a GLib idle callback)
+
+    if threading.current_thread() is threading.main_thread():  # GTK's loop runs here: menu clicks come on it
+        put()
     else:
-        subprocess.Popen(["xdg-open", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gi.GLib.idle_add(put)
+        if not done.wait(5):
+            return "GTK's main loop did not answer"
+    return None
+
+
+def open_path(path: Path) -> str | None:
+    """Open a file or folder with the desktop's application for it: None when one took it, else why not.
+
+    xdg-open exits at once when it has nothing to open the file with (code 3): wait that long,
+    not for the application (an editor runs until it is closed).
+    """
+    if not path.exists():
+        return f"{path} does not exist (yet)"
+    if os.name == "nt":
+        try:
+            os.startfile(str(path))  # type: ignore[attr-defined]  # Windows only
+        except OSError as exc:
+            return f"Windows cannot open it ({exc.strerror})"
+        return None
+    opener = "open" if sys.platform == "darwin" else "xdg-open"
+    if shutil.which(opener) is None:
+        return f"{opener} is not installed" + (" (apt install xdg-utils)" if opener == "xdg-open" else "")
+    try:
+        process = subprocess.Popen(
+            [opener, str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return f"{opener} did not start ({exc.strerror})"
+    try:
+        code = process.wait(OPEN_WAIT)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=process.wait, name="tray: reap opener", daemon=True).start()
+        return None  # still running: an application is showing it
+    return None if code == 0 else f"{opener} found nothing to open it with (exit code {code})"
 
 
 def start_daemon() -> None:
