@@ -136,7 +136,10 @@ def with_(status: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str
         # nothing tried yet is no trouble
         (with_(healthy(), ("routes", "api"), route(health="idle")), IconState.OK),
         # expires inside the warning horizon and will not be renewed (the daemon says so): amber
-        (with_(healthy(), ("identities", "dev", "expiry_warning"), "identity dev: its certificate …"), IconState.WARNING),
+        (
+            with_(healthy(), ("identities", "dev", "expiry_warning"), "identity dev: its certificate …"),
+            IconState.WARNING,
+        ),
         # a daemon from before route health: its listener state decides
         (with_(healthy(), ("routes", "api"), route(state="error", health=None)), IconState.ERROR),
         (with_(healthy(), ("routes", "api"), route(health=None)), IconState.OK),
@@ -264,7 +267,8 @@ def test_failing_routes_are_counted_first_and_marked_with_their_reason_and_a_che
     ]
     stopped = {**route(state="error", health="stopped"), "last_error": "route db: cannot listen on …: address in use"}
     db = next(
-        i for i in find(build_menu(with_(healthy(), ("routes", "db"), stopped), NOW), "Routes").submenu
+        i
+        for i in find(build_menu(with_(healthy(), ("routes", "db"), stopped), NOW), "Routes").submenu
         if i.text.startswith("db ")
     )
     assert db.text.endswith("· ✗ stopped") and db.submenu[0].text == "route db: cannot listen on …: address in use"
