@@ -7,6 +7,8 @@ pystray.Icon and records what the adapter asks of it: what a real backend would 
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -326,3 +328,98 @@ def test_the_xorg_backend_notice_names_what_to_install() -> None:
     assert notice.startswith("the tray icon has no menu and shows no notifications: GTK for Python is missing")
     assert "(appindicator: ImportError: no gi; gtk: ImportError: no gi)" in notice
     assert "gir1.2-gtk-3.0" in notice
+
+
+def _counting_events(app: Any) -> list[float]:
+    """Record each time the tray's follower tries to connect."""
+    attempts: list[float] = []
+    original = app.client.events
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    app.client.events = counting
+    return attempts
+
+
+def _stop_daemon_of(places: Any) -> None:
+    from sidecar.instance import read_holder
+
+    holder = read_holder(places.lock_file)
+    assert holder is not None and holder.pid is not None
+    os.kill(holder.pid, signal.SIGTERM)
+    wait_until(lambda: read_holder(places.lock_file) is None, timeout=20, what="the daemon to stop")
+
+
+def test_start_daemon_reconnects_as_soon_as_it_answers(
+    pystray: Any, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tray.app
+    from tray.app import TrayApp
+
+    monkeypatch.setattr(tray.app, "RECONNECT_DELAYS", (60.0,))  # the back-off alone would wait a minute
+    write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    places = resolve_places()
+    app = TrayApp(places, pystray, icon_factory=recording_icon_class(pystray))
+    attempts = _counting_events(app)
+    follower = threading.Thread(target=app.follow, daemon=True)
+    follower.start()
+    try:
+        wait_until(lambda: attempts, timeout=5, what="the first attempt, which finds no daemon")
+        clicked = time.monotonic()
+        menu_item(app.icon.menu, "Start daemon")(app.icon)
+        wait_until(lambda: app.status is not None, timeout=20, what="the tray to connect to the daemon it started")
+        took = time.monotonic() - clicked
+        assert len(attempts) == 2  # woken at once, not after the minute's back-off
+        assert app._view is not None and app._view.state is not IconState.DISCONNECTED
+    finally:
+        app.stop()
+        _stop_daemon_of(places)  # first: the follower reads its events stream until it goes
+        follower.join(timeout=5)
+    print(f"\ntray: connected to the daemon it started {took * 1000:.0f} ms after the click")
+
+
+def test_start_daemon_cannot_start_a_second_one_and_follows_the_running_one(
+    pystray: Any, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tray.app
+    from sidecar.instance import read_holder
+    from tests.test_cli import sidecar_process
+    from tray.app import TrayApp
+
+    # No MTLS_SIDECAR_HOME: the data folder comes from XDG_DATA_HOME, the socket from
+    # XDG_RUNTIME_DIR, which differs between the running daemon and the tray.
+    monkeypatch.delenv("MTLS_SIDECAR_HOME")
+    monkeypatch.setattr(tray.app, "RECONNECT_DELAYS", (60.0,))
+    write_config(resolve_places().config_file, identities={"dev": {"renew": "none"}}, routes={})
+    runtime_a, runtime_b = tmp_path / "run-a", tmp_path / "run-b"
+    with sidecar_process("run", env={"XDG_RUNTIME_DIR": str(runtime_a)}) as (first, log):
+        log.wait_for(r"control API on ")
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_b))
+        places = resolve_places()
+        assert places.control_socket.parent == runtime_b / "mtls-sidecar"
+        app = TrayApp(places, pystray, icon_factory=recording_icon_class(pystray))
+        attempts = _counting_events(app)
+        follower = threading.Thread(target=app.follow, daemon=True)
+        follower.start()
+        try:
+            wait_until(lambda: attempts, timeout=5, what="the first attempt, on the tray's own socket")
+            menu_item(app.icon.menu, "Start daemon")(app.icon)
+            note = wait_until(
+                lambda: next((m for m, _ in app.icon.notified if "already runs" in m), None),
+                timeout=20,
+                what="the tray to say a daemon already runs",
+            )
+            first_socket = runtime_a / "mtls-sidecar" / "control.sock"
+            assert f"pid {first.pid}, control API on {first_socket}" in note, note
+            wait_until(lambda: app.status is not None, timeout=10, what="the tray to follow the running daemon")
+            assert app.client.path == first_socket
+            holder = read_holder(places.lock_file)
+            assert holder is not None and holder.pid == first.pid  # still the only daemon
+            assert not (runtime_b / "mtls-sidecar" / "control.sock").exists()
+        finally:
+            app.stop()
+            first.send_signal(signal.SIGTERM)  # first: the follower reads its events stream until it goes
+            follower.join(timeout=5)
+        assert first.wait(timeout=20) == 0, log.text

@@ -22,6 +22,7 @@ from typing import Any
 from sidecar.autostart.manage import Autostart
 from sidecar.control.client import ApiCallError, ControlClient, DaemonNotRunning
 from sidecar.errors import SidecarError
+from sidecar.instance import READY_FD_ENV, read_holder
 from sidecar.paths import Places, resolve_places
 from tray.icons import icon_image
 from tray.model import (
@@ -109,8 +110,10 @@ class TrayApp:
         *,
         icon_factory: Callable[..., Any] | None = None,
         autostart: Autostart | None = None,
+        home: str | None = None,
     ) -> None:
         self.places = places
+        self.home = home  # passed on to a daemon the tray starts, as `--home`
         self.autostart = autostart  # None: no "Start at login" item (unsupported here)
         self.client = ControlClient(places.control_socket, timeout=10)
         self.pystray = pystray
@@ -118,6 +121,7 @@ class TrayApp:
         self.error: str | None = None
         self.memory = NotificationMemory()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts a reconnect wait short: a daemon was just started
         self._view: TrayView | None = None
         self._lock = threading.Lock()
         factory = icon_factory or pystray.Icon
@@ -143,7 +147,9 @@ class TrayApp:
             self.refresh_view()
             delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
             attempt += 1
-            self._stop.wait(delay)
+            if self._wake.wait(delay):
+                self._wake.clear()
+                attempt = 0
 
     def fetch_status(self) -> None:
         try:
@@ -239,7 +245,7 @@ class TrayApp:
             self.places.logs.mkdir(parents=True, exist_ok=True)
             self._in_background("open logs", self.open_file, "logs folder", self.places.logs)
         elif kind == "start-daemon":
-            start_daemon()
+            self.start_daemon()
         elif kind == "toggle-autostart" and self.autostart is not None:
             # The same code as `mtls-sidecar autostart install|uninstall`.
             if self.autostart.is_installed():
@@ -292,8 +298,49 @@ class TrayApp:
             except Exception as exc:
                 log.debug("notification failed: %s", exc)
 
+    def start_daemon(self) -> None:
+        """Start `mtls-sidecar run`; reconnect the moment it answers, or say why it did not start.
+
+        The daemon itself refuses to be a second one on this data folder (its lock); the tray then
+        names the one that runs and follows it, wherever its control socket is.
+        """
+        process, ready = start_daemon(self.home)
+        threading.Thread(
+            target=self._await_daemon, args=(process, ready), name="tray-start-daemon", daemon=True
+        ).start()
+
+    def _await_daemon(self, process: subprocess.Popen[bytes], ready: int | None) -> None:
+        said = b"ready"  # without a readiness pipe (not POSIX): try at once, then back off as usual
+        if ready is not None:
+            with os.fdopen(ready, "rb") as pipe:
+                said = pipe.readline()  # "ready" once its control API answers; nothing if it exits first
+        if said.strip() != b"ready":
+            self._daemon_did_not_start(process.wait())
+            return
+        self._follow_daemon_at(self.places.control_socket)  # ours: it has our environment and --home
+        process.wait()  # reap it whenever it ends: no zombie left behind
+
+    def _daemon_did_not_start(self, code: int) -> None:
+        holder = read_holder(self.places.lock_file)
+        if holder is None or not holder.control:
+            self._tell(
+                "mtls-sidecar",
+                f"the daemon stopped at once (exit code {code}); run `mtls-sidecar run` in a terminal to see why",
+            )
+            return
+        # It may answer elsewhere (started with another XDG_RUNTIME_DIR): follow it there.
+        self._tell("mtls-sidecar", f"a daemon already runs on this keystore ({holder.describe()}): following it")
+        self._follow_daemon_at(Path(holder.control))
+
+    def _follow_daemon_at(self, socket_path: Path) -> None:
+        """Connect to the daemon on `socket_path` now, without waiting out the reconnect back-off."""
+        if socket_path != self.client.path:
+            self.client = ControlClient(socket_path, timeout=self.client.timeout)
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.icon.stop()
 
     def run(self) -> None:
@@ -405,15 +452,33 @@ def open_path(path: Path) -> str | None:
     return None if code == 0 else f"{opener} found nothing to open it with (exit code {code})"
 
 
-def start_daemon() -> None:
-    """Start `mtls-sidecar run` detached from the tray, with the same environment."""
-    subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def start_daemon(home: str | None = None) -> tuple[subprocess.Popen[bytes], int | None]:
+    """Start `mtls-sidecar run` detached from the tray, with the same environment.
+
+    Returns the process and, on POSIX, the read end of a pipe on which the daemon writes "ready"
+    once its control API answers (it closes without a word when the daemon stops first).
+    """
+    command = [sys.executable, "-m", "sidecar", "run", *(["--home", home] if home else [])]
+    if os.name != "posix":
+        quiet = subprocess.DEVNULL
+        return subprocess.Popen(command, stdin=quiet, stdout=quiet, stderr=quiet), None
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(write_end,),
+            env={**os.environ, READY_FD_ENV: str(write_end)},
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the daemon holds the only write end now: its exit means EOF here
+    return process, read_end
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoTrayBackend as exc:
         print(f"mtls-sidecar-tray: {exc}", file=sys.stderr)
         return 1
-    TrayApp(places, pystray, autostart=autostart_or_none(places, args.home)).run()
+    TrayApp(places, pystray, autostart=autostart_or_none(places, args.home), home=args.home).run()
     return 0
 
 
