@@ -1012,7 +1012,8 @@ class _RemoteSide(asyncio.Protocol):
 
     def _first_answer(self, data: bytes) -> None:
         """The server's first application bytes on this connection: unless the protocol stage
-        finds a failure in them (an error answer), the connection worked."""
+        finds a failure in them (an error answer), the connection worked. A stage whose
+        `judging_answer` is true has not decided yet: the next record is asked again."""
         peer = self.peer
         counters = peer.listener.counters
         failed_before = counters.failures.total()
@@ -1022,6 +1023,8 @@ class _RemoteSide(asyncio.Protocol):
         if counters.failures.total() != failed_before:
             peer.outcome = "failed"  # counted meanwhile by code that did not name this connection
             return
+        if getattr(peer.stage, "judging_answer", False):
+            return  # the stage needs more of the answer (an HTTP error page's words): decide at the next record
         peer.listener._record_success(peer)
 
     def _remote_eof(self) -> None:

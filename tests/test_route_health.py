@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -231,3 +232,45 @@ def test_a_failing_renewal_inside_the_horizon_is_warned_about(pki: Pki, isolated
     assert warning.startswith("identity dev: its certificate expires in ")
     assert "and renewal is failing (1 attempt with command: " in warning
     assert warning.endswith("then run `mtls-sidecar renew dev`")
+
+
+def test_an_http_refusal_whose_words_come_in_a_later_record_still_makes_the_route_failing(
+    pki: Pki, isolated_home: Path
+) -> None:
+    """The answer's head in one TLS record, the body that says "The SSL certificate error" in the
+    next (as a server may write them): the connection is not a success for its first record."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    body = b"<html><center>The SSL certificate error</center></html>\n"
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(65536)  # the request
+                tls.sendall(head)  # one record
+                tls.sendall(body)  # another
+                tls.recv(65536)  # until the client goes
+
+        threading.Thread(target=serve, daemon=True).start()
+        pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"api": route_to(pki, listener.getsockname()[1], protocol="http")},
+        )
+        with DaemonThread(config) as daemon:
+            with daemon.connect("api") as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while not answer.endswith(body):
+                    chunk = sock.recv(65536)
+                    assert chunk, answer
+                    answer += chunk
+            api = wait_until(
+                lambda: (r := daemon.status()["routes"]["api"])["failures"] and r, timeout=10, what="the count"
+            )
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert api["failures"] == {"server_rejected_certificate_http": 1}
+    assert api["health"] == "failing" and api["last_success"] is None, api

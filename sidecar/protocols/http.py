@@ -307,6 +307,12 @@ class HTTPStage:
             else:  # NEED_DATA, or PAUSED until the next request
                 return
 
+    @property
+    def judging_answer(self) -> bool:
+        """An answer has begun, but not enough of its body is here yet to tell whether it refuses our
+        certificate: the tunnel waits before it calls the connection a success."""
+        return self._judging is not None
+
     def _judge_answer(self, event: h11.Response) -> None:
         """Does this answer say the target does not take our certificate? At once for 495/496
         (and a reason phrase that says so); for a 400 or 403, once the start of its body is here."""
