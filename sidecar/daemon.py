@@ -255,6 +255,8 @@ class Daemon:
                 await self._start_demo(datetime.now(UTC))
         self._tell_health()
         self._tell_expiry()
+        if self._clock_timer is not None:  # running (not starting): the next warning may start sooner or later
+            self._schedule_clock_refresh()
 
     async def reload_config(self) -> bool:
         """Re-read config.toml; a bad edit is rejected and the running config stays."""

@@ -274,3 +274,27 @@ def test_an_http_refusal_whose_words_come_in_a_later_record_still_makes_the_rout
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert api["failures"] == {"server_rejected_certificate_http": 1}
     assert api["health"] == "failing" and api["last_success"] is None, api
+
+
+def test_a_warning_begins_on_time_with_nothing_else_happening(pki: Pki, isolated_home: Path) -> None:
+    """The daemon's clock timer is set for the moment a certificate enters its warning horizon:
+    the warning (and its event, which the tray follows) comes then, not at the next file change."""
+    left = timedelta(days=2)
+    expiring(pki, isolated_home / "keystore", "ci", lived=timedelta(days=8), left=left)
+    enrolled = now()
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"ci": {"renew": "none"}},
+        routes={},
+        expiry_warning=f"{int(left.total_seconds()) - 3}s",  # the horizon begins 3 s from now
+    )
+    with DaemonThread(config) as daemon:
+        assert daemon.status()["warnings"] == [], "the test machine took more than 3 s to start the daemon"
+        told = wait_until(
+            lambda: daemon.call(lambda d: [e for e in d.events.history if e["type"] == "identity.expiry_warning"]),
+            timeout=10,
+            what="the warning to begin",
+        )
+        assert told[0]["identity"] == "ci" and told[0]["warning"].startswith("identity ci: its certificate expires")
+        assert now() - enrolled >= timedelta(seconds=2.9)
+        assert daemon.status()["warnings"] == [told[0]["warning"]]
