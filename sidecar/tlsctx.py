@@ -84,7 +84,7 @@ def check_trust_files(fields: Mapping[str, Any], *, source: str, base_dir: Path)
     """
     for key in ("ca_file", "ca_dir"):
         value = fields.get(key)
-        if value is None:
+        if not isinstance(value, str):  # absent; or not a path at all, which the config parser words
             continue
         path = Path(value).expanduser()
         problem = _ca_file_problem(base_dir / path) if key == "ca_file" else _ca_dir_problem(base_dir / path)

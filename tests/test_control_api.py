@@ -471,6 +471,9 @@ def test_route_add_checks_the_ca_file_first_and_names_the_flags(
             with pytest.raises(ApiCallError) as refused:
                 daemon.client().post("/v1/routes", request)
             assert refused.value.status == 400 and refused.value.body["field"] == "ca_file"
+            with pytest.raises(ApiCallError) as not_a_path:
+                daemon.client().post("/v1/routes", {**request, "ca_file": 5})
+            assert not_a_path.value.status == 400 and not_a_path.value.body["field"] == "ca_file"
     assert config.read_text() == before  # nothing saved
 
 
