@@ -183,10 +183,10 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
 
 def run_tunnel(namespace: argparse.Namespace) -> int:
     args = TunnelFlags.from_args(namespace)
-    logsetup.configure(args.log_level or "info")
     route = route_from_flags(args)
     workers = _check_workers(args, route)
     credentials = FlagCredentials(args)
+    logsetup.configure(args.log_level or "info")  # only once it will run: a usage error changes no global state
     children = [_fork_worker(route, credentials) for _ in range(workers - 1)]
     try:
         eventloop.run(_serve(route, credentials, reuse_port=workers > 1))
