@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,3 +20,20 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("MTLS_SIDECAR_HOME", str(home))
     monkeypatch.delenv("MTLS_SIDECAR_CONFIG", raising=False)
     yield home
+
+
+@pytest.fixture(autouse=True)
+def sidecar_log_handlers() -> Iterator[None]:
+    """`main()` in-process (run, tunnel) sets up logging on the sidecar logger with the stderr of
+    the moment, which pytest closes after the test: later log records (a daemon thread of the
+    next test) would then print "--- Logging error ---" into another test's stderr. Put the
+    handlers back as they were."""
+    logger = logging.getLogger("sidecar")
+    before = list(logger.handlers)
+    level = logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in before:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(level)

@@ -188,7 +188,9 @@ def test_unreachable_responder_soft_warns_and_hard_refuses(lab: Lab, capsys: pyt
     capsys.readouterr()
     assert main(["check", "soft"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("ok: ") and lines[1].startswith("warning: revocation status of server certificate")
+    # issue 15: the presented client certificate is named on the line after the verdict
+    assert lines[0].startswith("ok: ") and lines[1].startswith("presented: ")
+    assert lines[2].startswith("warning: revocation status of server certificate")
     assert main(["check", "hard"]) == 1
     out = capsys.readouterr().out
     assert (

@@ -171,7 +171,9 @@ def test_the_dev_ca_never_enrolls_beside_a_foreign_credential(
         assert sorted(p.name for p in folder.iterdir()) == ["corp.p12"]
 
         # asked to renew now: refused again, still nothing written
-        assert main(["renew", "company"]) == 0
+        capsys.readouterr()
+        assert main(["renew", "company"]) == 1  # `renew` waits and reports the outcome: refused
+        assert "renewal of company failed (local-ca): refused: the dev CA does not issue" in capsys.readouterr().out
         wait_until(
             lambda: daemon.status()["identities"]["company"]["renewal"]["consecutive_failures"] >= 2,
             timeout=10,

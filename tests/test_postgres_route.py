@@ -276,11 +276,11 @@ def test_route_add_with_protocol_postgres(
             "--server-name", "localhost", "--ca-file", str(pki.server_ca_file), "--protocol", "postgres",
         ]  # fmt: skip
         assert main(argv) == 0
-        assert main(["route", "list"]) == 0
         assert psql(port, "select current_user").stdout.strip() == "dev"
+        assert main(["route", "list"]) == 0  # after a connection went through: health ok
         assert 'protocol = "postgres"' in (isolated_home / "config.toml").read_text()
         assert daemon.status()["routes"]["db"]["protocol"] == "postgres"
-    assert re.search(r"db\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+  postgres  as dev  up", capsys.readouterr().out)
+    assert re.search(r"db\s+127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+  postgres  as dev  ok", capsys.readouterr().out)
 
 
 def test_check_speaks_postgres_on_a_postgres_route_and_names_it_behind_a_tcp_route(daemon: DaemonThread) -> None:
