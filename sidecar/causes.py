@@ -109,7 +109,8 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
     ),
     Cause.NO_USABLE_CERT: (
         "the route's identity has nothing usable: refused locally",
-        "put a valid certificate and key in the identity's keystore folder, or run `mtls-sidecar renew`",
+        "put a valid certificate and key in the identity's keystore folder (`mtls-sidecar identity import FILE "
+        "--name IDENTITY`); `mtls-sidecar status` says whether its renewal can get one",
     ),
     Cause.ALPN_REFUSED: (
         "the server accepts none of the route's `alpn` protocols",

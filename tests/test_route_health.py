@@ -280,8 +280,8 @@ def test_a_warning_begins_on_time_with_nothing_else_happening(pki: Pki, isolated
     """The daemon's clock timer is set for the moment a certificate enters its warning horizon:
     the warning (and its event, which the tray follows) comes then, not at the next file change."""
     left = timedelta(days=2)
+    enrolled = now()  # before the certificate is made: its notAfter is counted from a moment after this
     expiring(pki, isolated_home / "keystore", "ci", lived=timedelta(days=8), left=left)
-    enrolled = now()
     config = write_config(
         isolated_home / "config.toml",
         identities={"ci": {"renew": "none"}},

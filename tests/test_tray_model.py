@@ -262,7 +262,8 @@ def test_failing_routes_are_counted_first_and_marked_with_their_reason_and_a_che
     db = next(i for i in find(build_menu(bare, NOW), "Routes").submenu if i.text.startswith("db "))
     assert [i.text for i in db.submenu[:3]] == [
         "Its identity has no usable certificate",
-        "Fix: put a valid certificate and key in the identity's keystore folder, or run `mtls-sidecar renew`",
+        "Fix: put a valid certificate and key in the identity's keystore folder (`mtls-sidecar identity import FILE "
+        "--name IDENTITY`); `mtls-sidecar status` says whether its renewal can get one",
         "Check db now",
     ]
     stopped = {**route(state="error", health="stopped"), "last_error": "route db: cannot listen on …: address in use"}

@@ -136,7 +136,8 @@ def cmd_route(places: Places, args: argparse.Namespace) -> int:
     if args.route_command == "list":
         routes = client.get("/v1/routes")
         lines = [
-            f"{name:<12} {r['listen']} → {r['target']}  {r.get('protocol', 'tcp')}  as {r['identity']}  {r.get('health', r['state'])}"
+            f"{name:<12} {r['listen']} → {r['target']}  {r.get('protocol', 'tcp')}  as {r['identity']}  "
+            f"{r.get('health', r['state'])}"
             for name, r in routes.items()
         ]
         _emit(args, routes, "\n".join(lines) or "no routes")
