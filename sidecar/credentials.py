@@ -13,6 +13,7 @@ be used still becomes a candidate, carrying the plain-words reason, so status ca
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import re
@@ -33,7 +34,8 @@ CERT_SUFFIXES = (".crt", ".pem", ".cer")
 KEY_SUFFIXES = (".key",)
 PKCS12_SUFFIXES = (".p12", ".pfx")
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n")
+_PEM_END = re.compile(rb"-----END ([A-Z0-9 ]+)-----")
 _KEY_LABELS = {b"PRIVATE KEY", b"ENCRYPTED PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"}
 
 
@@ -119,7 +121,27 @@ def _has_cert_sibling(stem: str, names: list[str]) -> bool:
 
 
 def _pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
-    return [(m.group(1), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+    """Each `-----BEGIN L-----` line up to the first `-----END L-----` after it, in O(n log n).
+
+    One pass finds every END line (by label), then each BEGIN looks up its END by bisection;
+    a BEGIN with no END after it is skipped. (A regex with a back-reference did the same
+    match but rescanned the rest of the file for every unterminated BEGIN: quadratic.)"""
+    ends: dict[bytes, list[int]] = {}
+    for m in _PEM_END.finditer(data):
+        ends.setdefault(m.group(1), []).append(m.start())
+    blocks: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while (begin := _PEM_BEGIN.search(data, pos)) is not None:
+        label = begin.group(1)
+        starts = ends.get(label, [])
+        i = bisect.bisect_left(starts, begin.end())
+        if i == len(starts):
+            pos = begin.end()
+            continue
+        stop = starts[i] + len(b"-----END -----") + len(label)
+        blocks.append((label, data[begin.start() : stop]))
+        pos = stop
+    return blocks
 
 
 @contextlib.contextmanager
