@@ -25,8 +25,33 @@ def loose_key_problem(path: Path | str, mode: int) -> str | None:
     )
 
 
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create `path` and its missing parents, each 0700 whatever the umask; the ones made, outermost first.
+
+    `mkdir(parents=True)` gives the parents the umask's mode (0777 under umask 000), and a
+    umask like 0277 would leave even the last folder unusable: each folder made here is set
+    to 0700 by chmod. Folders that were already there are left as they are.
+    """
+    missing: list[Path] = []
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    made: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, not ours to chmod
+        if os.name == "posix":
+            os.chmod(folder, PRIVATE_DIR_MODE)
+        made.append(folder)
+    return made
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) owner-only; tighten it if it exists with looser bits."""
+    make_private_dirs(path)
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     if os.name == "posix" and path.stat().st_mode & 0o077:
         path.chmod(PRIVATE_DIR_MODE)

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from sidecar.errors import LocalSetupError
-from sidecar.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
+from sidecar.files import PRIVATE_FILE_MODE, make_private_dirs
 
 # Names the write end of a pipe from whoever started the daemon (the tray): "ready" goes there.
 READY_FD_ENV = "MTLS_SIDECAR_READY_FD"
@@ -74,7 +74,7 @@ class InstanceLock:
         try:
             # A new data folder is made 0700; an existing one is left as it is (it may be a
             # folder the user chose for MTLS_SIDECAR_HOME); the lock file itself is 0600.
-            self.path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            make_private_dirs(self.path.parent)  # 0700 under any umask, parents too
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)  # never truncate: it may be held
         except OSError as exc:
             raise LocalSetupError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from exc
