@@ -51,7 +51,20 @@ class CommandProvider:
             ]
             if missing:
                 raise ProviderError(f"renew_command finished but did not write {' and '.join(missing)}")
-            return NewCredential(cert_chain_pem=out_cert.read_bytes(), key_pem=out_key.read_bytes())
+            return NewCredential(cert_chain_pem=_read_output(out_cert), key_pem=_read_output(out_key))
+
+
+MAX_OUTPUT_FILE = 1 << 20  # a certificate chain or a key is a few KiB; the keystore refuses more too
+
+
+def _read_output(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        data = fh.read(MAX_OUTPUT_FILE + 1)
+    if len(data) > MAX_OUTPUT_FILE:
+        raise ProviderError(
+            f"renew_command wrote more than {MAX_OUTPUT_FILE} bytes to {path.name}; a credential is a few KiB"
+        )
+    return data
 
 
 def _write_current(current: Candidate, folder: Path) -> tuple[Path, Path]:

@@ -12,6 +12,10 @@ from collections.abc import Mapping, Sequence
 from sidecar.renewal.providers.base import ProviderError
 
 _STDERR_TAIL = 300
+# What we keep of a program's output, per stream: its last bytes (a token is its last line, an
+# error its last words); the rest is read and dropped, so a chatty program costs no memory.
+OUTPUT_KEPT = 64 * 1024
+_CHUNK = 64 * 1024
 
 
 async def run_setting_command(
@@ -30,7 +34,10 @@ async def run_setting_command(
     except OSError as exc:
         raise ProviderError(f"cannot run {setting} {argv[0]!r}: {exc.strerror or exc}") from exc
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr, _ = await asyncio.wait_for(
+            asyncio.gather(_tail(proc.stdout), _tail(proc.stderr), proc.wait()), timeout
+        )
     except (TimeoutError, asyncio.CancelledError) as exc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: scripts leave children behind
@@ -41,6 +48,20 @@ async def run_setting_command(
     if proc.returncode != 0:
         raise ProviderError(f"{setting} {argv[0]!r} exited with status {proc.returncode}: {stderr_tail(stderr)}")
     return stdout
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int = OUTPUT_KEPT) -> bytes:
+    """Read `stream` to its end, keeping only its last `keep` bytes (cut at a line start)."""
+    kept = bytearray()
+    dropped = False
+    while chunk := await stream.read(_CHUNK):
+        kept += chunk
+        if len(kept) > keep:
+            del kept[: len(kept) - keep]
+            dropped = True
+    if dropped and (newline := kept.find(b"\n")) >= 0:
+        del kept[: newline + 1]  # the first kept line is only part of one
+    return bytes(kept)
 
 
 def stderr_tail(stderr: bytes) -> str:
