@@ -13,6 +13,7 @@ be used still becomes a candidate, carrying the plain-words reason, so status ca
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import hashlib
@@ -27,6 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.utils import CryptographyDeprecationWarning
+
+from sidecar.kdf import kdf_refusal
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 
@@ -212,6 +215,8 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
         if secrets.key_password_missing:
             return None, f"private key is encrypted and needs a password: {secrets.key_password_missing}"
         return None, f"private key is encrypted and no password is set ({secrets.key_password_source})"
+    if encrypted and (too_costly := kdf_refusal(_pem_body(block))) is not None:
+        return None, f"encrypted private key refused: {too_costly}"
     try:
         key = serialization.load_pem_private_key(block, password=secrets.key_password if encrypted else None)
     except (ValueError, TypeError) as exc:
@@ -223,6 +228,15 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
     if not isinstance(key, PrivateKey):
         return None, f"unsupported private key type {type(key).__name__}"
     return key, None
+
+
+def _pem_body(block: bytes) -> bytes:
+    """The DER inside one PEM block (b"" when it is not base64)."""
+    lines = block.splitlines()[1:-1]
+    try:
+        return base64.b64decode(b"".join(line.strip() for line in lines if b":" not in line), validate=True)
+    except ValueError:
+        return b""
 
 
 def _encrypted(block: bytes) -> bool:
@@ -237,6 +251,8 @@ def key_is_encrypted(data: bytes) -> bool:
 
 def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
     password = secrets.pkcs12_password
+    if (too_costly := kdf_refusal(data)) is not None:
+        return Candidate(file=name, problem=f"PKCS#12 file refused: {too_costly}")
     try:
         with _strict_parsing():
             key, cert, extra = pkcs12.load_key_and_certificates(data, password)

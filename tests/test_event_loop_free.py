@@ -5,15 +5,21 @@ point 2): the PEM scan is linear, key derivation is capped and runs off the loop
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sidecar.credentials import Secrets, candidates_from_files
+from sidecar.kdf import MAX_ITERATIONS, kdf_costs
 from sidecar.renewal.providers.base import ProviderError
 from sidecar.renewal.providers.run import OUTPUT_KEPT, run_setting_command
+from tests.pki import CA, Leaf
 
 MIB = 1 << 20
 
@@ -58,3 +64,70 @@ def test_a_token_command_keeps_its_last_lines() -> None:
     assert out.endswith(b"a.b.c\n")
     assert len(out) <= OUTPUT_KEPT
     assert out.startswith(b"noise")  # a whole line: the cut falls at a line start
+
+
+def p12_with_rounds(leaf: Leaf, rounds: int, password: bytes = b"pw") -> bytes:
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(rounds)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .build(password)
+    )
+    return pkcs12.serialize_key_and_certificates(b"test", leaf.key, leaf.cert, None, encryption)
+
+
+def test_a_pkcs12_file_asking_for_more_than_the_cap_is_refused_before_any_derivation() -> None:
+    leaf = CA().client("alice")
+    hostile = p12_with_rounds(leaf, MAX_ITERATIONS + 1)
+    secrets = Secrets(pkcs12_password=b"pw")
+    started = time.perf_counter()
+    [refused] = candidates_from_files({"alice.p12": hostile}, secrets)
+    assert time.perf_counter() - started < 0.2  # refused from its header: nothing was derived
+    assert refused.problem == (
+        f"PKCS#12 file refused: its key derivation asks for {MAX_ITERATIONS + 1:,} iterations; "
+        f"more than {MAX_ITERATIONS:,} are refused (each read would take seconds of CPU)"
+    )
+    [usual] = candidates_from_files({"alice.p12": p12_with_rounds(leaf, 10_000)}, secrets)
+    assert usual.problem is None and usual.cert == leaf.cert
+
+
+def test_the_pkcs12_mac_iterations_are_read_as_well(tmp_path: Path) -> None:
+    leaf = CA().client("alice")
+    leaf.write_pair(tmp_path, "alice")
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "pkcs12",
+                "-export",
+                "-in",
+                str(tmp_path / "alice.crt"),
+                "-inkey",
+                str(tmp_path / "alice.key"),
+            ),
+            *("-keypbe", "NONE", "-certpbe", "NONE", "-iter", "3000000", "-passout", "pass:pw"),
+            *("-out", str(tmp_path / "mac.p12")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert kdf_costs((tmp_path / "mac.p12").read_bytes()) == [("MAC iterations", 3_000_000)]
+
+
+def test_an_encrypted_key_asking_for_more_than_the_cap_is_refused(tmp_path: Path) -> None:
+    leaf = CA().client("alice")
+    cert, key = leaf.write_pair(tmp_path, "alice")
+    subprocess.run(
+        [
+            *("openssl", "pkcs8", "-topk8", "-in", str(key), "-v2", "aes-256-cbc", "-iter", "3000000"),
+            *("-passout", "pass:pw", "-out", str(tmp_path / "encrypted.key")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    files = {"alice.crt": cert.read_bytes(), "alice.key": (tmp_path / "encrypted.key").read_bytes()}
+    [refused] = candidates_from_files(files, Secrets(key_password=b"pw"))
+    assert refused.problem == (
+        "encrypted private key refused: its key derivation asks for 3,000,000 iterations; "
+        f"more than {MAX_ITERATIONS:,} are refused (each read would take seconds of CPU) (alice.key)"
+    )
