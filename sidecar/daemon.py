@@ -287,17 +287,21 @@ class Daemon:
     async def edit_config(self, edit: Callable[[str], str]) -> Config:
         """Apply a change made through the API and write it back to config.toml (atomically)."""
         async with self._config_lock:
-            text = _read_text(self.places.config_file)
-            if self.config_error is not None and text != self._config_text:
-                raise ConfigError(
-                    f"config.toml has an error to fix first: {self.config_error}", source=str(self.places.config_file)
-                )
-            new_text = edit(text)
-            new = parse_config(new_text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)
-            await self.apply_config(new)
-            atomic_write(self.places.config_file, new_text.encode(), PRIVATE_FILE_MODE)
-            self._config_text = new_text
-            return new
+            return await self._edit_config_locked(edit)
+
+    async def _edit_config_locked(self, edit: Callable[[str], str]) -> Config:
+        """`edit_config` for a caller that holds `_config_lock` (one change, config and listeners, at a time)."""
+        text = _read_text(self.places.config_file)
+        if self.config_error is not None and text != self._config_text:
+            raise ConfigError(
+                f"config.toml has an error to fix first: {self.config_error}", source=str(self.places.config_file)
+            )
+        new_text = edit(text)
+        new = parse_config(new_text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)
+        await self.apply_config(new)
+        atomic_write(self.places.config_file, new_text.encode(), PRIVATE_FILE_MODE)
+        self._config_text = new_text
+        return new
 
     def _config_file_changed(self) -> None:
         self._spawn(self.reload_config(), "config reload")
@@ -453,28 +457,35 @@ class Daemon:
 
     # --- operations the control API offers
 
+    # Each change holds `_config_lock` from its checks to its last listener start or stop, so
+    # changes (and hot reloads) happen one after another: a change that fails and is put back
+    # puts back only itself, never another change made meanwhile.
+
     async def use_identity(self, name: str, route: str | None = None) -> None:
-        self._require_identity(name)
-        if route is None:
-            await self.edit_config(lambda text: config_edit.set_active_identity(text, name))
-        else:
-            self._require_route(route)
-            await self.edit_config(lambda text: config_edit.set_route_identity(text, route, name))
+        async with self._config_lock:
+            self._require_identity(name)
+            if route is None:
+                await self._edit_config_locked(lambda text: config_edit.set_active_identity(text, name))
+            else:
+                self._require_route(route)
+                await self._edit_config_locked(lambda text: config_edit.set_route_identity(text, route, name))
 
     async def add_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
-        if name in self.config.routes:
-            raise LocalSetupError(
-                f"a route named {name!r} exists already; change it in place (`route set`), or pick another name"
-            )
-        return await self._change_route(name, fields, lambda text: config_edit.add_route(text, name, fields))
+        async with self._config_lock:
+            if name in self.config.routes:
+                raise LocalSetupError(
+                    f"a route named {name!r} exists already; change it in place (`route set`), or pick another name"
+                )
+            return await self._change_route(name, fields, lambda text: config_edit.add_route(text, name, fields))
 
     async def set_route(self, name: str, fields: dict[str, Any]) -> RouteListener:
         """Change some of a route's keys (None removes one); an unchanged listen address keeps its connections."""
-        self._require_route(name)
-        return await self._change_route(name, fields, lambda text: config_edit.set_route(text, name, fields))
+        async with self._config_lock:
+            self._require_route(name)
+            return await self._change_route(name, fields, lambda text: config_edit.set_route(text, name, fields))
 
     async def _change_route(self, name: str, fields: dict[str, Any], edit: Callable[[str], str]) -> RouteListener:
-        """Save and apply a route edit, or refuse it with config.toml untouched.
+        """Save and apply a route edit, or refuse it with config.toml untouched (the caller holds the lock).
 
         Errors name the request's own keys (`target`, `ca_file`), not a line of config.toml that
         only existed in the refused edit.
@@ -482,7 +493,7 @@ class Daemon:
         check_trust_files(fields, source=f"route {name}", base_dir=self.places.config_file.parent)
         before = _read_text(self.places.config_file)
         try:
-            await self.edit_config(edit)
+            await self._edit_config_locked(edit)
         except ConfigError as exc:
             prefix = f"routes.{name}."
             if exc.field is None or not exc.field.startswith(prefix):
@@ -492,13 +503,14 @@ class Daemon:
         listener = self.listeners[name]
         if not listener.is_running:  # the port is taken, say: put config.toml back as it was
             error = listener.last_error or f"route {name} could not start"
-            await self.edit_config(lambda _: before)
+            await self._edit_config_locked(lambda _: before)
             raise LocalSetupError(error)
         return listener
 
     async def remove_route(self, name: str) -> None:
-        self._require_route(name)
-        await self.edit_config(lambda text: config_edit.remove_route(text, name))
+        async with self._config_lock:
+            self._require_route(name)
+            await self._edit_config_locked(lambda text: config_edit.remove_route(text, name))
 
     def request_renewal(self, identity: str) -> None:
         self._require_identity(identity)

@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,8 +29,11 @@ from sidecar import __version__
 from sidecar.config import ROUTE_KEYS
 from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
+from sidecar.names import name_problem
 
 MAX_BODY = 1 << 20
+
+log = logging.getLogger("sidecar.control")
 
 
 class EventFeed:
@@ -88,6 +93,9 @@ async def dispatch(daemon: Daemon, method: str, path: str, body: bytes) -> ApiRe
             return ApiResponse(400, _config_error(exc))
         except LocalSetupError as exc:
             return ApiResponse(409, {"error": str(exc)})
+        except Exception:  # a bug of ours: the client still gets an answer, the log the traceback
+            log.exception("control API: %s %s failed", method, path)
+            return ApiResponse(500, {"error": f"{method} {path} failed inside the daemon (see its log)"})
     if allowed:
         return ApiResponse(405, {"error": f"{method} is not allowed on {path}; use {' or '.join(allowed)}"})
     return ApiResponse(404, {"error": f"no such endpoint: {method} {path} (see the API reference in the README)"})
@@ -113,12 +121,18 @@ def _json_body(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not JSON: {exc}") from None
+    except RecursionError:  # nested deeper than the parser goes: no body of ours is
+        raise ApiError(400, "the request body is nested too deeply; send a flat JSON object") from None
 
 
 def _name_field(body: Any, what: str) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
-        raise ApiError(400, f'send {{"name": "..."}} naming the {what}')
+        raise ApiError(400, f'send {{"name": "..."}} naming the {what}', field="name")
     name: str = body["name"]
+    problem = name_problem(name)
+    if problem is not None:
+        shown = name if len(name) <= 80 else f"{name[:40]}…({len(name)} characters)"
+        raise ApiError(400, f"name = {shown!r}: {problem}", field="name")
     return name
 
 
@@ -164,7 +178,37 @@ def _route_fields(body: dict[str, Any], allowed: frozenset[str] = frozenset()) -
     unknown = sorted(set(body) - allowed - set(ROUTE_KEYS))
     if unknown:
         raise ApiError(400, f"unknown route field(s): {', '.join(unknown)}; known: {', '.join(ROUTE_KEYS)}")
-    return {key: body[key] for key in ROUTE_KEYS if key in body}
+    fields = {key: body[key] for key in ROUTE_KEYS if key in body}
+    for key, value in fields.items():
+        problem = _value_problem(value)
+        if problem is not None:
+            raise ApiError(400, f"{key}: {problem}", field=key)
+    return fields
+
+
+def _value_problem(value: Any) -> str | None:
+    """Why `value` cannot be a route key's value (config.toml's types, checked there), or None.
+
+    A route key is a string, number or boolean, or a flat list of them; null removes a key
+    (PATCH) and means nothing inside a list.
+    """
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "expected a finite number"
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if item is None:
+                return f"item {index} is null; a list holds strings (or numbers), never null"
+            if not isinstance(item, str | bool | int | float) or (isinstance(item, float) and not math.isfinite(item)):
+                return f"item {index} is {_json_type(item)}; a list holds strings (or numbers)"
+        return None
+    return f"expected a string, number, boolean or list, got {_json_type(value)}"
+
+
+def _json_type(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
