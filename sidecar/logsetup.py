@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
 import sys
 from pathlib import Path
-from typing import IO
 
 from sidecar.files import PRIVATE_FILE_MODE, make_private_dirs
 
@@ -41,7 +41,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     symlink planted in the log folder from sending our lines (or our appends) somewhere else.
     """
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> io.TextIOWrapper:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.baseFilename, flags, PRIVATE_FILE_MODE)
         try:

@@ -119,6 +119,31 @@ def runtime_folder(
     return cache / APP_NAME / "run", why
 
 
+def runtime_folder_problem(folder: Path) -> str | None:
+    """Why the existing runtime folder `folder` must not be used, or None (also when it is not there yet).
+
+    The control socket lives there: a folder another user owns, or may write into, lets them
+    put their own socket in its place, answer our commands and read what we send.
+    """
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode):  # lstat: a symlink is not a folder here
+        return f"the runtime folder {folder} is a symlink or a file, not a folder; move it away"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return (
+            f"the runtime folder {folder} belongs to another user (uid {info.st_uid}); refusing to use it. "
+            "Point MTLS_SIDECAR_HOME (or XDG_RUNTIME_DIR) at a folder of your own"
+        )
+    if info.st_mode & 0o022:
+        return (
+            f"the runtime folder {folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"refusing to use it until you run: chmod 700 '{folder}'"
+        )
+    return None
+
+
 def _is_own_private_dir(path: Path) -> bool:
     """A real folder (not a symlink) of this user that nobody else can enter."""
     try:

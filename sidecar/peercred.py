@@ -141,6 +141,11 @@ def netlink_owner(family: int, local: Address, remote: Address) -> int | None:
     return int(struct.unpack_from("=I", reply, _UID_OFFSET)[0])
 
 
+def unix_socket_peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a connected Unix socket (None: cannot tell here)."""
+    return _unix_peer_uid(sock)
+
+
 def _unix_peer_uid(sock: socket.socket) -> int | None:
     peercred = getattr(socket, "SO_PEERCRED", None)
     if peercred is not None:

@@ -44,6 +44,11 @@ except OSError as exc:
 
 @pytest.fixture(scope="module")
 def other_user() -> pwd.struct_passwd:
+    return make_other_user()
+
+
+def make_other_user() -> pwd.struct_passwd:
+    """The throw-away second OS user (made once with useradd; the suite runs as root)."""
     if os.geteuid() != 0:
         pytest.fail("this test creates a second OS user: run the suite as root (CI does)", pytrace=False)
     try:

@@ -7,12 +7,18 @@ tests/test_other_user.py makes it, and run under `setpriv`).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.test_cli import LogFollower
+from tests.test_other_user import make_other_user
 
 
 def _mode(path: Path) -> int:
@@ -47,3 +53,114 @@ def test_under_umask_000_every_folder_is_0700_and_the_log_is_0600(tmp_path: Path
         follower.join()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+# -- the runtime folder and the control socket: another user's, or open to others ------------------
+
+OTHER_USER = "mtls-sidecar-other"
+
+
+@pytest.fixture(scope="module")
+def other_user() -> pwd.struct_passwd:
+    return make_other_user()
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MTLS_SIDECAR_HOME": str(home)}
+    env.pop("MTLS_SIDECAR_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"], ["route", "list"]])
+def test_a_runtime_folder_of_another_user_is_refused_in_one_line(
+    tmp_path: Path, other_user: pwd.struct_passwd, command: list[str]
+) -> None:
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True, mode=0o700)
+    os.chown(home / "run", other_user.pw_uid, other_user.pw_gid)
+    done = _cli(home, *command)
+    assert done.returncode == 1
+    line = _one_line(done) if command != ["run"] else done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert f"the runtime folder {home / 'run'} belongs to another user (uid {other_user.pw_uid})" in line
+    assert not (home / "run" / "control.sock").exists()
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"]])
+def test_a_runtime_folder_others_may_write_is_refused_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    os.chmod(home / "run", 0o777)
+    done = _cli(home, *command)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"the runtime folder {home / 'run'} is writable by other users (mode 0777)" in done.stderr.splitlines()[-1]
+    assert _mode(home / "run") == 0o777  # refused, not quietly changed
+
+
+# Another user's program listening where our control socket should be: counts what it is sent.
+FAKE_DAEMON = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(4)
+print("ready", flush=True)
+server.settimeout(20)
+conn, _ = server.accept()
+conn.settimeout(2)
+data = b""
+try:
+    while chunk := conn.recv(65536):
+        data += chunk
+except OSError:
+    pass
+print("received", len(data), flush=True)
+"""
+
+
+def test_the_cli_sends_nothing_to_a_control_socket_served_by_another_user(
+    tmp_path: Path, other_user: pwd.struct_passwd
+) -> None:
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True, mode=0o700)  # our own folder, private: only the socket is theirs
+    theirs = Path(tempfile.mkdtemp(prefix="mtls-other-"))  # in /tmp: a folder they can reach
+    try:
+        os.chmod(theirs, 0o777)
+        fake = subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={other_user.pw_uid}",
+                f"--regid={other_user.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                FAKE_DAEMON,
+                str(theirs / "s.sock"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        try:
+            assert fake.stdout is not None
+            assert fake.stdout.readline().strip() == "ready"
+            os.rename(theirs / "s.sock", home / "run" / "control.sock")  # still their listening socket
+            done = _cli(home, "route", "add", "x", "--listen", "127.0.0.1:0", "--target", "example.org:443")
+            out, _ = fake.communicate(timeout=30)
+        finally:
+            if fake.poll() is None:
+                fake.kill()
+                fake.wait()
+        assert out.strip() == "received 0"  # not a byte of the request reached them
+        assert done.returncode == 1
+        line = _one_line(done)
+        assert f"the control socket is served by another user (uid {other_user.pw_uid} " in line
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)

@@ -270,6 +270,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except SidecarError as exc:
         print(f"mtls-sidecar: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        raise  # main() ends quietly with 141
+    except OSError as exc:  # a folder or file the OS refused us: one line, as every error, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mtls-sidecar: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
     parser.error(f"unknown command {args.command}")

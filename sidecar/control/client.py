@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from sidecar.errors import SidecarError
+from sidecar.paths import runtime_folder_problem
+from sidecar.peercred import unix_socket_peer_uid, user_name
 
 
 class DaemonNotRunning(SidecarError):
     def __init__(self, path: Path, why: str) -> None:
         super().__init__(f"the mtls-sidecar daemon is not running ({why} at {path}); start it with `mtls-sidecar run`")
+        self.path = path
+
+
+class NotOurDaemon(SidecarError):
+    """The control socket, or its folder, is not this user's: nothing is sent to it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{why}; nothing was sent to {path}")
         self.path = path
 
 
@@ -34,6 +45,9 @@ class _UnixConnection(http.client.HTTPConnection):
         self.socket_path = path
 
     def connect(self) -> None:
+        problem = runtime_folder_problem(self.socket_path.parent)
+        if problem is not None:
+            raise NotOurDaemon(self.socket_path, problem)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -47,7 +61,25 @@ class _UnixConnection(http.client.HTTPConnection):
         except OSError:
             sock.close()
             raise
+        try:
+            _check_peer(sock, self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
+
+
+def _check_peer(sock: socket.socket, path: Path) -> None:
+    """Refuse a socket served by another user's process (SO_PEERCRED), before a byte is sent.
+
+    Where the platform cannot tell (no SO_PEERCRED), the 0700 runtime folder checked above is
+    what keeps others out.
+    """
+    uid = unix_socket_peer_uid(sock)
+    if uid is not None and hasattr(os, "getuid") and uid != os.getuid():
+        raise NotOurDaemon(
+            path, f"the control socket is served by another user (uid {user_name(uid)}), not by your daemon"
+        )
 
 
 class ControlClient:

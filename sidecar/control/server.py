@@ -25,6 +25,7 @@ from sidecar.daemon import Daemon
 from sidecar.errors import LocalSetupError
 from sidecar.files import ensure_private_dir
 from sidecar.h11io import next_event, send_response
+from sidecar.paths import runtime_folder_problem
 
 log = logging.getLogger("sidecar.control")
 
@@ -158,17 +159,9 @@ def own_private_folder(folder: Path) -> None:
 
 
 def _refuse_foreign_folder(folder: Path) -> None:
-    try:
-        info = folder.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(info.st_mode):  # lstat: a symlink is not a folder here
-        raise LocalSetupError(f"the runtime folder {folder} is a symlink or a file, not a folder; move it away")
-    if info.st_uid != os.getuid():
-        raise LocalSetupError(
-            f"the runtime folder {folder} belongs to another user (uid {info.st_uid}); refusing to use it. "
-            "Point MTLS_SIDECAR_HOME (or XDG_RUNTIME_DIR) at a folder of your own"
-        )
+    problem = runtime_folder_problem(folder)
+    if problem is not None:
+        raise LocalSetupError(problem)
 
 
 def _claim(path: Path) -> None:
