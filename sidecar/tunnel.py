@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import struct
 from asyncio.trsock import TransportSocket
 from collections import Counter
@@ -169,6 +170,8 @@ class RouteListener:
         self._drained = asyncio.Event()
         self._drained.set()
         self.bound: ListenAddress | None = None
+        # (device, inode) of the unix socket file this listener made: the only one close() removes.
+        self._made_socket: tuple[int, int] | None = None
         self.reuse_port = False  # several processes share one TCP port (SO_REUSEPORT)
         self.on_failure: Callable[[str, Failure], None] | None = None
         # Called with the route's name when its connections' outcome changes (ok ↔ failing, a new cause).
@@ -276,12 +279,14 @@ class RouteListener:
         listen = self.route.listen
         try:
             if listen.kind == "unix":
-                old_umask = os.umask(0o177)  # born 0600: no moment where others could connect
+                sock, self._made_socket = _bind_unix(listen.path)
                 try:
-                    self._server = await loop.create_unix_server(self._new_connection, listen.path)
-                finally:
-                    os.umask(old_umask)
-                os.chmod(listen.path, 0o600)
+                    # `sock=`: asyncio's own path handling would delete whatever socket is there
+                    self._server = await loop.create_unix_server(self._new_connection, sock=sock)
+                except BaseException:
+                    sock.close()
+                    self._remove_own_socket()
+                    raise
                 self.bound = listen
             else:
                 self._server = await loop.create_server(
@@ -310,9 +315,19 @@ class RouteListener:
         if self._server is not None:
             self._server.close()
             self._server = None
-            if self.route.listen.kind == "unix":
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.route.listen.path)
+            self._remove_own_socket()
+
+    def _remove_own_socket(self) -> None:
+        """Remove the unix socket file this listener made, and only it: a file another program
+        put at that path since (or that was there before us) stays."""
+        made, self._made_socket = self._made_socket, None
+        path = self.route.listen.path
+        if made is None or not path:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(path)
+            if (info.st_dev, info.st_ino) == made:
+                os.unlink(path)
 
     async def drain(self, grace: float) -> None:
         """Let open connections finish for up to `grace` seconds, then cut them."""
@@ -417,9 +432,60 @@ class RouteListener:
             self.on_outcome(self.name)
 
 
+def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A unix socket bound at `path`, 0600 from birth, and the (device, inode) of its file.
+
+    Never takes another program's place: a live socket there (someone answers a connect) is
+    EADDRINUSE, as a taken port is; a file that is not a socket is EEXIST. Only a stale
+    socket, one nobody listens on any more, is removed and the bind tried again.
+    """
+    for attempt in (1, 2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # born 0600: no moment where others could connect
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or attempt == 2:
+                raise
+            _remove_stale_socket(path)
+            continue
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        info = os.lstat(path)
+        return sock, (info.st_dev, info.st_ino)
+    raise AssertionError("not reached")
+
+
+def _remove_stale_socket(path: str) -> None:
+    info = os.lstat(path)
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(errno.EEXIST, "a file that is not a socket is there", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise OSError(errno.EADDRINUSE, "a socket is there and cannot be checked", path) from exc
+    else:
+        raise OSError(errno.EADDRINUSE, "another program listens on that socket", path)
+    finally:
+        probe.close()
+    now = os.lstat(path)
+    if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):  # still the stale one we probed
+        os.unlink(path)
+
+
 def _listen_error(route: RouteSpec, exc: OSError) -> str:
     where = str(route.listen)
     field_name = f"routes.{route.name}.listen"
+    if route.listen.kind == "unix" and exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+        return (
+            f"route {route.name}: cannot listen on {where}: {exc.strerror}; it is left alone: "
+            f"stop that program, or choose another path in {field_name}"
+        )
     if exc.errno == errno.EADDRINUSE:
         return (
             f"route {route.name}: cannot listen on {where}: address already in use; another "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.control.client import ApiCallError
+from tests.daemon_runner import DaemonThread
+from tests.scenario import Pki, route_to, write_config
 from tests.test_cli import LogFollower
 from tests.test_other_user import make_other_user
 
@@ -164,3 +168,84 @@ def test_the_cli_sends_nothing_to_a_control_socket_served_by_another_user(
         assert f"the control socket is served by another user (uid {other_user.pw_uid} " in line
     finally:
         shutil.rmtree(theirs, ignore_errors=True)
+
+
+# -- unix: routes never take or remove another program's socket -----------------------------------
+
+
+def _unix_daemon_config(home: Path, tmp_path: Path) -> tuple[Pki, Path]:
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+    config = write_config(home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    return pki, config
+
+
+def _listening_unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+def _still_answers(server: socket.socket, path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(str(path))
+        conn, _ = server.accept()
+        conn.close()
+    return True
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    info = path.lstat()
+    return info.st_dev, info.st_ino
+
+
+def test_a_unix_route_on_a_live_socket_of_another_program_is_refused_and_leaves_it(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    pki, config = _unix_daemon_config(isolated_home, tmp_path)
+    theirs = tmp_path / "theirs.sock"
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a socket\n")
+    with _listening_unix(theirs) as other_program, DaemonThread(config) as daemon:
+        before = _inode(theirs)
+        for path, why in ((theirs, "another program listens on that socket"), (plain, "not a socket")):
+            with pytest.raises(ApiCallError) as taken:
+                daemon.client().post("/v1/routes", {**route_to(pki, 1, listen=f"unix:{path}"), "name": "db"})
+            assert taken.value.status == 409, taken.value
+            assert why in str(taken.value) and "left alone" in str(taken.value)
+            assert "db" not in daemon.status()["routes"]
+        assert _inode(theirs) == before and stat.S_ISSOCK(theirs.lstat().st_mode)
+        assert _still_answers(other_program, theirs)
+        assert plain.read_text() == "not a socket\n"
+    assert "db" not in config.read_text()
+
+
+def test_a_stale_socket_nobody_listens_on_is_replaced(isolated_home: Path, tmp_path: Path) -> None:
+    pki, config = _unix_daemon_config(isolated_home, tmp_path)
+    stale = tmp_path / "stale.sock"
+    _listening_unix(stale).close()  # the file stays; nobody listens any more
+    with DaemonThread(config) as daemon:
+        daemon.client().post("/v1/routes", {**route_to(pki, 1, listen=f"unix:{stale}"), "name": "db"})
+        assert daemon.status()["routes"]["db"]["state"] == "up"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(stale))  # ours now
+
+
+def test_route_rm_removes_its_own_socket_and_never_one_it_did_not_create(isolated_home: Path, tmp_path: Path) -> None:
+    pki, config = _unix_daemon_config(isolated_home, tmp_path)
+    path = tmp_path / "svc.sock"
+    with DaemonThread(config) as daemon:
+        daemon.client().post("/v1/routes", {**route_to(pki, 1, listen=f"unix:{path}"), "name": "own"})
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        daemon.client().delete("/v1/routes/own")
+        assert not path.exists()  # its own socket: removed
+
+        daemon.client().post("/v1/routes", {**route_to(pki, 1, listen=f"unix:{path}"), "name": "db"})
+        path.unlink()  # another program takes the path while the route runs
+        with _listening_unix(path) as other_program:
+            theirs = _inode(path)
+            daemon.client().delete("/v1/routes/db")
+            assert _inode(path) == theirs
+            assert _still_answers(other_program, path)
