@@ -51,6 +51,11 @@ class Cause(StrEnum):
     # TLS; the remote breaking an established tunnel with a reset, or with a TCP close that
     # came without TLS close_notify.
     OTHER_USER = "other_user"
+    # A loopback peer whose owner could not be found (it was gone before we asked, or the
+    # process is out of descriptors): refused, but not said to be another user.
+    PEER_UNKNOWN = "peer_unknown"
+    # The route's, or the whole daemon's, `max_connections` tunnels were already open.
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     RESET = "reset"
     TRUNCATED = "truncated"
 
@@ -155,6 +160,14 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
     Cause.OTHER_USER: (
         "a local connection from another OS user: refused before any TLS",
         "nothing: only you may use your identity; run your own sidecar as that user",
+    ),
+    Cause.PEER_UNKNOWN: (
+        "a local connection whose owner could not be found (it closed at once): refused before any TLS",
+        "nothing, if it was a port scan or a client that gave up; otherwise check the client",
+    ),
+    Cause.TOO_MANY_CONNECTIONS: (
+        "the route's `max_connections` (or the daemon's) tunnels were already open: refused before any TLS",
+        "close idle clients, or raise max_connections on the route (or at the top of the config)",
     ),
     Cause.RESET: (
         "the server reset an established tunnel; the local connection was reset too",

@@ -42,16 +42,21 @@ DEFAULT_SHUTDOWN_GRACE = 5.0
 DEFAULT_EXPIRY_WARNING = 7 * 86400.0
 RENEW_PROVIDERS = tuple(PROVIDERS)  # local-ca, acme, command, step-ca, none
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Open tunnels at most, per route and over all routes: far above a laptop's normal use, low
+# enough that a runaway client (or a loop) meets them before the process runs out of descriptors.
+DEFAULT_ROUTE_MAX_CONNECTIONS = 1000
+DEFAULT_MAX_CONNECTIONS = 4096
 
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir", "expiry_warning",
-             "demo_service", "identities", "routes")  # fmt: skip
+             "max_connections", "demo_service", "identities", "routes")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
 ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
                "pin_sha256", "allowed_uri_sans", "revocation", "crl_file",
-               "protocol", "postgres_negotiation", "local_tls", "host_header")  # fmt: skip
+               "protocol", "postgres_negotiation", "local_tls", "host_header",
+               "max_connections", "idle_timeout")  # fmt: skip
 # What a route's local client speaks (sidecar/protocols/): how its bytes become an mTLS conversation.
 PROTOCOLS = ("tcp", "postgres", "mysql", "http")
 POSTGRES_NEGOTIATIONS = ("sslrequest", "direct")
@@ -138,6 +143,10 @@ class RouteSpec:
     local_tls: bool = False
     # http: the Host every request gets (default: server_name, with :port unless it is 443)
     host_header: str | None = None
+    # open tunnels at most; the next one is refused (cause too_many_connections)
+    max_connections: int = DEFAULT_ROUTE_MAX_CONNECTIONS
+    # seconds with no byte either way before a tunnel is closed; 0: never
+    idle_timeout: float = 0.0
 
     @property
     def checks_after_handshake(self) -> bool:
@@ -162,6 +171,7 @@ class Config:
     log_level: str = "info"
     keystore_dir: Path | None = None
     expiry_warning: float = DEFAULT_EXPIRY_WARNING  # seconds
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open tunnels over all routes
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -314,6 +324,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         )
     demo = _parse_demo(top)
     _check_clashes(doc, routes, demo)
+    _check_self_targets(doc, routes, demo)
     return Config(
         source=source,
         active_identity=active,
@@ -324,6 +335,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         log_level=top.choice("log_level", LOG_LEVELS, "log level", "info"),
         keystore_dir=top.file("keystore_dir"),
         expiry_warning=top.duration("expiry_warning", DEFAULT_EXPIRY_WARNING, positive=False),
+        max_connections=_count(top, "max_connections", DEFAULT_MAX_CONNECTIONS),
     )
 
 
@@ -471,7 +483,17 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         postgres_negotiation=negotiation,
         local_tls=t.boolean("local_tls"),
         host_header=host_header,
+        max_connections=_count(t, "max_connections", DEFAULT_ROUTE_MAX_CONNECTIONS),
+        idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
     )
+
+
+def _count(t: Table, key: str, default: int) -> int:
+    """A whole number of connections, at least 1."""
+    value = t.data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise t.error(key, "must be a whole number from 1 to 1000000", value, hint=f"for example {key} = {default}")
+    return value
 
 
 def _only_for(t: Table, protocol: str, key: str, protocols: tuple[str, ...]) -> None:
@@ -567,6 +589,25 @@ def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoSer
                     hint="give each its own port or socket path",
                 )
         taken.append((f"route {route.name}", route.listen))
+
+
+def _check_self_targets(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
+    """A route whose target is one of our own listeners would connect to itself, again and
+    again, until descriptors run out: refused here, at the target's line."""
+    ours = [(f"route {r.name}", r.listen) for r in routes.values()]
+    for route in routes.values():
+        target = ListenAddress("tcp", route.target_host, route.target_port)
+        for owner, listen in ours:
+            if listen.kind == "tcp" and listen.port == route.target_port and _clash(target, listen):
+                itself = owner == f"route {route.name}"
+                raise doc.error(
+                    ("routes", route.name, "target"),
+                    "the target is this route's own listen address"
+                    if itself
+                    else f"the target is {owner}'s listen address ({listen}): the sidecar would tunnel into itself",
+                    f"{route.target_host}:{route.target_port}",
+                    hint="point target at the remote service's TLS address",
+                )
 
 
 # --- first run ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
 from sidecar.tlsctx import ContextCache, check_trust_files
-from sidecar.tunnel import PEER_CHECK, RouteListener
+from sidecar.tunnel import PEER_CHECK, AcceptGuard, ConnectionBudget, RouteListener
 from sidecar.units import rfc3339
 from sidecar.watch import FolderWatch
 
@@ -76,6 +76,8 @@ class Daemon:
         self.contexts = ContextCache()
         self.chains = ChainMemory()  # verified server chains, for routes' resumed TLS sessions
         self.listeners: dict[str, RouteListener] = {}
+        self.budget = ConnectionBudget(config.max_connections)  # open tunnels over all routes
+        self.accept_guard = AcceptGuard()  # out of descriptors: one log line, not a traceback per accept
         self.demo: DemoService | None = None
         self.ca: DevCA | None = None
         self._local_server: LocalServerContext | None = None
@@ -105,6 +107,7 @@ class Daemon:
 
     async def start(self) -> None:
         now = datetime.now(UTC)
+        self.accept_guard.install(asyncio.get_running_loop())
         self.ca = load_or_create_ca(self.places.ca, now)  # cheap once made; the demo and local-ca need it
         ensure_private_dir(self.keystore)
         remove_stale_temp_files(self.keystore)
@@ -223,6 +226,7 @@ class Daemon:
         changed_identities = {n for n in new.identities if old.identities.get(n) != new.identities[n]}
         watchers = self._make_identity_watchers(new, changed_identities)
         self.config = new
+        self.budget.limit = new.max_connections
         if new.keystore_dir != old.keystore_dir:
             log.warning("keystore_dir changed: it takes effect when the daemon restarts")
         for name in set(old.identities) - set(new.identities) | changed_identities:
@@ -375,7 +379,7 @@ class Daemon:
             self.demo = None
 
     async def _start_route(self, route: RouteSpec) -> RouteListener:
-        listener = RouteListener(route, self.selection_for, self.contexts, self.chains)
+        listener = RouteListener(route, self.selection_for, self.contexts, self.chains, budget=self.budget)
         listener.on_failure = self._route_failed
         listener.on_outcome = self._route_outcome
         listener.local_tls_context = self._local_tls
@@ -673,6 +677,12 @@ class Daemon:
             f"route {name}: server verification is turned off (unsafe_skip_verify)"
             for name, listener in self.listeners.items()
             if listener.route.unsafe_skip_verify
+        ]
+        warnings += [
+            f"route {name}: listens on {listener.route.listen}, which other machines can reach (unsafe_listen): "
+            "whoever connects uses your identity"
+            for name, listener in self.listeners.items()
+            if listener.route.unsafe_listen
         ]
         if PEER_CHECK.method is None and any(lst.route.listen.kind == "tcp" for lst in self.listeners.values()):
             warnings.append(f"other users' connections to TCP routes are not refused: {PEER_CHECK.detail}")

@@ -24,6 +24,7 @@ import socket
 import ssl
 import stat
 import struct
+import time
 from asyncio.trsock import TransportSocket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +34,7 @@ from typing import Any, cast
 
 from sidecar import failures, policy
 from sidecar.causes import Cause, Fault, cause_of, fault_from
-from sidecar.config import ListenAddress, RouteSpec
+from sidecar.config import DEFAULT_MAX_CONNECTIONS, ListenAddress, RouteSpec
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
@@ -85,7 +86,59 @@ SESSION_LOOKS = 8
 # Failures that say nothing about whether the route works: a local client from another OS user
 # was turned away before anything was tried; an identity with nothing to present shows live as
 # health "no_certificate" instead (it ends when a certificate arrives, not at the next connection).
-NOT_HEALTH = frozenset({Cause.OTHER_USER, Cause.NO_USABLE_CERT})
+NOT_HEALTH = frozenset({Cause.OTHER_USER, Cause.PEER_UNKNOWN, Cause.TOO_MANY_CONNECTIONS, Cause.NO_USABLE_CERT})
+
+# accept() failing with these: the process (or the system) is out of descriptors or memory.
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+EXHAUSTED_QUIET = 10.0  # seconds without the error before another shortage is logged again
+
+
+class ConnectionBudget:
+    """Open tunnels over all routes (the top-level `max_connections`): one per daemon, shared by
+    its listeners; each route also has its own cap."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class AcceptGuard:
+    """The event loop's exception handler: an accept() that fails for lack of descriptors.
+
+    asyncio's loop already stops accepting on that socket and tries again a second later; what it
+    also does is hand the error, with a traceback, to the loop's exception handler at every
+    attempt. This handler says it in one line per shortage (a shortage ends when accept() went
+    `EXHAUSTED_QUIET` seconds without failing) and passes every other error on.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
+        self.last_failed: float | None = None  # when accept() last failed for lack of descriptors
+        self.failed = 0  # accept() failures, all told
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Become `loop`'s exception handler (the one before it gets every other error)."""
+        if loop.get_exception_handler() is not self:
+            self.previous = loop.get_exception_handler()
+            loop.set_exception_handler(self)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTED and "accept" in str(context.get("message", "")):
+            now = time.monotonic()
+            if self.last_failed is None or now - self.last_failed >= EXHAUSTED_QUIET:
+                log.error(
+                    "out of file descriptors (%s): new local connections wait until open ones close; "
+                    "lower max_connections or raise the limit (ulimit -n)",
+                    errno.errorcode.get(exc.errno or 0, exc.errno),
+                )
+            self.last_failed = now
+            self.failed += 1
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 @dataclass
@@ -155,8 +208,10 @@ class RouteListener:
         selection: SelectionSource,
         contexts: ContextCache,
         chains: policy.ChainMemory | None = None,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.route = route
+        self.budget = budget if budget is not None else ConnectionBudget()
         self.selection = selection
         self.contexts = contexts
         self.policy = ServerPolicy.for_route(route)
@@ -369,11 +424,29 @@ class RouteListener:
         uid = peer_uid(sock)
         if uid == OWN_UID:
             return None
-        who = "a user it could not identify (the connection was gone)" if uid is None else f"uid {user_name(uid)}"
+        if uid is None:
+            return failures.Failure(
+                Cause.PEER_UNKNOWN,
+                "refused a local connection whose owner could not be found (it was gone, or no descriptor "
+                "was left to ask with)",
+            )
         return failures.Failure(
             Cause.OTHER_USER,
-            f"refused a local connection from {who}: this route uses the identity of uid {user_name(OWN_UID)} "
-            "and serves only that user",
+            f"refused a local connection from uid {user_name(uid)}: this route uses the identity of uid "
+            f"{user_name(OWN_UID)} and serves only that user",
+        )
+
+    def _over_cap(self) -> failures.Failure | None:
+        """A failure when the route's or the daemon's `max_connections` tunnels are open already."""
+        if self.counters.active >= self.route.max_connections:
+            limit, whose = self.route.max_connections, f"routes.{self.name}.max_connections"
+        elif self.budget.open >= self.budget.limit:
+            limit, whose = self.budget.limit, "max_connections (all routes)"
+        else:
+            return None
+        return failures.Failure(
+            Cause.TOO_MANY_CONNECTIONS,
+            f"refused a local connection: {limit} tunnel(s) already open, the limit of {whose}",
         )
 
     def _opened(self, conn: _PlainSide) -> None:
@@ -381,11 +454,13 @@ class RouteListener:
         self._drained.clear()
         self.counters.active += 1
         self.counters.total += 1
+        self.budget.open += 1
 
     def _closed(self, conn: _PlainSide) -> None:
         if conn in self._connections:
             self._connections.discard(conn)
             self.counters.active -= 1
+            self.budget.open -= 1
         if not self._connections:
             self._drained.set()
 
@@ -523,12 +598,15 @@ class _PlainSide(asyncio.Protocol):
         self.lost = False  # the local connection is gone
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
+        # `idle_timeout`: when a byte last went either way, and the timer that looks at it
+        self.active_at = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.pause_reading()
-        refusal = self.listener._refusal(transport)
+        refusal = self.listener._refusal(transport) or self.listener._over_cap()
         if refusal is not None:
             self.closed = True
             self.listener._record_failure(refusal, self)
@@ -536,6 +614,10 @@ class _PlainSide(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.listener._opened(self)
+        idle = self.listener.route.idle_timeout
+        if idle > 0:
+            self.active_at = time.monotonic()
+            self._idle_timer = asyncio.get_running_loop().call_later(idle, self._idle_check, idle)
         if not self.stage.transparent:
             transport.resume_reading()  # the stage reads the client's first words itself
         self._task = asyncio.get_running_loop().create_task(
@@ -740,7 +822,20 @@ class _PlainSide(asyncio.Protocol):
 
     # --- asyncio callbacks
 
+    def _idle_check(self, idle: float) -> None:
+        """`idle_timeout`: close the tunnel when nothing went either way for that long; else look
+        again when it would be due (one timer per connection, never moved by traffic)."""
+        if self.closed:
+            return
+        quiet = time.monotonic() - self.active_at
+        if quiet >= idle:
+            log.info("route %s: closing a tunnel idle for %.0fs (idle_timeout)", self.listener.name, quiet)
+            self.close()
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(idle - quiet, self._idle_check, idle)
+
     def data_received(self, data: bytes) -> None:
+        self.active_at = time.monotonic()
         if self.local_tls is not None:
             self._local_tls_received(data)
             return
@@ -817,6 +912,7 @@ class _PlainSide(asyncio.Protocol):
             self.remote.resume_reading()
 
     def write(self, data: bytes) -> None:
+        self.active_at = time.monotonic()
         self.listener.counters.bytes_in += len(data)
         if self.local_tls is not None:
             self.local_tls.send(data)
@@ -865,6 +961,9 @@ class _PlainSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.close()
         self.listener._closed(self)
         self.lost = True

@@ -82,6 +82,9 @@ CONFIG_CASES = [
     Case("config", "a URI SAN pattern without a scheme", ("allowed_uri_sans", "spiffe://"), config_message(MINIMAL_ROUTE + 'allowed_uri_sans = ["example.test/api/*"]\n')),
     Case("config", "an unknown revocation mode", ("revocation", "off, soft, hard"), config_message(MINIMAL_ROUTE + 'revocation = "strict"\n')),
     Case("config", "crl_file with revocation checking off", ("crl_file", 'revocation = "hard"'), config_message(MINIMAL_ROUTE + 'crl_file = "ca.crl"\n')),
+    Case("config", "a route whose target is its own listen address", ("config.toml:6", "routes.api.target", "own listen address"), config_message(MINIMAL_ROUTE.replace("api.example.test:443", "127.0.0.1:8443"))),
+    Case("config", "a route whose target is another route's listener", ("routes.b.target", "route api"), config_message(MINIMAL_ROUTE + '\n[routes.b]\nlisten = "127.0.0.1:8444"\ntarget = "localhost:8443"\n')),
+    Case("config", "max_connections that is not a whole number", ("routes.api.max_connections", "1 to 1000000"), config_message(MINIMAL_ROUTE + "max_connections = 0\n")),
 ]  # fmt: skip
 
 
@@ -309,6 +312,39 @@ def _revoked_in_crl_file(scratch: Path) -> str:
     return f"{', '.join(failures)}: {status['last_error']}"
 
 
+def _over_the_cap(scratch: Path) -> str:
+    """A third connection while two are open on a route with max_connections = 2."""
+    from tests.tlsserver import ScriptedTLSServer
+
+    pki = Pki.create(scratch / "pki")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
+                              require_client_cert=True, mode="echo")
+        )  # fmt: skip
+        home = scratch / "home"
+        pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+        config = write_config(
+            home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}", "server_name": "localhost",
+                            "ca_file": str(pki.server_ca_file), "max_connections": 2}},
+        )  # fmt: skip
+        from tests.daemon_runner import DaemonThread
+
+        daemon = stack.enter_context(DaemonThread(config, resolve_places(home=home)))
+        held = [stack.enter_context(daemon.connect("svc")) for _ in range(2)]
+        for sock in held:
+            sock.sendall(b"hi\n")
+            sock.recv(3)
+        with daemon.connect("svc") as third:
+            recv_all(third)
+        status = daemon.status()["routes"]["svc"]
+    failures = status["failures"]
+    assert isinstance(failures, dict)
+    return f"{', '.join(failures)}: {status['last_error']}"
+
+
 RUNTIME_CASES = [
     Case("runtime", "a server whose certificate our trust does not cover", ("server_untrusted", "ca_file"), runtime_message("untrusted")),
     Case("runtime", "a server that presents the wrong name", ("name_mismatch", "not valid for 'other.example.test'"), runtime_message("trusted", server_name="other.example.test")),
@@ -320,6 +356,7 @@ RUNTIME_CASES = [
     Case("runtime", "a server without an allowed URI SAN", ("uri_san_not_allowed", "spiffe://example.test/api/*"), runtime_message("trusted", allowed_uri_sans=["spiffe://example.test/api/*"])),
     Case("runtime", "a server certificate revoked in crl_file", ("server_certificate_revoked", "CRL file"), _revoked_in_crl_file),
     Case("runtime", 'revocation = "hard" and nowhere to ask', ("revocation_unknown", 'revocation = "hard"'), runtime_message("trusted", revocation="hard")),
+    Case("runtime", "a third connection on a route with max_connections = 2", ("too_many_connections", "routes.svc.max_connections"), _over_the_cap),
 ]  # fmt: skip
 
 CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES

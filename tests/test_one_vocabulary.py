@@ -159,7 +159,7 @@ def test_status_and_check_use_the_same_key_for_the_same_real_failure(
     # a race, not a scenario); revocation (OCSP and CRLs need a responder: tests/test_e2e_policy.py
     # asserts those keys for status and check with a real `openssl ocsp`).
     both = {c for c in Cause if c not in (Cause.OK, Cause.CONFIG, Cause.SERVER_CERT_REVOKED, Cause.REVOCATION_UNKNOWN)}
-    tunnel_only = {Cause.OTHER_USER, Cause.RESET, Cause.TRUNCATED}
+    tunnel_only = {Cause.OTHER_USER, Cause.PEER_UNKNOWN, Cause.TOO_MANY_CONNECTIONS, Cause.RESET, Cause.TRUNCATED}
     # alpn_refused: no server here sends the no_application_protocol alert (OpenSSL's and
     # Python's servers, nginx included, carry on without ALPN); both sides classify the alert
     # through causes.cause_of, tested in tests/test_failures.py and tests/test_check.py.

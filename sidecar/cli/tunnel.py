@@ -24,7 +24,7 @@ from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
 from sidecar.tlsctx import ContextCache
-from sidecar.tunnel import RouteListener
+from sidecar.tunnel import AcceptGuard, RouteListener
 from sidecar.units import parse_duration
 from sidecar.watch import FolderWatch
 
@@ -240,6 +240,7 @@ async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: boo
     async def current(_: RouteSpec) -> Selection:
         return credentials.current
 
+    AcceptGuard().install(loop)  # out of descriptors: one log line, not a traceback per accept
     listener = RouteListener(route, current, ContextCache())
     listener.reuse_port = reuse_port
     await listener.start()
