@@ -50,11 +50,10 @@ def make_private_dirs(path: Path) -> list[Path]:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) owner-only; tighten it if it exists with looser bits."""
+    """Create `path` (and parents) owner-only. A folder that was there already keeps its mode:
+    it may be /tmp or another program's, and never ours to tighten."""
     make_private_dirs(path)
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    if os.name == "posix" and path.stat().st_mode & 0o077:
-        path.chmod(PRIVATE_DIR_MODE)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)  # a file in the way still raises
     return path
 
 

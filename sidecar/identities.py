@@ -14,6 +14,7 @@ from cryptography import x509
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate, Secrets
 from sidecar.keystore import Selection, load_anchor_file, read_identity_folder, select
+from sidecar.names import inside
 
 log = logging.getLogger("sidecar.keystore")
 
@@ -102,7 +103,7 @@ class IdentityBook:
         self._selections: dict[str, Selection] = {}
 
     def folder(self, name: str) -> Path:
-        return self.keystore / name
+        return inside(self.keystore, name)
 
     def selection(self, name: str) -> Selection:
         found = self._selections.get(name)

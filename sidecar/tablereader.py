@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.errors import ConfigError
+from sidecar.names import name_problem
 from sidecar.units import parse_duration
 
 MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic downstream overflows
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 T = TypeVar("T")
@@ -160,13 +160,14 @@ class Table:
         return base / path if base is not None and not path.is_absolute() else path
 
     def tables(self, key: str) -> dict[str, Table]:
-        """The named sub-tables [KEY.NAME], each NAME checked against [A-Za-z0-9_.-]+."""
+        """The named sub-tables [KEY.NAME], each NAME checked by the one rule for names (sidecar.names)."""
         outer = self.typed(key, dict, f"tables written as [{key}.NAME]") or {}
         result: dict[str, Table] = {}
         for name, value in outer.items():
             path = (*self.path, key, name)
-            if not _NAME.fullmatch(name) or set(name) == {"."}:
-                raise self.doc.error(path, "invalid name: use letters, digits, '_', '.' and '-' (and not only dots)")
+            problem = name_problem(name)
+            if problem is not None:
+                raise self.doc.error(path, problem)
             if not isinstance(value, dict):
                 raise self.doc.error(path, f"expected a table [{dotted(path)}], got {toml_type(value)}", value)
             result[name] = Table(self.doc, value, path)

@@ -82,6 +82,8 @@ CONFIG_CASES = [
     Case("config", "a URI SAN pattern without a scheme", ("allowed_uri_sans", "spiffe://"), config_message(MINIMAL_ROUTE + 'allowed_uri_sans = ["example.test/api/*"]\n')),
     Case("config", "an unknown revocation mode", ("revocation", "off, soft, hard"), config_message(MINIMAL_ROUTE + 'revocation = "strict"\n')),
     Case("config", "crl_file with revocation checking off", ("crl_file", 'revocation = "hard"'), config_message(MINIMAL_ROUTE + 'crl_file = "ca.crl"\n')),
+    Case("config", "an identity name of 256 bytes", ("invalid name", "1 to 64 characters"), config_message(f'[identities.{"a" * 256}]\nrenew = "none"\n')),
+    Case("config", "a route name that is a path", ("routes.\"../x\"", "invalid name", "beginning with a letter or digit"), config_message(MINIMAL_ROUTE.replace("[routes.api]", '[routes."../x"]'))),
     Case("config", "a route whose target is its own listen address", ("config.toml:6", "routes.api.target", "own listen address"), config_message(MINIMAL_ROUTE.replace("api.example.test:443", "127.0.0.1:8443"))),
     Case("config", "a route whose target is another route's listener", ("routes.b.target", "route api"), config_message(MINIMAL_ROUTE + '\n[routes.b]\nlisten = "127.0.0.1:8444"\ntarget = "localhost:8443"\n')),
     Case("config", "max_connections that is not a whole number", ("routes.api.max_connections", "1 to 1000000"), config_message(MINIMAL_ROUTE + "max_connections = 0\n")),
@@ -204,6 +206,10 @@ CLI_CASES = [
     Case("cli", "`status` with no daemon running", ("exit 3", "not running"), cli_message("status")),
     Case("cli", "`identity import` of a PKCS#12 file without its password", ("exit", "password"), cli_message("identity", "import", "dev.p12", "--name", "dev", setup=_p12_file)),
     Case("cli", "`identity import` of a file that does not exist", ("exit", "nothing.pem"), cli_message("identity", "import", "nothing.pem", "--name", "dev")),
+    Case("cli", "`identity new ../../x`", ("exit 2", "NAME = '../../x': invalid name", "1 to 64 characters"), cli_message("identity", "new", "../../x")),
+    Case("cli", "`identity new` with an absolute name", ("exit 2", "NAME = '/tmp': invalid name"), cli_message("identity", "new", "/tmp")),
+    Case("cli", "`identity import --name ../../x`", ("exit 2", "--name = '../../x': invalid name"), cli_message("identity", "import", "dev.p12", "--name", "../../x", setup=_p12_file)),
+    Case("cli", "`ca server ../../x --out D`", ("exit 2", "NAME = '../../x': not a server name", "DNS name"), cli_message("ca", "server", "../../x", "--out", "D")),
     Case("cli", "`tunnel` listening beyond loopback", ("exit 2", "unsafe"), cli_message("tunnel", "--listen", "0.0.0.0:0", "--target", "127.0.0.1:1", "--cert", "c", "--key", "k")),
 ]  # fmt: skip
 
@@ -359,7 +365,64 @@ RUNTIME_CASES = [
     Case("runtime", "a third connection on a route with max_connections = 2", ("too_many_connections", "routes.svc.max_connections"), _over_the_cap),
 ]  # fmt: skip
 
-CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES
+# -- the control API: bodies the CLI never sends -------------------------------------------
+
+
+def api_message(method: str, target: str, body: bytes) -> Callable[[Path], str]:
+    def run(scratch: Path) -> str:
+        from tests.controlhttp import request
+
+        pki = Pki.create(scratch / "pki")
+        with _daemon_with_route(scratch, pki, 9):
+            status, answer = request(resolve_places(home=scratch / "home").control_socket, method, target, body)
+        field = f" (field {answer['field']})" if answer.get("field") else ""
+        return f"{status}{field}: {answer['error']}"
+
+    return run
+
+
+def _two_adds_one_on_a_taken_port(scratch: Path) -> str:
+    """Two route adds at the same moment, the second on a port another socket holds."""
+    import json
+    import threading
+
+    from tests.controlhttp import request
+
+    pki = Pki.create(scratch / "pki")
+    with socket.socket() as taken, _daemon_with_route(scratch, pki, 9):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon_socket = resolve_places(home=scratch / "home").control_socket
+        bodies = {
+            "good": {"name": "good", "listen": "127.0.0.1:0", "target": "127.0.0.1:9"},
+            "bad": {"name": "bad", "listen": f"127.0.0.1:{taken.getsockname()[1]}", "target": "127.0.0.1:9"},
+        }
+        answers: dict[str, tuple[int, dict[str, str]]] = {}
+        start = threading.Barrier(2)
+
+        def add(name: str) -> None:
+            start.wait()
+            answers[name] = request(daemon_socket, "POST", "/v1/routes", json.dumps(bodies[name]).encode())
+
+        threads = [threading.Thread(target=add, args=(name,)) for name in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        routes = request(daemon_socket, "GET", "/v1/routes", b"")[1]
+    (good, _), (bad, refused) = answers["good"], answers["bad"]
+    return f"good: {good}; bad: {bad} {refused['error']}; routes afterwards: {', '.join(sorted(routes))}"
+
+
+API_CASES = [
+    Case("api", "a 100,000-character route name", ("400 (field name)", "invalid name", "1 to 64 characters"), api_message("POST", "/v1/routes", b'{"name": "' + b"r" * 100_000 + b'", "listen": "127.0.0.1:0", "target": "127.0.0.1:9"}')),
+    Case("api", "JSON nested 100,000 deep", ("400", "nested too deeply"), api_message("POST", "/v1/routes", b'{"name": "x", "alpn": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
+    Case("api", "`null` in an alpn list", ("400 (field alpn)", "item 1 is null"), api_message("PATCH", "/v1/routes/svc", b'{"alpn": ["h2", null]}')),
+    Case("api", "an object where a string goes", ("400 (field target)", "got an object"), api_message("PATCH", "/v1/routes/svc", b'{"target": {"host": "x"}}')),
+    Case("api", "two route adds at once, one on a taken port", ("good: 201", "bad: 409", "routes afterwards: good, svc"), _two_adds_one_on_a_taken_port),
+]  # fmt: skip
+
+CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES + API_CASES
 
 
 # -- collecting and rendering ---------------------------------------------------------------
@@ -402,7 +465,8 @@ def render(rows: list[Row]) -> str:
         "",
     ]
     for area, title in (("config", "config.toml"), ("keystore", "The keystore"), ("cli", "The command line"),
-                        ("runtime", "At run time (reason counted in status: message)")):  # fmt: skip
+                        ("runtime", "At run time (reason counted in status: message)"),
+                        ("api", "The control API (status, field: answer)")):  # fmt: skip
         lines += [f"## {title}", "", "| bad input | message |", "|---|---|"]
         for row in rows:
             if row.case.area == area:

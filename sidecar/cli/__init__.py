@@ -368,19 +368,25 @@ def _remote(places: Places, args: argparse.Namespace) -> int:
 def _cmd_ca_server(places: Places, args: argparse.Namespace) -> int:
     from sidecar.devca import load_or_create_ca
     from sidecar.files import PRIVATE_FILE_MODE, atomic_write
+    from sidecar.names import inside, server_name_problem
     from sidecar.units import parse_duration
 
     try:
         lifetime = parse_duration(args.lifetime)
     except ValueError as exc:
         raise ConfigError(str(exc), source="command line", field="--lifetime", value=args.lifetime) from exc
+    for name in args.names:  # the first also names the files: a DNS name cannot lead out of --out
+        problem = server_name_problem(name)
+        if problem is not None:
+            raise ConfigError(problem, source="command line", field="NAME", value=name)
     now = datetime.now(UTC)
     issued = load_or_create_ca(places.ca, now).issue_server(args.names, timedelta(seconds=lifetime), now)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.names[0].replace("*", "wildcard").replace(":", "_")
-    atomic_write(out / f"{stem}.key", issued.key_pem(), PRIVATE_FILE_MODE)
-    atomic_write(out / f"{stem}.crt", issued.cert_pem(), 0o644)
+    key_file, cert_file = inside(out, f"{stem}.key"), inside(out, f"{stem}.crt")
+    atomic_write(key_file, issued.key_pem(), PRIVATE_FILE_MODE)
+    atomic_write(cert_file, issued.cert_pem(), 0o644)
     print(f"wrote {out / (stem + '.crt')} (certificate and dev CA chain) and {out / (stem + '.key')} (mode 0600)")
     print("clients verify it with the dev CA: mtls-sidecar ca export > dev-ca.pem")
     return EXIT_OK

@@ -29,6 +29,7 @@ from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 from sidecar.firstrun import default_config_for
 from sidecar.identities import secrets_for
 from sidecar.keystore import evaluate, read_identity_folder, select
+from sidecar.names import inside
 from sidecar.paths import Places
 from sidecar.tablereader import toml_key
 from sidecar.units import parse_duration
@@ -152,7 +153,7 @@ def cmd_identity_import(places: Places, args: argparse.Namespace) -> int:
     issuer = cert.issuer.rfc4514_string()
     ca_cert = _dev_ca_cert(places)
     dev = from_dev_ca(cert, candidate.chain, ca_cert)
-    folder = (config_file.config.keystore_dir or places.keystore) / name
+    folder = inside(config_file.config.keystore_dir or places.keystore, name)
     present = read_identity_folder(folder, secrets)
     if not dev and existing is not None and existing.renew == "local-ca":
         return refuse(
@@ -338,7 +339,7 @@ def cmd_identity_new(places: Places, args: argparse.Namespace) -> int:
         )
         return EXIT_FAILURE
     ca = load_or_create_ca(places.ca, now)
-    folder = (config_file.config.keystore_dir or places.keystore) / name
+    folder = inside(config_file.config.keystore_dir or places.keystore, name)
     foreign = foreign_credentials(
         read_identity_folder(folder, secrets_for(spec or IdentitySpec(name), os.environ)), ca.cert
     )

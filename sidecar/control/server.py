@@ -156,6 +156,8 @@ def own_private_folder(folder: Path) -> None:
     except OSError as exc:
         raise LocalSetupError(f"cannot create the runtime folder {folder}: {exc.strerror or exc}") from exc
     _refuse_foreign_folder(folder)  # and what is there now is a folder of ours
+    if os.name == "posix" and folder.stat().st_mode & 0o077:
+        folder.chmod(0o700)  # ours, checked above (ensure_private_dir leaves folders it did not make alone)
 
 
 def _refuse_foreign_folder(folder: Path) -> None:
