@@ -23,7 +23,13 @@ from sidecar.errors import ConfigError, LocalSetupError, SidecarError
 from sidecar.events import EventBus
 from sidecar.expiry import Renewal, expiry_warning, warning_starts
 from sidecar.failures import Failure
-from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, remove_stale_temp_files
+from sidecar.files import (
+    PRIVATE_FILE_MODE,
+    atomic_write,
+    empty_private_dir,
+    ensure_private_dir,
+    remove_stale_temp_files,
+)
 from sidecar.identities import IdentityBook
 from sidecar.keystore import Selection
 from sidecar.localtls import LocalServerContext
@@ -111,6 +117,7 @@ class Daemon:
         self.ca = load_or_create_ca(self.places.ca, now)  # cheap once made; the demo and local-ca need it
         ensure_private_dir(self.keystore)
         remove_stale_temp_files(self.keystore)
+        empty_private_dir(self.places.scratch)  # a decrypted key left by a renewal that was killed
         self.book.refresh(now)
         watchers = self._make_identity_watchers(self.config, set(self.config.identities))
         self._install_identity_watchers(watchers)
@@ -314,7 +321,7 @@ class Daemon:
 
     def _make_identity_watchers(self, config: Config, names: set[str]) -> dict[str, IdentityRenewer | ExpiryWarner]:
         """Build renewers (or, for renew = "none", warners) without starting them."""
-        context = ProviderContext(keystore=self.keystore, dev_ca=self.ca)
+        context = ProviderContext(keystore=self.keystore, dev_ca=self.ca, scratch=self.places.scratch)
         made: dict[str, IdentityRenewer | ExpiryWarner] = {}
         for name in names:
             spec = config.identities[name]

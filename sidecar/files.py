@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PRIVATE_FILE_MODE = 0o600
@@ -94,8 +98,46 @@ def remove_stale_temp_files(root: Path) -> list[Path]:
     They are hidden, so the keystore rule never reads them; this only keeps folders tidy.
     """
     removed = []
-    for path in root.rglob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed.append(path)
+    for path in walk_files(root):
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
     return removed
+
+
+def empty_private_dir(folder: Path) -> None:
+    """Make `folder` an empty 0700 folder of ours: what an earlier run left there is removed.
+
+    Only a real folder of this user is emptied; a symlink or another user's folder there is
+    refused with an OSError naming it, never followed or emptied."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        make_private_dirs(folder)
+        return
+    if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+        raise OSError(errno.EEXIST, "not a folder of ours; move it away", str(folder))
+    shutil.rmtree(folder)
+    make_private_dirs(folder)
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, at any depth, without recursion (Path.rglob and os.walk recurse
+    on Python 3.11: a folder nested ~1,000 levels deep raised RecursionError and stopped the
+    daemon's start). Symlinks are not followed; folders that cannot be read are skipped."""
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    yield Path(entry.path)
+            except OSError:
+                continue

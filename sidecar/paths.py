@@ -51,6 +51,12 @@ class Places:
         return self.run / CONTROL_SOCKET_NAME
 
     @property
+    def scratch(self) -> Path:
+        """Short-lived private files (a renew_command's decrypted key), in the runtime folder;
+        emptied at every daemon start."""
+        return self.run / "scratch"
+
+    @property
     def lock_file(self) -> Path:
         """The daemon's lock, in the data folder beside the keystore: one daemon per data folder."""
         return self.keystore.parent / LOCK_FILE_NAME

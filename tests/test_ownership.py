@@ -14,15 +14,18 @@ import stat
 import subprocess
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from sidecar.control.client import ApiCallError
 from tests.daemon_runner import DaemonThread
+from tests.pki import Leaf
 from tests.scenario import Pki, route_to, write_config
 from tests.test_cli import LogFollower
 from tests.test_other_user import make_other_user
+from tests.waiting import wait_until
 
 
 def _mode(path: Path) -> int:
@@ -249,3 +252,125 @@ def test_route_rm_removes_its_own_socket_and_never_one_it_did_not_create(isolate
             daemon.client().delete("/v1/routes/db")
             assert _inode(path) == theirs
             assert _still_answers(other_program, path)
+
+
+# -- the keystore: its folder deleted or replaced, a deep tree, stale temporary keys ---------------
+
+
+def _selected_serial(daemon: DaemonThread) -> str | None:
+    selected = daemon.status()["identities"]["dev"]["selected"]
+    return None if selected is None else str(selected["serial"])
+
+
+def _serial_of(leaf: Leaf) -> str:
+    return f"{leaf.cert.serial_number:x}"
+
+
+def _dev_config(home: Path, pki: Pki) -> Path:
+    return write_config(home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+
+
+def test_a_keystore_deleted_or_replaced_while_running_is_still_watched(isolated_home: Path, tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    keystore = isolated_home / "keystore"
+    first = pki.enroll(keystore, "dev", "dev-1", cn="dev")
+    with DaemonThread(_dev_config(isolated_home, pki)) as daemon:
+        assert _selected_serial(daemon) == _serial_of(first)
+
+        shutil.rmtree(keystore)  # deleted ...
+        wait_until(lambda: _selected_serial(daemon) is None, what="the deleted credential to be dropped")
+        keystore.mkdir(mode=0o700)  # ... and made again, with a new credential
+        second = pki.enroll(keystore, "dev", "dev-2", cn="dev")
+        wait_until(lambda: _selected_serial(daemon) == _serial_of(second), what="the new keystore's credential")
+
+        replacement = tmp_path / "keystore.new"  # replaced by a rename
+        replacement.mkdir(mode=0o700)
+        third = pki.enroll(replacement, "dev", "dev-3", cn="dev")
+        os.rename(keystore, tmp_path / "keystore.old")
+        os.rename(replacement, keystore)
+        wait_until(lambda: _selected_serial(daemon) == _serial_of(third), what="the replacing keystore's credential")
+
+        fourth = pki.enroll(keystore, "dev", "dev-4", cn="dev", lifetime=timedelta(days=30))  # and its later changes
+        wait_until(lambda: _selected_serial(daemon) == _serial_of(fourth), what="a credential added afterwards")
+
+
+def test_a_keystore_nested_1000_levels_deep_starts_and_stale_temporary_keys_are_removed(
+    isolated_home: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    keystore = isolated_home / "keystore"
+    first = pki.enroll(keystore, "dev", "dev-1", cn="dev")
+    deep = keystore / "dev"
+    # pytest's own clean-up of old tmp folders recurses: take the chain apart whatever happens
+    request.addfinalizer(lambda: _flatten_away(deep / "d", tmp_path))
+    fd = os.open(deep, os.O_RDONLY)
+    try:  # made relative to an open folder: the whole path is longer than PATH_MAX
+        for _ in range(1000):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leftover = os.open(".key.pem.x1y2.tmp", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(leftover, b"-----BEGIN PRIVATE KEY-----\n")
+        os.close(leftover)
+    finally:
+        os.close(fd)
+    (keystore / "dev" / ".dev-1.pem.abcd.tmp").write_text("half a key")  # an interrupted atomic write
+    scratch = isolated_home / "run" / "scratch" / "renew-killed"
+    scratch.mkdir(parents=True, mode=0o700)
+    (scratch / "current.key").write_text("-----BEGIN PRIVATE KEY-----\n")  # a renewal killed midway
+    with DaemonThread(_dev_config(isolated_home, pki)) as daemon:
+        assert _selected_serial(daemon) == _serial_of(first)
+        assert not (keystore / "dev" / ".dev-1.pem.abcd.tmp").exists()
+        assert list((isolated_home / "run" / "scratch").iterdir()) == []
+        assert _mode(isolated_home / "run" / "scratch") == 0o700
+        second = pki.enroll(keystore, "dev", "dev-2", cn="dev", lifetime=timedelta(days=30))  # the watch still works
+        wait_until(lambda: _selected_serial(daemon) == _serial_of(second), what="a new credential")
+    found = [name for _, _, files in _walk_fd(deep) for name in files]
+    assert ".key.pem.x1y2.tmp" not in found
+
+
+def _flatten_away(top: Path, spare: Path) -> None:
+    """Remove a very deep chain of folders one level at a time."""
+    level = 0
+    while top.exists():
+        child, moved = top / "d", spare / f"flat-{level}"
+        has_child = child.exists()
+        if has_child:
+            os.rename(child, moved)
+        shutil.rmtree(top)
+        top, level = moved, level + 1
+
+
+def _walk_fd(root: Path) -> list[tuple[str, list[str], list[str]]]:
+    """os.walk without recursion (os.walk recurses on 3.11 and paths here exceed PATH_MAX)."""
+    out: list[tuple[str, list[str], list[str]]] = []
+    stack = [os.open(root, os.O_RDONLY)]
+    while stack:
+        fd = stack.pop()
+        try:
+            entries = list(os.scandir(fd))
+            dirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+            out.append(("", dirs, [e.name for e in entries if not e.is_dir(follow_symlinks=False)]))
+            stack += [os.open(d, os.O_RDONLY, dir_fd=fd) for d in dirs]
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_renew_command_temporary_files_live_in_the_scratch_folder(isolated_home: Path, tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    seen = tmp_path / "seen.txt"
+    record = ["sh", "-c", f'echo "$MTLS_SIDECAR_CURRENT_KEY" > {seen}; exit 3']
+    config = write_config(
+        isolated_home / "config.toml",
+        identities={"dev": {"renew": "command", "renew_command": record}},
+        routes={},
+    )
+    with DaemonThread(config) as daemon:
+        daemon.client().post("/v1/identities/dev/renew")
+        wait_until(lambda: seen.exists() and seen.read_text().strip(), what="the renew_command to run")
+        key = Path(seen.read_text().strip())
+        assert key.parent.parent == isolated_home / "run" / "scratch", key
+        wait_until(lambda: not key.exists(), what="the temporary key to be removed after the renewal")

@@ -37,6 +37,9 @@ class ProviderContext:
 
     keystore: Path
     dev_ca: DevCA | None = None
+    # A private folder (0700) for short-lived files such as the decrypted key a renew_command
+    # reads; the daemon empties it at start, so a renewal killed midway leaves nothing for long.
+    scratch: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The program gets `MTLS_SIDECAR_IDENTITY`, `MTLS_SIDECAR_CURRENT_CERT` and `MTLS_SIDECAR_CURRENT_KEY`
 (the credential in use as plain PEM files; absent when enrolling), and `MTLS_SIDECAR_OUT_CERT` and
 `MTLS_SIDECAR_OUT_KEY` (where to write). All four live in a private temporary folder removed
-afterwards. The daemon validates the result before accepting it.
+afterwards, inside the daemon's scratch folder (emptied at every start, should a renewal be
+killed). The daemon validates the result before accepting it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
+from sidecar.files import make_private_dirs
 from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest, settings_of
 from sidecar.renewal.providers.run import run_setting_command
 from sidecar.renewal.settings import CommandSettings
@@ -27,9 +29,14 @@ class CommandProvider:
     def __init__(self, spec: IdentitySpec, context: ProviderContext) -> None:
         self.spec = spec
         self.settings = settings_of(spec, CommandSettings)
+        self.scratch = context.scratch
 
     async def issue(self, request: RenewalRequest) -> NewCredential:
-        with tempfile.TemporaryDirectory(prefix="mtls-sidecar-renew-") as out_dir:
+        if self.scratch is not None:
+            make_private_dirs(self.scratch)
+        # in the daemon's scratch folder, not /tmp: a renewal killed midway leaves the decrypted
+        # key there, and the daemon empties that folder at start
+        with tempfile.TemporaryDirectory(prefix="renew-", dir=self.scratch) as out_dir:
             out_cert, out_key = Path(out_dir) / "cert.pem", Path(out_dir) / "key.pem"
             env = {
                 **os.environ,
