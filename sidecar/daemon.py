@@ -137,6 +137,11 @@ class Daemon:
                 recursive=False,
             ),
         ]
+        target = Path(os.path.realpath(self.places.config_file))
+        if target != self.places.config_file:  # a symlinked config.toml: edits of the file it points to count
+            self._watches.append(
+                FolderWatch(target.parent, loop, self._config_file_changed, only=target, recursive=False)
+            )
         for watch in self._watches:
             watch.start()
         self._schedule_clock_refresh()
@@ -310,7 +315,7 @@ class Daemon:
         new_text = edit(text)
         new = parse_config(new_text, source=str(self.places.config_file), base_dir=self.places.config_file.parent)
         await self.apply_config(new)
-        atomic_write(self.places.config_file, new_text.encode(), PRIVATE_FILE_MODE)
+        atomic_write(self.places.config_file, new_text.encode(), PRIVATE_FILE_MODE, through_symlink=True)
         self._config_text = new_text
         return new
 

@@ -61,12 +61,16 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, through_symlink: bool = False) -> None:
     """Write `data` to `path` so readers see the old file or the new one, never half of one.
 
     Temporary file in the same folder (so the rename stays on one filesystem), fsync, rename,
-    then fsync the folder so the rename itself survives a crash.
+    then fsync the folder so the rename itself survives a crash. `through_symlink`: when
+    `path` is a symlink (a config.toml kept in a dotfiles repository), the file it points to
+    is replaced and the link stays a link.
     """
+    if through_symlink and path.is_symlink():
+        path = Path(os.path.realpath(path))
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)

@@ -374,3 +374,29 @@ def test_renew_command_temporary_files_live_in_the_scratch_folder(isolated_home:
         key = Path(seen.read_text().strip())
         assert key.parent.parent == isolated_home / "run" / "scratch", key
         wait_until(lambda: not key.exists(), what="the temporary key to be removed after the renewal")
+
+
+# -- a symlinked config.toml -----------------------------------------------------------------------
+
+
+def test_a_symlinked_config_is_hot_reloaded_and_an_api_change_keeps_it_a_link(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    real = write_config(tmp_path / "dotfiles" / "sidecar.toml", identities={"dev": {"renew": "none"}}, routes={})
+    link = isolated_home / "config.toml"
+    link.symlink_to(real)
+    with DaemonThread(link) as daemon:
+        # an edit of the file the link points to is a config change
+        write_config(real, identities={"dev": {"renew": "none"}}, routes={"hot": route_to(pki, 1)})
+        wait_until(lambda: "hot" in daemon.status()["routes"], what="the edited target to be reloaded")
+
+        daemon.client().post("/v1/routes", {**route_to(pki, 1), "name": "api"})
+        assert link.is_symlink() and Path(os.readlink(link)) == real  # still the user's link
+        assert "api" in real.read_text() and "hot" in real.read_text()
+
+        text = real.read_text().replace("[routes.hot]", "[routes.renamed]")  # and edits go on counting
+        real.write_text(text)
+        wait_until(lambda: "renamed" in daemon.status()["routes"], what="a later edit of the target")
+        assert link.is_symlink()

@@ -61,7 +61,7 @@ class ConfigFile:
             ensure_private_dir(self.path.parent)
         else:
             mode = stat.S_IMODE(self.path.stat().st_mode)  # the user's choice stands
-        atomic_write(self.path, text.encode(), mode)
+        atomic_write(self.path, text.encode(), mode, through_symlink=True)  # a symlinked config.toml stays one
 
 
 def read_config_file(places: Places) -> ConfigFile:
