@@ -16,6 +16,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class Cause(StrEnum):
@@ -384,6 +385,33 @@ def error_text(exc: BaseException) -> str:
     """An exception's first line, bounded."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quoted(text: str) -> str:
+    """`text` from a peer (a certificate's subject, a server's error) safe for a terminal, a log
+    line or a table: every character that is not printable (control characters, newlines,
+    escape sequences' ESC, bidirectional overrides, other format characters) is written as an
+    escape (\\n, \\x1b, \\u202e). Quoting quoted text changes nothing."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+def quoted_all(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings) with every string in it `quoted`."""
+    if isinstance(value, str):
+        return quoted(value)
+    if isinstance(value, dict):
+        return {k: quoted_all(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(quoted_all(v) for v in value)
+    return value
 
 
 def printable(data: bytes, limit: int = 60) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import __version__, config_edit
+from sidecar.causes import quoted
 from sidecar.config import Config, RouteSpec, parse_config
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
@@ -774,8 +775,8 @@ def describe_certificate(candidate: Candidate | None) -> dict[str, Any] | None:
     cert = candidate.cert
     return {
         "serial": f"{cert.serial_number:x}",
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
+        "subject": quoted(cert.subject.rfc4514_string()),
+        "issuer": quoted(cert.issuer.rfc4514_string()),
         "not_before": rfc3339(cert.not_valid_before_utc),
         "not_after": rfc3339(cert.not_valid_after_utc),
         "file": candidate.file,

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.causes import VERIFY_UNTRUSTED, Cause, Fault, cause_of, fault_from, looks_like_mysql_greeting, printable
+from sidecar.causes import (
+    VERIFY_UNTRUSTED,
+    Cause,
+    Fault,
+    cause_of,
+    fault_from,
+    looks_like_mysql_greeting,
+    printable,
+    quoted,
+)
 
 
 @dataclass(frozen=True)
 class Failure:
     reason: Cause
-    message: str
+    message: str  # quoted: it may hold a server's words or names (status, events and the log show it)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", quoted(self.message))
 
 
 def classify(

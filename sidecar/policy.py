@@ -27,7 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from sidecar.causes import Cause
+from sidecar.causes import Cause, quoted
 
 REVOCATION_MODES = ("off", "soft", "hard")
 PIN_HINT = (
@@ -44,6 +44,11 @@ class Verdict:
     reason: Cause | None = None
     message: str = ""
     warning: str | None = None
+
+    def __post_init__(self) -> None:  # both may name the server's certificate: quoted
+        object.__setattr__(self, "message", quoted(self.message))
+        if self.warning is not None:
+            object.__setattr__(self, "warning", quoted(self.warning))
 
     @classmethod
     def passed(cls, warning: str | None = None) -> Verdict:

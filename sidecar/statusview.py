@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Any
 
-from sidecar.causes import Cause
+from sidecar.causes import Cause, quoted_all
 from sidecar.units import human_duration
 
 _COLOURS = {"ok": "32", "warn": "33", "bad": "31", "dim": "2"}
@@ -39,6 +39,7 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
     def paint(text: str, kind: str) -> str:
         return f"\033[{_COLOURS[kind]}m{text}\033[0m" if colour else text
 
+    status = quoted_all(status)  # names and errors may come from a server: no control character reaches the terminal
     lines = [f"mtls-sidecar {status.get('version', '?')}  active identity: {status.get('active_identity') or '-'}"]
     config = (status.get("config") or {}).get("path")
     if config:  # which daemon answered: with another HOME or runtime folder it may not be the one you meant

@@ -60,6 +60,9 @@ def build_client_context(credential: Candidate | None, policy: ServerPolicy) -> 
     """A TLS ≥ 1.2 client context that verifies servers strictly (RFC 6125, never the CN)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A TLS 1.2 server may not start a second handshake: its new certificate would never meet
+    # the route's pins, URI SANs or revocation check, which run once, after the first.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if policy.skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

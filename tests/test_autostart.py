@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from sidecar.autostart.plan import (
     Launch,
     desktop_exec,
     marker,
+    plan_for,
     powershell_single_quoted,
     systemd_exec,
     written_by_version,
@@ -76,7 +78,8 @@ def value_of(text: str, key: str) -> str:
 def desktop_exec_argv(value: str) -> list[str]:
     """Split an Exec= value back into arguments, as the Desktop Entry spec says a launcher does
     (written independently of the renderer, to check it)."""
-    unescaped = value.replace("\\\\", "\\")  # string-value escaping first
+    string_escapes = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    unescaped = re.sub(r"\\(.)", lambda m: string_escapes.get(m.group(1), m.group(0)), value)  # string level first
     args: list[str] = []
     i, current, in_word = 0, "", False
     while i < len(unescaped):
@@ -118,6 +121,28 @@ def test_desktop_exec_round_trips_through_the_spec_parser() -> None:
     assert rendered.startswith('"/opt/my tools/bin/mtls-sidecar-tray" --home "')
     assert desktop_exec_argv(rendered) == list(argv)
     assert desktop_exec(("/usr/bin/mtls-sidecar-tray",)) == "/usr/bin/mtls-sidecar-tray"
+
+
+def test_a_newline_in_a_path_stays_inside_its_value_in_every_format(tmp_path: Path) -> None:
+    home = tmp_path / "odd\nhome\tdir"
+    launch = this_launch(home)
+    assert "\n" in launch.daemon[-2]  # --home <path with a newline> run
+    exec_start = systemd_exec(launch.daemon)
+    assert "\n" not in exec_start and "\\n" in exec_start
+    folders = folders_in(tmp_path)
+    Autostart(folders, launch, platform="linux", method="systemd", systemd=False).install()
+    unit = folders.xdg_config / "systemd" / "user" / "mtls-sidecar.service"
+    verified = systemd_verify(unit, tmp_path)
+    assert (verified.returncode, verified.stderr) == (0, ""), unit.read_text()
+    assert value_of(unit.read_text(), "ExecStart") == exec_start  # one line, the whole command
+    Autostart(folders, launch, platform="linux", method="xdg", systemd=False).install()
+    entry = folders.xdg_config / "autostart" / "mtls-sidecar-daemon.desktop"
+    validated = desktop_validate(entry)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert desktop_exec_argv(value_of(entry.read_text(), "Exec")) == list(launch.daemon)
+    plan = plan_for("darwin", "launchd", launch, folders)
+    daemon_plist = plistlib.loads(plan.files[0].content.encode())
+    assert daemon_plist["ProgramArguments"] == list(launch.daemon)
 
 
 def test_powershell_single_quotes_are_doubled() -> None:

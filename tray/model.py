@@ -150,15 +150,16 @@ def _identity_trouble(identity: dict[str, Any], now: datetime) -> IconState:
 
 def icon_state(status: dict[str, Any] | None, now: datetime) -> IconState:
     """ok: all identities valid and no route in trouble; warning: an expiry warning, renewal
-    window, renewal failing, verification off; error: an identity without a usable certificate,
-    a route failing, without a certificate or not listening; disconnected: no daemon."""
+    window, renewal failing, verification off, a route open to other machines (unsafe_listen);
+    error: an identity without a usable certificate, a route failing, without a certificate or
+    not listening; disconnected: no daemon."""
     if status is None:
         return IconState.DISCONNECTED
     states = [_identity_trouble(i, now) for i in status.get("identities", {}).values()]
     for route in status.get("routes", {}).values():
         if route_health(route) in ROUTE_TROUBLE:
             states.append(IconState.ERROR)
-        if route.get("verify") is False:
+        if route.get("verify") is False or route.get("unsafe_listen"):
             states.append(IconState.WARNING)
     if status.get("warnings"):
         states.append(IconState.WARNING)
@@ -241,7 +242,8 @@ def _routes_menu(status: dict[str, Any], now: datetime) -> tuple[MenuItem, ...]:
         mark = f" · ✗ {route_health(route).replace('_', ' ')}" if troubled else ""
         protocol = route.get("protocol") or "tcp"
         speaks = "" if protocol == "tcp" else f" · {protocol}"  # tcp is the default: said only when it is not
-        label = f"{name}  {route['listen']} → {route['target']}{speaks} · {opened} open{mark}"
+        unsafe = " · ⚠ reachable from other machines" if route.get("unsafe_listen") else ""
+        label = f"{name}  {route['listen']} → {route['target']}{speaks} · {opened} open{mark}{unsafe}"
         current = route.get("identity")
         choices = tuple(
             MenuItem(

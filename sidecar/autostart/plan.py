@@ -168,9 +168,17 @@ def systemd_exec(argv: tuple[str, ...]) -> str:
     for arg in argv:
         text = arg.replace("%", "%%").replace("$", "$$")
         if not _SYSTEMD_PLAIN.fullmatch(text):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            # a newline would end the line (the rest a key of its own): inside quotes, C escapes
+            text = '"' + "".join(_SYSTEMD_ESCAPES.get(ch) or _c_escape(ch) for ch in text) + '"'
         words.append(text)
     return " ".join(words)
+
+
+_SYSTEMD_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _c_escape(ch: str) -> str:
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
 
 
 _DESKTOP_RESERVED = set(" \t\n\"'\\><~|&;$*?#()`")
@@ -185,7 +193,8 @@ def desktop_exec(argv: tuple[str, ...]) -> str:
         text = arg.replace("%", "%%")
         if not text or any(ch in _DESKTOP_RESERVED for ch in text):
             text = '"' + "".join("\\" + ch if ch in '"`$\\' else ch for ch in text) + '"'
-        words.append(text.replace("\\", "\\\\"))
+        # the string-value escapes: backslash, and the line breaks a value cannot hold raw
+        words.append(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t"))
     return " ".join(words)
 
 

@@ -26,6 +26,8 @@ from sidecar.causes import (
     http_certificate_refusal,
     looks_like_tls,
     printable,
+    quoted,
+    quoted_all,
 )
 from sidecar.policy import Verdict, spki_sha256, uri_sans
 from sidecar.units import human_duration
@@ -71,6 +73,12 @@ class CheckResult:
     message: str
     fix: str | None
     details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # the server's names and words reach a terminal: quoted
+        object.__setattr__(self, "message", quoted(self.message))
+        if self.fix is not None:
+            object.__setattr__(self, "fix", quoted(self.fix))
+        object.__setattr__(self, "details", quoted_all(self.details))
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "cause": self.cause, "message": self.message, "fix": self.fix, "details": self.details}

@@ -131,11 +131,14 @@ class CommandSettings:
     """`renew = "command"`: run `argv` (no shell), bounded by `timeout` seconds."""
 
     name: ClassVar[str] = "command"
-    keys: ClassVar[tuple[str, ...]] = ("renew_command", "renew_timeout")
+    keys: ClassVar[tuple[str, ...]] = ("renew_command", "renew_timeout", "renew_env")
     DEFAULT_TIMEOUT: ClassVar[float] = 60.0
 
     argv: tuple[str, ...]
     timeout: float = DEFAULT_TIMEOUT
+    # environment variables the program gets besides the basics (PATH, HOME, LANG, …) and its
+    # own identity's password variables: nothing else of the daemon's environment reaches it
+    env: tuple[str, ...] = ()
 
     @classmethod
     def from_table(cls, t: Table, subject: str) -> CommandSettings:
@@ -144,6 +147,7 @@ class CommandSettings:
         return cls(
             argv=_argv(t, "renew_command", _RENEW_COMMAND_EXAMPLE),
             timeout=t.duration("renew_timeout", cls.DEFAULT_TIMEOUT, positive=True),
+            env=_env_names(t, "renew_env"),
         )
 
 
@@ -307,6 +311,14 @@ def _argv(t: Table, key: str, example: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
         raise t.error(key, "must be a non-empty list of strings (argv, no shell)", value, hint=f"e.g. {example}")
     return tuple(value)
+
+
+def _env_names(t: Table, key: str) -> tuple[str, ...]:
+    names = t.strings(key, '["AWS_PROFILE", "VAULT_ADDR"]')
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise t.error(key, "not an environment variable name", name, hint='e.g. ["VAULT_ADDR"]')
+    return tuple(names)
 
 
 def _acme_identifiers(t: Table) -> tuple[str, ...] | None:

@@ -19,7 +19,7 @@ from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate
 from sidecar.files import make_private_dirs
 from sidecar.renewal.providers.base import NewCredential, ProviderContext, ProviderError, RenewalRequest, settings_of
-from sidecar.renewal.providers.run import run_setting_command
+from sidecar.renewal.providers.run import clean_environment, run_setting_command
 from sidecar.renewal.settings import CommandSettings
 
 
@@ -38,8 +38,11 @@ class CommandProvider:
         # key there, and the daemon empties that folder at start
         with tempfile.TemporaryDirectory(prefix="renew-", dir=self.scratch) as out_dir:
             out_cert, out_key = Path(out_dir) / "cert.pem", Path(out_dir) / "key.pem"
+            # a clean environment: the basics, this identity's own password variables and what
+            # renew_env names; never another identity's password
+            own = [v for v in (self.spec.pkcs12_password_env, self.spec.key_password_env) if v]
             env = {
-                **os.environ,
+                **clean_environment([*own, *self.settings.env]),
                 "MTLS_SIDECAR_IDENTITY": self.spec.name,
                 "MTLS_SIDECAR_OUT_CERT": str(out_cert),
                 "MTLS_SIDECAR_OUT_KEY": str(out_key),
@@ -49,7 +52,11 @@ class CommandProvider:
                 env["MTLS_SIDECAR_CURRENT_CERT"] = str(current_cert)
                 env["MTLS_SIDECAR_CURRENT_KEY"] = str(current_key)
             await run_setting_command(
-                self.settings.argv, setting="renew_command", timeout=self.settings.timeout, env=env
+                self.settings.argv,
+                setting="renew_command",
+                timeout=self.settings.timeout,
+                env=env,
+                secrets=[os.environ[v] for v in own if os.environ.get(v)],
             )
             missing = [
                 f"{var} ({path})"
