@@ -305,8 +305,6 @@ class RouteListener:
                 "crl_file": str(route.crl_file) if route.crl_file else None,
             },
             "verify": not route.unsafe_skip_verify,
-            # listening beyond loopback: other machines can reach it and use our identity (a warning too)
-            "unsafe_listen": route.unsafe_listen,
             # how connections from other OS users are kept out ("method": null: they cannot be)
             "peer_check": self.peer_check(),
         }
@@ -559,9 +557,10 @@ def _listen_error(route: RouteSpec, exc: OSError) -> str:
     where = str(route.listen)
     field_name = f"routes.{route.name}.listen"
     if route.listen.kind == "unix" and exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+        fix = "stop that program" if exc.errno == errno.EADDRINUSE else "move it away"
         return (
             f"route {route.name}: cannot listen on {where}: {exc.strerror}; it is left alone: "
-            f"stop that program, or choose another path in {field_name}"
+            f"{fix}, or choose another path in {field_name}"
         )
     if exc.errno == errno.EADDRINUSE:
         return (
