@@ -305,6 +305,8 @@ class RouteListener:
                 "crl_file": str(route.crl_file) if route.crl_file else None,
             },
             "verify": not route.unsafe_skip_verify,
+            # listening beyond loopback: other machines can reach it and use our identity (a warning too)
+            "unsafe_listen": route.unsafe_listen,
             # how connections from other OS users are kept out ("method": null: they cannot be)
             "peer_check": self.peer_check(),
         }

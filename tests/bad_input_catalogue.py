@@ -86,6 +86,7 @@ CONFIG_CASES = [
     Case("config", "a route name that is a path", ("routes.\"../x\"", "invalid name", "beginning with a letter or digit"), config_message(MINIMAL_ROUTE.replace("[routes.api]", '[routes."../x"]'))),
     Case("config", "a route whose target is its own listen address", ("config.toml:6", "routes.api.target", "own listen address"), config_message(MINIMAL_ROUTE.replace("api.example.test:443", "127.0.0.1:8443"))),
     Case("config", "a route whose target is another route's listener", ("routes.b.target", "route api"), config_message(MINIMAL_ROUTE + '\n[routes.b]\nlisten = "127.0.0.1:8444"\ntarget = "localhost:8443"\n')),
+    Case("config", "renew_env naming something that is not a variable", ("identities.dev.renew_env", "not an environment variable name"), config_message('[identities.dev]\nrenew = "command"\nrenew_command = ["./renew.sh"]\nrenew_env = ["A=B"]\n')),
     Case("config", "max_connections that is not a whole number", ("routes.api.max_connections", "1 to 1000000"), config_message(MINIMAL_ROUTE + "max_connections = 0\n")),
 ]  # fmt: skip
 
@@ -318,6 +319,29 @@ def _revoked_in_crl_file(scratch: Path) -> str:
     return f"{', '.join(failures)}: {status['last_error']}"
 
 
+def _subject_with_escapes(scratch: Path) -> str:
+    """A server certificate whose subject CN holds a newline and terminal escapes, on a pinned
+    route: the refusal names the certificate by its subject, escaped."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from tests.tlsserver import ScriptedTLSServer
+
+    pki = Pki.create(scratch / "pki")
+    cn = "evil\nWARNING forged line \x1b[2J\x1b]0;title\x07"
+    leaf = pki.server_ca.issue(cn, dns=["localhost"], ips=["127.0.0.1"], eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    cert, key = leaf.write_pair(scratch / "evil", "server")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            ScriptedTLSServer(cert=cert, key=key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo")
+        )
+        status = stack.enter_context(
+            _daemon_with_route(scratch, pki, server.port, pin_sha256=["47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="])
+        )()
+    failures = status["failures"]
+    assert isinstance(failures, dict)
+    return f"{', '.join(failures)}: {status['last_error']}"
+
+
 def _over_the_cap(scratch: Path) -> str:
     """A third connection while two are open on a route with max_connections = 2."""
     from tests.tlsserver import ScriptedTLSServer
@@ -362,6 +386,7 @@ RUNTIME_CASES = [
     Case("runtime", "a server without an allowed URI SAN", ("uri_san_not_allowed", "spiffe://example.test/api/*"), runtime_message("trusted", allowed_uri_sans=["spiffe://example.test/api/*"])),
     Case("runtime", "a server certificate revoked in crl_file", ("server_certificate_revoked", "CRL file"), _revoked_in_crl_file),
     Case("runtime", 'revocation = "hard" and nowhere to ask', ("revocation_unknown", 'revocation = "hard"'), runtime_message("trusted", revocation="hard")),
+    Case("runtime", "a server certificate whose subject holds a newline and terminal escapes", ("pin_mismatch", "CN=evil\\nWARNING forged line \\x1b[2J\\x1b]0\\;title\\x07"), _subject_with_escapes),
     Case("runtime", "a third connection on a route with max_connections = 2", ("too_many_connections", "routes.svc.max_connections"), _over_the_cap),
 ]  # fmt: skip
 
