@@ -382,3 +382,14 @@ def test_check_results_as_notifications() -> None:
         "Fix: start the service",
         "Warning: identity dev: its certificate expires in 2 days …",
     ]
+
+
+def test_a_route_open_to_other_machines_is_a_warning_and_says_so_in_its_label() -> None:
+    status = with_(healthy(), ("routes", "api", "unsafe_listen"), True)
+    assert icon_state(healthy(), NOW) == IconState.OK
+    assert icon_state(status, NOW) == IconState.WARNING
+    labels = [item.text for item in build_menu(status, NOW)] + [
+        sub.text for item in build_menu(status, NOW) for sub in item.submenu
+    ]
+    assert any(label.startswith("api ") and "reachable from other machines" in label for label in labels), labels
+    assert not any(label.startswith("db ") and "reachable" in label for label in labels)

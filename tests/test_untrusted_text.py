@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.causes import quoted
 from sidecar.renewal.providers.run import clean_environment, stderr_tail
+from sidecar.revocation.judge import UNKNOWN, Answer
 from sidecar.statusview import render_status
 from tests.daemon_runner import DaemonThread
 from tests.realservers import free_port, require_binary
@@ -185,6 +186,12 @@ def test_renew_command_gets_a_clean_environment_and_its_stderr_loses_keys_and_pa
     assert "PROD_P12_PASSWORD" not in names and "AWS_SECRET_ACCESS_KEY" not in names
     assert "dev-secret-123" not in error and "PRIVATE KEY" not in error, error
     assert "login with [password removed] failed" in error, error
+
+
+def test_a_revocation_answer_quotes_its_source_and_detail() -> None:
+    answer = Answer(UNKNOWN, "OCSP http://ocsp.example.test/\nforged", "responder said \x1b[2Jno")
+    assert answer.source == "OCSP http://ocsp.example.test/\\nforged"
+    assert answer.detail == "responder said \\x1b[2Jno"
 
 
 def test_stderr_tail_removes_key_blocks_and_passwords() -> None:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from sidecar.causes import Cause
+from sidecar.causes import Cause, quoted
 from sidecar.policy import Verdict
 
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
@@ -47,6 +47,10 @@ class Answer:
     source: str  # "OCSP http://…", "CRL file /…", "CRL http://…"; "" when no source was asked
     detail: str = ""  # plain words: why unknown, or when and why revoked
     next_update: datetime | None = None
+
+    def __post_init__(self) -> None:  # a URL from the certificate, a responder's words: quoted for the log
+        object.__setattr__(self, "source", quoted(self.source))
+        object.__setattr__(self, "detail", quoted(self.detail))
 
     @property
     def definite(self) -> bool:
