@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -213,3 +214,27 @@ def test_out_of_descriptors_the_daemon_logs_one_line_and_serves_again(isolated_h
     text = log_path.read_text()
     assert text.count("out of file descriptors") == 1, text
     assert "Traceback" not in text, text
+
+
+def test_own_connections_that_reset_at_once_are_never_counted_as_another_user(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    with mtls_server(pki, mode="echo") as server:
+        config = one_route_config(isolated_home, pki, server.port)
+        with DaemonThread(config) as daemon:
+            port = daemon.port("svc")
+            for _ in range(200):  # connect and reset at once: gone before the owner can be looked up, often
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.connect(("127.0.0.1", port))
+                sock.close()
+            wait_until(
+                lambda: daemon.status()["routes"]["svc"]["active_connections"] == 0, timeout=20, what="all closed"
+            )
+            failures = daemon.status()["routes"]["svc"]["failures"]
+            assert "other_user" not in failures, failures
+            with daemon.connect("svc") as sock:
+                assert echo(sock, b"mine\n") == b"mine\n"
+    print(f"\n200 connections reset at once: {failures or 'no refusal'}")
