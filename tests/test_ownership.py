@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.cli import main
 from sidecar.control.client import ApiCallError
 from tests.daemon_runner import DaemonThread
 from tests.pki import Leaf
@@ -402,3 +403,12 @@ def test_a_symlinked_config_is_hot_reloaded_and_an_api_change_keeps_it_a_link(
         real.write_text(text)
         wait_until(lambda: "renamed" in daemon.status()["routes"], what="a later edit of the target")
         assert link.is_symlink()
+
+
+def test_identity_new_writes_through_a_symlinked_config(isolated_home: Path, tmp_path: Path) -> None:
+    real = write_config(tmp_path / "dotfiles" / "sidecar.toml", identities={"dev": {"renew": "none"}}, routes={})
+    link = isolated_home / "config.toml"
+    link.symlink_to(real)
+    assert main(["identity", "new", "ci"]) == 0
+    assert link.is_symlink() and Path(os.readlink(link)) == real
+    assert "[identities.ci]" in real.read_text()
