@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -56,6 +56,33 @@ class Secrets:
     key_password_missing: str | None = None
 
 
+Pkcs12Contents = tuple[object, x509.Certificate | None, list[x509.Certificate]]
+Pkcs12Loader = Callable[[bytes, bytes | None], Pkcs12Contents]
+KeyLoader = Callable[[bytes, bytes | None], object]
+
+
+def _load_pkcs12_here(data: bytes, password: bytes | None) -> Pkcs12Contents:
+    key, cert, extra = pkcs12.load_key_and_certificates(data, password)
+    return key, cert, extra
+
+
+def _load_key_here(data: bytes, password: bytes | None) -> object:
+    return serialization.load_pem_private_key(data, password=password)
+
+
+@dataclass(frozen=True)
+class Unlockers:
+    """What derives keys from passwords: in this process by default. The daemon passes loaders
+    that run in a child process with a time bound, since cryptography holds the interpreter
+    lock while it derives (a worker thread alone would still stall the event loop)."""
+
+    pkcs12: Pkcs12Loader = _load_pkcs12_here
+    key: KeyLoader = _load_key_here
+
+
+IN_PROCESS = Unlockers()
+
+
 @dataclass(frozen=True, eq=False)
 class Candidate:
     """One credential found in a keystore folder, usable or not.
@@ -80,7 +107,9 @@ class Candidate:
         return hashlib.sha256(der).hexdigest()
 
 
-def candidates_from_files(files: Mapping[str, bytes], secrets: Secrets) -> list[Candidate]:
+def candidates_from_files(
+    files: Mapping[str, bytes], secrets: Secrets, unlockers: Unlockers = IN_PROCESS
+) -> list[Candidate]:
     """Group a folder's files into credentials and parse each one.
 
     `files` maps file names (no folders) to their content. Files whose names do not look
@@ -93,10 +122,10 @@ def candidates_from_files(files: Mapping[str, bytes], secrets: Secrets) -> list[
     for name in names:
         suffix = PurePath(name).suffix.lower()
         if suffix in PKCS12_SUFFIXES:
-            candidates.append(_from_pkcs12(name, files[name], secrets))
+            candidates.append(_from_pkcs12(name, files[name], secrets, unlockers))
         elif suffix in CERT_SUFFIXES:
             key_name = keys_by_stem.get(PurePath(name).stem)
-            candidate = _from_pem(name, files[name], key_name, files.get(key_name or ""), secrets)
+            candidate = _from_pem(name, files[name], key_name, files.get(key_name or ""), secrets, unlockers)
             if candidate is None:
                 continue  # a .pem holding only a key: it is some certificate's key file
             if candidate.key_file:
@@ -161,7 +190,7 @@ def _strict_parsing() -> Iterator[None]:
 
 
 def _from_pem(
-    name: str, data: bytes, key_name: str | None, key_data: bytes | None, secrets: Secrets
+    name: str, data: bytes, key_name: str | None, key_data: bytes | None, secrets: Secrets, unlockers: Unlockers
 ) -> Candidate | None:
     blocks = _pem_blocks(data)
     if not blocks:
@@ -194,7 +223,7 @@ def _from_pem(
             chain=chain,
             problem=f"no private key (expected one in this file or in {stem}.key beside it)",
         )
-    key, problem = _load_pem_key(key_bytes, secrets)
+    key, problem = _load_pem_key(key_bytes, secrets, unlockers)
     return Candidate(
         file=name,
         cert=leaf,
@@ -205,7 +234,9 @@ def _from_pem(
     )
 
 
-def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str | None]:
+def _load_pem_key(
+    data: bytes, secrets: Secrets, unlockers: Unlockers = IN_PROCESS
+) -> tuple[PrivateKey | None, str | None]:
     blocks = [b for label, b in _pem_blocks(data) if label in _KEY_LABELS]
     if not blocks:
         return None, "not a PEM private key"
@@ -218,7 +249,11 @@ def _load_pem_key(data: bytes, secrets: Secrets) -> tuple[PrivateKey | None, str
     if encrypted and (too_costly := kdf_refusal(_pem_body(block))) is not None:
         return None, f"encrypted private key refused: {too_costly}"
     try:
-        key = serialization.load_pem_private_key(block, password=secrets.key_password if encrypted else None)
+        key = (
+            unlockers.key(block, secrets.key_password)
+            if encrypted
+            else serialization.load_pem_private_key(block, password=None)
+        )
     except (ValueError, TypeError) as exc:
         if encrypted:
             return None, f"wrong key password (from {secrets.key_password_source})"
@@ -249,13 +284,13 @@ def key_is_encrypted(data: bytes) -> bool:
     return bool(keys) and _encrypted(keys[0])
 
 
-def _from_pkcs12(name: str, data: bytes, secrets: Secrets) -> Candidate:
+def _from_pkcs12(name: str, data: bytes, secrets: Secrets, unlockers: Unlockers) -> Candidate:
     password = secrets.pkcs12_password
     if (too_costly := kdf_refusal(data)) is not None:
         return Candidate(file=name, problem=f"PKCS#12 file refused: {too_costly}")
     try:
         with _strict_parsing():
-            key, cert, extra = pkcs12.load_key_and_certificates(data, password)
+            key, cert, extra = unlockers.pkcs12(data, password)
     except ValueError as exc:
         text = str(exc).lower()
         if "password" in text or "mac" in text:

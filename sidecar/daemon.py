@@ -31,7 +31,7 @@ from sidecar.files import (
     ensure_private_dir,
     remove_stale_temp_files,
 )
-from sidecar.identities import IdentityBook
+from sidecar.identities import IdentityBook, SelectionChange
 from sidecar.keystore import Selection
 from sidecar.localtls import LocalServerContext
 from sidecar.paths import Places
@@ -55,6 +55,7 @@ ROUTE_WAIT_SECONDS = 5.0
 # How long start-up waits for enrollments before opening routes.
 STARTUP_ENROLL_WAIT = 15.0
 CLOCK_TICK_SECONDS = 30.0
+SLOW_KEYSTORE_READ = 2.0  # a keystore read longer than this is logged: some file in it is costly
 
 
 class NotFound(SidecarError):
@@ -98,6 +99,8 @@ class Daemon:
         self._identity_tasks: dict[str, asyncio.Task[None]] = {}
         self._watches: list[FolderWatch] = []
         self._clock_timer: asyncio.TimerHandle | None = None
+        self._keystore_reader: asyncio.Task[None] | None = None
+        self._keystore_stale = False
         self._tasks: list[asyncio.Task[None]] = []
         self._clock_mark = (datetime.now(UTC), time.monotonic())
         self._config_text = _read_text(places.config_file)
@@ -119,7 +122,7 @@ class Daemon:
         ensure_private_dir(self.keystore)
         remove_stale_temp_files(self.keystore)
         empty_private_dir(self.places.scratch)  # a decrypted key left by a renewal that was killed
-        self.book.refresh(now)
+        await self.read_keystore(now)
         watchers = self._make_identity_watchers(self.config, set(self.config.identities))
         self._install_identity_watchers(watchers)
         await self._wait_for_enrollments()
@@ -245,7 +248,7 @@ class Daemon:
         for name in set(old.identities) - set(new.identities) | changed_identities:
             self._stop_identity(name)
         self.book.specs = dict(new.identities)
-        self.book.refresh()
+        await self.read_keystore()
         self._install_identity_watchers(watchers)
         if new.active_identity != old.active_identity:
             log.info("active identity: %s → %s", old.active_identity, new.active_identity)
@@ -368,10 +371,11 @@ class Daemon:
         if pending:
             await asyncio.gather(*(r.settle(STARTUP_ENROLL_WAIT) for r in pending))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.append(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         if task in self._tasks:
@@ -564,7 +568,31 @@ class Daemon:
         return self.book.selection(identity)
 
     def keystore_changed(self) -> None:
-        for change in self.book.refresh():
+        """A keystore file changed or a certificate's moment came: re-read the keystore.
+
+        The read (files, PEM scans, key derivation) runs on a worker thread, so one hostile
+        or slow file never holds the event loop; changes that arrive during a read make one
+        more read after it."""
+        self._keystore_stale = True
+        if self._keystore_reader is None or self._keystore_reader.done():
+            self._keystore_reader = self._spawn(self._reread_keystore(), "keystore re-read")
+
+    async def _reread_keystore(self) -> None:
+        while self._keystore_stale:
+            self._keystore_stale = False
+            self._keystore_read(await self.read_keystore())
+
+    async def read_keystore(self, now: datetime | None = None) -> list[SelectionChange]:
+        """Re-read every identity folder off the loop and take the result on it."""
+        started = time.monotonic()
+        found = await asyncio.to_thread(self.book.read, now)
+        took = time.monotonic() - started
+        if took > SLOW_KEYSTORE_READ:
+            log.warning("reading the keystore took %.1fs (a large or costly file in it?)", took)
+        return self.book.apply(found)
+
+    def _keystore_read(self, changes: list[SelectionChange]) -> None:
+        for change in changes:
             after = describe_certificate(change.after)
             self.events.publish("certificate.selected", identity=change.identity, certificate=after)
         for renewer in self.renewers.values():

@@ -15,6 +15,7 @@ from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate, Secrets
 from sidecar.keystore import Selection, load_anchor_file, read_identity_folder, select
 from sidecar.names import inside
+from sidecar.unlock import IN_CHILD
 
 log = logging.getLogger("sidecar.keystore")
 
@@ -113,11 +114,22 @@ class IdentityBook:
 
     def refresh(self, now: datetime | None = None) -> list[SelectionChange]:
         """Re-read every identity folder and apply the keystore rule; report what changed."""
+        return self.apply(self.read(now))
+
+    def read(self, now: datetime | None = None) -> dict[str, tuple[IdentitySpec, Selection]]:
+        """Read and judge every identity folder, changing nothing: the slow half of `refresh`
+        (files, parsing, key derivation), safe to run on a worker thread."""
         now = now or datetime.now(UTC)
+        return {name: (spec, self._evaluate(spec, now)) for name, spec in dict(self.specs).items()}
+
+    def apply(self, found: Mapping[str, tuple[IdentitySpec, Selection]]) -> list[SelectionChange]:
+        """Take what `read` found, for identities still configured as they were read; report
+        what changed."""
         changes: list[SelectionChange] = []
-        for name, spec in self.specs.items():
+        for name, (spec, after) in found.items():
+            if self.specs.get(name) != spec:
+                continue  # removed or changed while it was being read: a newer read follows
             before = self._selections.get(name)
-            after = self._evaluate(spec, now)
             self._selections[name] = after
             old = before.selected if before else None
             if _fingerprint(old) != _fingerprint(after.selected):
@@ -131,7 +143,8 @@ class IdentityBook:
         return min(moments, default=None)
 
     def _evaluate(self, spec: IdentitySpec, now: datetime) -> Selection:
-        candidates = read_identity_folder(self.folder(spec.name), secrets_for(spec, os.environ))
+        # Key derivation in a child process: cryptography holds the interpreter lock while it works.
+        candidates = read_identity_folder(self.folder(spec.name), secrets_for(spec, os.environ), IN_CHILD)
         anchors: list[x509.Certificate] = []
         if spec.issuer_ca_file is not None:
             try:

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sidecar.credentials import Candidate, Secrets, candidates_from_files
+from sidecar.credentials import IN_PROCESS, Candidate, Secrets, Unlockers, candidates_from_files
 from sidecar.files import loose_key_problem
 from sidecar.units import human_duration
 
@@ -205,7 +205,7 @@ def _when(moment: datetime) -> str:
 # I/O: the only part of this module that touches the disk.
 
 
-def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
+def read_identity_folder(folder: Path, secrets: Secrets, unlockers: Unlockers = IN_PROCESS) -> list[Candidate]:
     """Read every credential-looking file of one identity folder into candidates.
 
     A missing folder is an identity with no certificates, not an error.
@@ -229,7 +229,7 @@ def read_identity_folder(folder: Path, secrets: Secrets) -> list[Candidate]:
                 modes[entry.name] = os.fstat(fh.fileno()).st_mode
         except OSError as exc:
             unreadable.append(Candidate(file=entry.path, problem=f"cannot read file: {exc.strerror}"))
-    parsed = [_refuse_loose_key(c, folder, modes) for c in candidates_from_files(files, secrets)]
+    parsed = [_refuse_loose_key(c, folder, modes) for c in candidates_from_files(files, secrets, unlockers)]
     located = [
         replace(c, file=str(folder / c.file), key_file=str(folder / c.key_file) if c.key_file else None) for c in parsed
     ]

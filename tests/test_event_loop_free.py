@@ -5,11 +5,13 @@ point 2): the PEM scan is linear, key derivation is capped and runs off the loop
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -19,7 +21,9 @@ from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.kdf import MAX_ITERATIONS, kdf_costs
 from sidecar.renewal.providers.base import ProviderError
 from sidecar.renewal.providers.run import OUTPUT_KEPT, run_setting_command
+from tests.daemon_runner import DaemonThread
 from tests.pki import CA, Leaf
+from tests.scenario import Pki, mtls_server, route_to, write_config
 
 MIB = 1 << 20
 
@@ -131,3 +135,77 @@ def test_an_encrypted_key_asking_for_more_than_the_cap_is_refused(tmp_path: Path
         "encrypted private key refused: its key derivation asks for 3,000,000 iterations; "
         f"more than {MAX_ITERATIONS:,} are refused (each read would take seconds of CPU) (alice.key)"
     )
+
+
+# -- an open tunnel keeps answering while the keystore holds hostile files --------------------
+
+
+def test_an_open_tunnel_echoes_within_half_a_second_while_hostile_files_land_in_the_keystore(
+    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    keystore = isolated_home / "keystore"
+    leaf = pki.enroll(keystore, "dev", "dev-1")
+    monkeypatch.setenv("DEV_P12", "pw")
+    # Files within the caps that still cost real key derivation (2,000,000 iterations each),
+    # one above the cap (8,000,000: the same file with its counts rewritten), and 1 MiB of
+    # unterminated BEGIN lines. Made before the daemon starts, landed by renames.
+    at_cap = p12_with_rounds(leaf, 2_000_000)
+    assert at_cap.count(_der_int(2_000_000)) == 2  # key and certificate encryption
+    above_cap = at_cap.replace(_der_int(2_000_000), _der_int(8_000_000))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    arriving = {f"costly-{n}.p12": at_cap for n in range(4)} | {
+        "above-cap.p12": above_cap,
+        "hostile.pem": hostile_pem(),
+    }
+    for name, data in arriving.items():
+        (staging / name).write_bytes(data)
+        (staging / name).chmod(0o600)
+    with mtls_server(pki, mode="echo") as server:
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none", "pkcs12_password_env": "DEV_P12"}},
+            routes={"echo": route_to(pki, server.port)},
+        )
+        with DaemonThread(config) as daemon, daemon.connect("echo", timeout=10) as sock:
+            sock.settimeout(5)
+            assert echo(sock, b"hello") < 5  # the tunnel is up (the first round trip makes the TLS session)
+
+            def read_all(status: dict[str, Any]) -> bool:
+                # hostile.pem lands last, so a read that lists it saw every file; the costly
+                # files are usable (status lists the one selected), the others are listed as refused
+                dev = status["identities"]["dev"]
+                listed = {Path(c["file"]).name for c in dev["candidates"]}
+                return {"above-cap.p12", "hostile.pem"} <= listed and Path(dev["selected"]["file"]).suffix == ".p12"
+
+            for name in arriving:
+                (staging / name).rename(keystore / "dev" / name)
+            round_trips: list[float] = []
+            deadline = time.monotonic() + 60
+            while not read_all(status := daemon.status()):
+                assert time.monotonic() < deadline, f"the keystore was not re-read: {status['identities']['dev']}"
+                round_trips.append(echo(sock, b"ping %d" % len(round_trips)))
+            status = daemon.status()
+    reasons = {Path(c["file"]).name: c["reason"] for c in status["identities"]["dev"]["candidates"]}
+    assert reasons["hostile.pem"] == "not a PEM file (no -----BEGIN ...----- block found)"
+    assert "asks for 8,000,000 iterations" in reasons["above-cap.p12"]
+    assert len(round_trips) >= 5, "the keystore was read before the tunnel was asked anything"
+    assert max(round_trips) < 0.5, f"slowest echo {max(round_trips):.2f} s of {len(round_trips)}"
+
+
+def _der_int(n: int) -> bytes:
+    body = n.to_bytes((n.bit_length() + 8) // 8, "big")
+    return bytes([0x02, len(body)]) + body
+
+
+def echo(sock: socket.socket, data: bytes) -> float:
+    started = time.monotonic()
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        assert chunk, "the tunnel closed"
+        got += chunk
+    assert got == data
+    return time.monotonic() - started

@@ -21,6 +21,7 @@ from sidecar.credentials import candidates_from_files
 from sidecar.identities import KeyringUnavailable, secrets_for
 from tests.daemon_runner import DaemonThread
 from tests.scenario import Pki, write_config
+from tests.waiting import wait_until
 
 PASSWORD = "from-the-keyring-Pa55"
 
@@ -95,9 +96,9 @@ def test_a_pkcs12_identity_unlocked_from_the_keyring(
         assert dev["selected"] is None
         assert "store it with: keyring set mtls-sidecar dev" in dev["candidates"][0]["reason"]
         memory_keyring.set_password("mtls-sidecar", "dev", PASSWORD)
-        daemon.call(lambda d: d.keystore_changed())
-        selected = daemon.call(lambda d: d.status())["identities"]["dev"]["selected"]
-    assert selected is not None and selected["subject"] == "CN=dev"
+        daemon.call(lambda d: d.keystore_changed())  # the re-read runs off the loop: wait for it
+        selected = wait_until(lambda: daemon.status()["identities"]["dev"]["selected"], what="the re-read")
+    assert selected["subject"] == "CN=dev"
 
 
 def test_an_unset_variable_is_not_a_wrong_password(tmp_path: Path) -> None:

@@ -201,7 +201,10 @@ class IdentityRenewer:
         try:
             issued = await self.provider.issue(RenewalRequest(self.spec, self.book.folder(self.name), current, now))
             anchors = load_anchor_file(self.spec.issuer_ca_file) if self.spec.issuer_ca_file else []
-            candidate = validate_new(issued.cert_chain_pem, issued.key_pem, current, self.clock(), anchors)
+            # Parsing what a provider returned is the keystore's work: off the loop, like a re-read.
+            candidate = await asyncio.to_thread(
+                validate_new, issued.cert_chain_pem, issued.key_pem, current, self.clock(), anchors
+            )
             assert candidate.cert is not None
             path = write_credential(
                 self.book.folder(self.name), candidate.cert, issued.cert_chain_pem, issued.key_pem, self.clock()
@@ -216,7 +219,7 @@ class IdentityRenewer:
         except Exception as exc:  # a provider bug must not end the renewal task
             log.exception("identity %s: %s failed unexpectedly", self.name, kind)
             return self._failed(f"unexpected error: {_one_line(exc)}")
-        self.book.refresh(self.clock())
+        self.book.apply(await asyncio.to_thread(self.book.read, self.clock()))
         self._known_fingerprint = candidate.fingerprint
         starts = candidate.cert.not_valid_before_utc
         self._hold_until = starts if starts > self.clock() else None
@@ -241,7 +244,7 @@ class IdentityRenewer:
         )
         with contextlib.suppress(OSError):
             if prune_expired(self.book.selection(self.name), self.clock(), self.policy.prune_after):
-                self.book.refresh(self.clock())
+                self.book.apply(await asyncio.to_thread(self.book.read, self.clock()))
         return True
 
     def _failed(self, reason: str, event: Event = Event.FAILED) -> bool:
