@@ -100,6 +100,7 @@ class Daemon:
         self._watches: list[FolderWatch] = []
         self._clock_timer: asyncio.TimerHandle | None = None
         self._keystore_reader: asyncio.Task[None] | None = None
+        self._trust_watches: dict[Path, FolderWatch] = {}  # folders holding routes' ca_file, ca_dir, crl_file
         self._keystore_stale = False
         self._tasks: list[asyncio.Task[None]] = []
         self._clock_mark = (datetime.now(UTC), time.monotonic())
@@ -148,6 +149,7 @@ class Daemon:
             )
         for watch in self._watches:
             watch.start()
+        self._watch_trust_files()
         self._schedule_clock_refresh()
         self._spawn(self._watch_clock(), "clock watch")
         self._spawn(self._follow_renewals(), "expiry warnings")
@@ -203,9 +205,10 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for watch in self._watches:
+        for watch in [*self._watches, *self._trust_watches.values()]:
             watch.stop()
         self._watches = []
+        self._trust_watches = {}
         await self._stop_listeners()
         if self.demo is not None:
             await self.demo.stop()
@@ -277,6 +280,7 @@ class Daemon:
         self._tell_expiry()
         if self._clock_timer is not None:  # running (not starting): the next warning may start sooner or later
             self._schedule_clock_refresh()
+            self._watch_trust_files()
 
     async def reload_config(self) -> bool:
         """Re-read config.toml; a bad edit is rejected and the running config stays."""
@@ -590,6 +594,28 @@ class Daemon:
         if took > SLOW_KEYSTORE_READ:
             log.warning("reading the keystore took %.1fs (a large or costly file in it?)", took)
         return self.book.apply(found)
+
+    def _watch_trust_files(self) -> None:
+        """Watch the folders of every route's ca_file, ca_dir and crl_file, as the keystore is
+        watched: a change there rebuilds the contexts, so new connections use the new trust."""
+        wanted: set[Path] = set()
+        for route in self.config.routes.values():
+            for path, is_dir in ((route.ca_file, False), (route.ca_dir, True), (route.crl_file, False)):
+                if path is not None:
+                    folder = Path(path) if is_dir else Path(path).parent
+                    if folder.is_dir():
+                        wanted.add(folder)
+        for folder in set(self._trust_watches) - wanted:
+            self._trust_watches.pop(folder).stop()
+        loop = asyncio.get_running_loop()
+        for folder in wanted - set(self._trust_watches):
+            watch = FolderWatch(folder, loop, self.trust_changed, recursive=False)
+            watch.start()
+            self._trust_watches[folder] = watch
+
+    def trust_changed(self) -> None:
+        self.contexts.forget_trust()
+        log.info("a trust file (ca_file, ca_dir or crl_file) changed: new connections use it as it is now")
 
     def _keystore_read(self, changes: list[SelectionChange]) -> None:
         for change in changes:

@@ -212,6 +212,13 @@ class ContextCache:
         for key in [k for k, (c, _, _) in self._sessions.items() if c is ctx]:
             del self._sessions[key]
 
+    def forget_trust(self) -> None:
+        """A trust file (ca_file, ca_dir) changed: drop every context and its sessions, so the
+        next connection builds its context from the files as they are now. A resumed session
+        would skip verification, so sessions go with their contexts."""
+        self._contexts.clear()
+        self._sessions.clear()
+
     def get(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext:
         key = (credential.fingerprint, policy)
         ctx = self._contexts.get(key)
