@@ -155,6 +155,25 @@ def _server_only() -> dict[str, bytes]:
     return {"dev.crt": leaf.chain_pem(), "dev.key": key_pem(leaf.key)}
 
 
+def _p12_rounds(rounds: int) -> dict[str, bytes]:
+    """A PKCS#12 file asking for `rounds` iterations: made at 2,000,000 (the cap), then its counts
+    rewritten, so making it costs no more than reading one within the cap."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    def der_int(n: int) -> bytes:
+        body = n.to_bytes((n.bit_length() + 8) // 8, "big")
+        return bytes([0x02, len(body)]) + body
+
+    leaf = _CA.client("dev")
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder().kdf_rounds(2_000_000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC).build(b"right")
+    )  # fmt: skip
+    data = pkcs12.serialize_key_and_certificates(b"dev", leaf.key, leaf.cert, None, encryption)
+    return {"dev.p12": data.replace(der_int(2_000_000), der_int(rounds))}
+
+
 def _loose() -> dict[str, bytes]:
     cert, key = _leaf()
     return {"loose.crt": cert, "loose.key": key}
@@ -173,6 +192,8 @@ KEYSTORE_CASES = [
     Case("keystore", "an encrypted key with no password configured", ("encrypted",), keystore_message(_encrypted_key)),
     Case("keystore", "a certificate for servers only (no clientAuth)", ("clientAuth",), keystore_message(_server_only)),
     Case("keystore", "a private key others can read (0644)", ("chmod 600",), keystore_message(_loose)),
+    Case("keystore", "1 MiB of unterminated BEGIN lines in a *.pem (read in linear time, off the event loop)", ("not a PEM file",), keystore_message(lambda: {"dev.pem": b"-----BEGIN CERTIFICATE-----\n" * 37_449})),
+    Case("keystore", "PKCS#12 asking for 8,000,000 key-derivation iterations", ("refused", "8,000,000 iterations", "more than 2,000,000"), keystore_message(lambda: _p12_rounds(8_000_000), Secrets(pkcs12_password=b"right"))),
 ]  # fmt: skip
 
 
