@@ -340,6 +340,42 @@ def _revoked_in_crl_file(scratch: Path) -> str:
     return f"{', '.join(failures)}: {status['last_error']}"
 
 
+def _ca_file_rewritten(scratch: Path) -> str:
+    """A route's ca_file replaced by another CA's while the daemon runs: new connections use it."""
+    from tests.daemon_runner import DaemonThread
+    from tests.tlsserver import ScriptedTLSServer
+    from tests.waiting import wait_until
+
+    pki = Pki.create(scratch / "pki")
+    ca_file = scratch / "trust" / "server-ca.pem"
+    ca_file.parent.mkdir()
+    ca_file.write_bytes(pki.server_ca_file.read_bytes())
+    home = scratch / "home"
+    pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+    with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
+                           require_client_cert=True, mode="echo") as server:  # fmt: skip
+        config = write_config(
+            home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={"svc": {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}", "server_name": "localhost",
+                            "ca_file": str(ca_file)}},
+        )  # fmt: skip
+        with DaemonThread(config, resolve_places(home=home)) as daemon:
+            (scratch / "other.pem").write_bytes(CA("Another Server CA").root_pem())
+            os.replace(scratch / "other.pem", ca_file)
+
+            def refused() -> bool:
+                with contextlib.suppress(OSError), daemon.connect("svc", timeout=10) as sock:
+                    sock.sendall(b"hello\n")
+                    sock.shutdown(socket.SHUT_WR)
+                    recv_all(sock)
+                return bool(daemon.status()["routes"]["svc"]["failures"])
+
+            wait_until(refused, timeout=10, what="the rewritten ca_file to be used")
+            status = daemon.status()["routes"]["svc"]
+    return f"{', '.join(status['failures'])}: {status['last_error']}"
+
+
 def _subject_with_escapes(scratch: Path) -> str:
     """A server certificate whose subject CN holds a newline and terminal escapes, on a pinned
     route: the refusal names the certificate by its subject, escaped."""
@@ -408,6 +444,7 @@ RUNTIME_CASES = [
     Case("runtime", "a server certificate revoked in crl_file", ("server_certificate_revoked", "CRL file"), _revoked_in_crl_file),
     Case("runtime", 'revocation = "hard" and nowhere to ask', ("revocation_unknown", 'revocation = "hard"'), runtime_message("trusted", revocation="hard")),
     Case("runtime", "a server certificate whose subject holds a newline and terminal escapes", ("pin_mismatch", "CN=evil\\nWARNING forged line \\x1b[2J\\x1b]0\\;title\\x07"), _subject_with_escapes),
+    Case("runtime", "a route's ca_file rewritten to another CA while running (new connections use it)", ("server_untrusted", "ca_file"), _ca_file_rewritten),
     Case("runtime", "a third connection on a route with max_connections = 2", ("too_many_connections", "routes.svc.max_connections"), _over_the_cap),
 ]  # fmt: skip
 
