@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.names import name_problem
 
 MAX_BODY = 1 << 20
+# How long a request made while the daemon starts waits for it to be ready.
+STARTING_WAIT = 60.0
 
 log = logging.getLogger("sidecar.control")
 
@@ -75,6 +78,13 @@ Handler = Callable[[Daemon, dict[str, str], Any], Awaitable[ApiResponse]]
 async def dispatch(daemon: Daemon, method: str, path: str, body: bytes) -> ApiResponse:
     """Find the handler for `method path`, run it, and turn the daemon's errors into answers."""
     path = path.split("?", 1)[0]
+    if not daemon.ready.is_set():
+        # Still starting (reading the keystore, enrolling, opening routes): an answer now would
+        # describe half a daemon ("no certificates" for an identity not read yet). Wait for it.
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), STARTING_WAIT)
+        except TimeoutError:
+            return ApiResponse(503, {"error": f"the daemon is still starting after {STARTING_WAIT:g}s; see its log"})
     allowed = []
     for route_method, pattern, handler in _ROUTES:
         match = pattern.fullmatch(path)
@@ -239,6 +249,7 @@ async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespo
 
 
 _NAME = r"(?P<name>[A-Za-z0-9_.-]+)"
+
 _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
     ("GET", re.compile(r"/v1/status"), _status),
     ("POST", re.compile(r"/v1/active-identity"), _active_identity),
