@@ -149,6 +149,12 @@ class RouteSpec:
     idle_timeout: float = 0.0
 
     @property
+    def target(self) -> str:
+        """The target as people write it: host:port, [v6]:port."""
+        host = self.target_host
+        return f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
+
+    @property
     def checks_after_handshake(self) -> bool:
         """Pins, URI SANs or revocation: checks the tunnel runs before it forwards a byte."""
         return bool(self.pin_sha256 or self.allowed_uri_sans or self.revocation != "off")

@@ -327,8 +327,7 @@ class RouteListener:
 
     @property
     def target(self) -> str:
-        host = self.route.target_host
-        return f"[{host}]:{self.route.target_port}" if ":" in host else f"{host}:{self.route.target_port}"
+        return self.route.target
 
     async def start(self) -> None:
         """Bind and start accepting; raises LocalSetupError with a message naming the route."""

@@ -507,5 +507,4 @@ def _not_http(data: bytes, base: str) -> str:
 
 
 def _target_name(route: RouteSpec) -> str:
-    host = route.target_host
-    return f"[{host}]:{route.target_port}" if ":" in host else f"{host}:{route.target_port}"
+    return route.target

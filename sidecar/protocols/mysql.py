@@ -602,5 +602,4 @@ class MySQLStage:
         return [SendLocal(packet(self._to_client, payload)), Close()]
 
     def _target(self) -> str:
-        host = self.route.target_host
-        return f"[{host}]:{self.route.target_port}" if ":" in host else f"{host}:{self.route.target_port}"
+        return self.route.target

@@ -186,5 +186,4 @@ class PostgresStage:
         return [SendLocal(error_response(f"mtls-sidecar: {message}", fix)), Close()]
 
     def _target(self) -> str:
-        host = self.route.target_host
-        return f"[{host}]:{self.route.target_port}" if ":" in host else f"{host}:{self.route.target_port}"
+        return self.route.target
