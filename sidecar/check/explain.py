@@ -30,7 +30,7 @@ from sidecar.causes import (
     quoted_all,
 )
 from sidecar.policy import Verdict, spki_sha256, uri_sans
-from sidecar.units import human_duration
+from sidecar.units import human_duration, rfc3339
 
 OK = Cause.OK
 DNS = Cause.DNS
@@ -465,7 +465,7 @@ def _name_mismatch(
     obs: Observation, cert: x509.Certificate | None, detail: str, details: dict[str, Any]
 ) -> CheckResult:
     expected = obs.server_name
-    what = "the IP address" if _is_ip(expected) else "the name"
+    what = "the IP address" if is_ip_address(expected) else "the name"
     head = f'{obs.target} does not hold {what} "{expected}"'
     if cert is None:
         return CheckResult(
@@ -669,7 +669,7 @@ def _details(obs: Observation) -> dict[str, Any]:
         "trust": _trust(obs),
         "alpn_offered": list(obs.alpn_offered),
         "timeout": obs.timeout,
-        "checked_at": _rfc3339(obs.now),
+        "checked_at": rfc3339(obs.now),
         "warnings": [obs.identity_warning] if obs.identity_warning else [],
     }
     if obs.client_cert is not None:
@@ -677,8 +677,8 @@ def _details(obs: Observation) -> dict[str, Any]:
             "subject": obs.client_cert.subject.rfc4514_string(),
             "issuer": obs.client_cert.issuer.rfc4514_string(),
             "serial": _serial(obs.client_cert),
-            "not_before": _rfc3339(obs.client_cert.not_valid_before_utc),
-            "not_after": _rfc3339(obs.client_cert.not_valid_after_utc),
+            "not_before": rfc3339(obs.client_cert.not_valid_before_utc),
+            "not_after": rfc3339(obs.client_cert.not_valid_after_utc),
             "file": obs.client_file,
         }
     if obs.acceptable_issuers is not None:
@@ -709,8 +709,8 @@ def describe_server_certificate(cert: x509.Certificate, *, verified: bool) -> di
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
         "sans": certificate_names(cert),
-        "not_before": _rfc3339(cert.not_valid_before_utc),
-        "not_after": _rfc3339(cert.not_valid_after_utc),
+        "not_before": rfc3339(cert.not_valid_before_utc),
+        "not_after": rfc3339(cert.not_valid_after_utc),
         "serial": _serial(cert),
         "verified": verified,
     }
@@ -759,11 +759,8 @@ def _when(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _is_ip(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
+    """An IP literal (brackets allowed, as in "[::1]"), not a DNS name."""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:

@@ -20,7 +20,6 @@ pyOpenSSL: Python's ssl module does not show them).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import ssl
 from contextlib import suppress
@@ -34,7 +33,7 @@ from OpenSSL import SSL
 
 from sidecar.causes import MAYBE_CERTIFICATE_STATUSES, Cause, Fault, error_text, fault_from
 from sidecar.check.dername import name_from_der
-from sidecar.check.explain import CheckResult, Observation, explain
+from sidecar.check.explain import CheckResult, Observation, explain, is_ip_address
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection
@@ -466,7 +465,7 @@ async def _acceptable_issuers(obs: Observation, stage: Stage) -> Observation:
     ctx.set_verify(SSL.VERIFY_NONE)
     tls = SSL.Connection(ctx, None)
     tls.set_connect_state()
-    if not _is_ip(_sni(obs.server_name)):
+    if not is_ip_address(_sni(obs.server_name)):
         tls.set_tlsext_host_name(_sni(obs.server_name).encode("idna"))
     loop = asyncio.get_running_loop()
     held: list[socket.socket] = []
@@ -518,14 +517,6 @@ def _drain_bio(tls: SSL.Connection) -> bytes:
             out += tls.bio_read(_CHUNK)
         except SSL.WantReadError:
             return bytes(out)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _hung_up_on_our_hello(obs: Observation) -> bool:
