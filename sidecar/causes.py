@@ -59,6 +59,10 @@ class Cause(StrEnum):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     RESET = "reset"
     TRUNCATED = "truncated"
+    # The proxy (sidecar/proxy/): a destination no rule covers; a client that began its own TLS
+    # inside CONNECT or SOCKS, where our client certificate cannot be added.
+    PROXY_NOT_ALLOWED = "proxy_not_allowed"
+    CLIENT_SPEAKS_TLS = "client_speaks_tls"
 
     @property
     def text(self) -> str:
@@ -178,6 +182,17 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
         "the server closed TCP without TLS close_notify: its answer may be cut short",
         "look in the server's log; some servers always close this way",
     ),
+    Cause.PROXY_NOT_ALLOWED: (
+        "the proxy was asked for a destination (or a port) that no `[[proxy.rules]]` covers: refused, "
+        "the sidecar is no open relay",
+        "add a [[proxy.rules]] whose hosts (and ports) cover the destination, or reach it without the proxy",
+    ),
+    Cause.CLIENT_SPEAKS_TLS: (
+        "through the proxy, the client began its own TLS (a ClientHello after CONNECT or SOCKS): our client "
+        "certificate cannot be added to it",
+        "have the client use http:// (the sidecar adds the TLS), or set passthrough = true on the rule for "
+        "hosts that need no client certificate",
+    ),
 }
 
 # OpenSSL X509_V_ERR_* codes (SSLCertVerificationError.verify_code).
@@ -198,7 +213,7 @@ NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PA
 
 STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established", "local")
 KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify",
-         "protocol", "no_tls", "http_refused")  # fmt: skip
+         "protocol", "no_tls", "http_refused", "not_allowed", "client_tls")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -213,7 +228,9 @@ class Fault:
            "tls" (an SSLError, `ssl_reason` set), "verify" (our check of the server failed),
            "protocol" (a side does not speak the route's protocol), "no_tls" (a database
            server offers no TLS in its handshake) or "http_refused" (an HTTP server's answer
-           says it does not take our certificate: `http_certificate_refusal`).
+           says it does not take our certificate: `http_certificate_refusal`), "not_allowed"
+           (the proxy's rules do not cover the destination) or "client_tls" (a proxy client
+           began its own TLS).
     first_bytes: the start of what the server sent, when it is worth judging (not TLS?).
     """
 
@@ -237,6 +254,10 @@ def cause_of(fault: Fault) -> Cause:
         return Cause.CONFIG if fault.kind == "config" else Cause.TLS_ERROR
     if fault.kind == "http_refused":
         return Cause.SERVER_REJECTED_CERT_HTTP
+    if fault.kind == "not_allowed":
+        return Cause.PROXY_NOT_ALLOWED
+    if fault.kind == "client_tls":
+        return Cause.CLIENT_SPEAKS_TLS
     if fault.kind == "protocol":
         return Cause.PROTOCOL_MISMATCH
     if fault.kind == "no_tls":

@@ -13,7 +13,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -22,6 +22,7 @@ from cryptography import x509
 
 from sidecar.errors import ConfigError
 from sidecar.policy import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
+from sidecar.proxy.hosts import PATTERN_RULE, HostPattern, parse_host_pattern
 from sidecar.renewal.settings import (
     PROVIDER_KEYS,
     PROVIDERS,
@@ -48,7 +49,7 @@ DEFAULT_ROUTE_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS = 4096
 
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir", "expiry_warning",
-             "max_connections", "demo_service", "identities", "routes")  # fmt: skip
+             "max_connections", "demo_service", "identities", "routes", "proxy")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
@@ -61,6 +62,14 @@ ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity"
 PROTOCOLS = ("tcp", "postgres", "mysql", "http")
 POSTGRES_NEGOTIATIONS = ("sslrequest", "direct")
 _DEMO_KEYS = ("enabled", "listen")
+_PROXY_KEYS = ("listen", "unsafe_listen", "max_connections", "rules")
+# A proxy rule takes every server-verification key of a route; it has no listen or target of its
+# own (the client names the destination) and no local_tls or host_header (the destination decides).
+PROXY_RULE_KEYS = ("name", "hosts", "ports", "identity", "protocol", "tls_port", "connect", "passthrough",
+                   "ca_file", "ca_dir", "alpn", "connect_timeout", "unsafe_skip_verify", "pin_sha256",
+                   "allowed_uri_sans", "revocation", "crl_file", "postgres_negotiation",
+                   "max_connections", "idle_timeout")  # fmt: skip
+DEFAULT_PROXY_LISTEN = "127.0.0.1:18888"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -147,6 +156,8 @@ class RouteSpec:
     max_connections: int = DEFAULT_ROUTE_MAX_CONNECTIONS
     # seconds with no byte either way before a tunnel is closed; 0: never
     idle_timeout: float = 0.0
+    # proxy rules only (`passthrough = true`): no TLS of ours, the client's bytes pass as they are
+    passthrough: bool = False
 
     @property
     def target(self) -> str:
@@ -158,6 +169,49 @@ class RouteSpec:
     def checks_after_handshake(self) -> bool:
         """Pins, URI SANs or revocation: checks the tunnel runs before it forwards a byte."""
         return bool(self.pin_sha256 or self.allowed_uri_sans or self.revocation != "off")
+
+
+@dataclass(frozen=True)
+class ProxyRuleSpec:
+    """One `[[proxy.rules]]`: which destinations it covers and how they are reached.
+
+    `protocol` None: `http` for the HTTP proxy's requests, `tcp` for CONNECT and SOCKS.
+    """
+
+    name: str
+    hosts: tuple[HostPattern, ...]
+    ports: tuple[int, ...] = ()  # empty: any port
+    identity: str | None = None
+    protocol: str | None = None
+    tls_port: int = 443  # where TLS goes for a plain http:// request with no port
+    connect: tuple[str, int] | None = None  # dial this instead of the destination
+    passthrough: bool = False  # bytes pass untouched: the client does its own TLS, we add no certificate
+    ca_file: Path | None = None
+    ca_dir: Path | None = None
+    alpn: tuple[str, ...] = ()
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    unsafe_skip_verify: bool = False
+    pin_sha256: tuple[str, ...] = ()
+    allowed_uri_sans: tuple[str, ...] = ()
+    revocation: str = "off"
+    crl_file: Path | None = None
+    postgres_negotiation: str = "sslrequest"
+    max_connections: int = DEFAULT_ROUTE_MAX_CONNECTIONS
+    idle_timeout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """`[proxy]`: one local port for every destination a rule names. Off until a rule exists."""
+
+    listen: ListenAddress = ListenAddress("tcp", "127.0.0.1", 18888)
+    unsafe_listen: bool = False
+    max_connections: int = DEFAULT_ROUTE_MAX_CONNECTIONS
+    rules: tuple[ProxyRuleSpec, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
 
 
 @dataclass(frozen=True)
@@ -178,6 +232,7 @@ class Config:
     keystore_dir: Path | None = None
     expiry_warning: float = DEFAULT_EXPIRY_WARNING  # seconds
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open tunnels over all routes
+    proxy: ProxySpec = field(default_factory=ProxySpec)
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -329,8 +384,9 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
             hint='add for example [identities.dev] with renew = "local-ca"',
         )
     demo = _parse_demo(top)
-    _check_clashes(doc, routes, demo)
-    _check_self_targets(doc, routes, demo)
+    proxy = _parse_proxy(top, identities)
+    _check_clashes(doc, routes, demo, proxy)
+    _check_self_targets(doc, routes, demo, proxy)
     return Config(
         source=source,
         active_identity=active,
@@ -342,6 +398,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         keystore_dir=top.file("keystore_dir"),
         expiry_warning=top.duration("expiry_warning", DEFAULT_EXPIRY_WARNING, positive=False),
         max_connections=_count(top, "max_connections", DEFAULT_MAX_CONNECTIONS),
+        proxy=proxy,
     )
 
 
@@ -583,8 +640,17 @@ def _parse_demo(top: Table) -> DemoServiceSpec:
     return DemoServiceSpec(enabled=t.boolean("enabled"), listen=listen)
 
 
-def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
+def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec, proxy: ProxySpec) -> None:
     taken = [("the demo service", demo.listen)] if demo.enabled else []
+    if proxy.enabled:
+        if demo.enabled and _clash(proxy.listen, demo.listen):
+            raise doc.error(
+                ("proxy", "listen"),
+                f"the proxy and the demo service both listen on {demo.listen}",
+                str(proxy.listen),
+                hint="give each its own port",
+            )
+        taken.append(("the proxy", proxy.listen))
     for route in routes.values():
         for owner, listen in taken:
             if _clash(route.listen, listen):
@@ -597,10 +663,26 @@ def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoSer
         taken.append((f"route {route.name}", route.listen))
 
 
-def _check_self_targets(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec) -> None:
+def _check_self_targets(
+    doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec, proxy: ProxySpec
+) -> None:
     """A route whose target is one of our own listeners would connect to itself, again and
     again, until descriptors run out: refused here, at the target's line."""
     ours = [(f"route {r.name}", r.listen) for r in routes.values()]
+    if proxy.enabled:
+        ours.append(("the proxy", proxy.listen))
+        for index, rule in enumerate(proxy.rules):
+            if rule.connect is None:
+                continue
+            target = ListenAddress("tcp", *rule.connect)
+            for owner, listen in ours:
+                if listen.kind == "tcp" and listen.port == rule.connect[1] and _clash(target, listen):
+                    raise doc.error(
+                        ("proxy", "rules", f"[{index}]", "connect"),
+                        f"connect is {owner}'s listen address ({listen}): the sidecar would tunnel into itself",
+                        f"{rule.connect[0]}:{rule.connect[1]}",
+                        hint="point connect at the remote service's TLS address",
+                    )
     for route in routes.values():
         target = ListenAddress("tcp", route.target_host, route.target_port)
         for owner, listen in ours:
@@ -614,6 +696,104 @@ def _check_self_targets(doc: Document, routes: Mapping[str, RouteSpec], demo: De
                     f"{route.target_host}:{route.target_port}",
                     hint="point target at the remote service's TLS address",
                 )
+
+
+def _parse_proxy(top: Table, identities: Mapping[str, IdentitySpec]) -> ProxySpec:
+    raw = top.typed("proxy", dict, "a table [proxy]")
+    if raw is None:
+        return ProxySpec()
+    t = Table(top.doc, raw, ("proxy",))
+    t.check_keys(_PROXY_KEYS)
+    unsafe_listen = t.boolean("unsafe_listen")
+    listen = ProxySpec().listen
+    if "listen" in raw:
+        listen = t.address("listen", parse_listen, DEFAULT_PROXY_LISTEN)
+        if listen.kind != "tcp":
+            raise t.error(
+                "listen", "the proxy listens on TCP only", raw["listen"], hint=f'for example "{DEFAULT_PROXY_LISTEN}"'
+            )
+        if not listen.is_loopback and not unsafe_listen:
+            raise t.error("listen", "not a loopback address", raw["listen"], hint=_LOOPBACK_HINT)
+    example = 'for example [[proxy.rules]] with hosts = ["*.corp.example"]'
+    rules = [_parse_proxy_rule(rule, identities) for rule in t.array_tables("rules", example)]
+    seen: dict[str, int] = {}
+    for index, rule in enumerate(rules):  # unnamed rules are called after their first host
+        if rule.name in seen:
+            if "name" in raw["rules"][index]:
+                raise top.doc.error(
+                    ("proxy", "rules", f"[{index}]", "name"),
+                    f"two rules are named {rule.name}",
+                    rule.name,
+                    hint="give each rule its own name",
+                )
+            rules[index] = replace(rule, name=f"{rule.name} ({index + 1})")
+        seen[rules[index].name] = index
+    return ProxySpec(
+        listen=listen,
+        unsafe_listen=unsafe_listen,
+        max_connections=_count(t, "max_connections", DEFAULT_ROUTE_MAX_CONNECTIONS),
+        rules=tuple(rules),
+    )
+
+
+def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> ProxyRuleSpec:
+    t.check_keys(PROXY_RULE_KEYS)
+    hosts = []
+    for item in t.strings("hosts", '["*.corp.example", "db.example.net", "10.20.0.0/16"]'):
+        try:
+            hosts.append(parse_host_pattern(item))
+        except ValueError as exc:
+            raise t.error("hosts", str(exc), item, hint=f"each entry is {PATTERN_RULE}") from None
+    if not hosts:
+        raise t.error("hosts", "a rule needs at least one host", hint='for example hosts = ["*.corp.example"]')
+    ports = t.typed("ports", list, "an array of port numbers such as [443, 5432]") or []
+    for port in ports:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise t.error("ports", "each port must be a number 1-65535", port, hint="for example ports = [443, 5432]")
+    identity = t.string("identity")
+    if identity is not None and identity not in identities:
+        raise t.error(
+            "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
+        )
+    protocol = t.choice("protocol", PROTOCOLS, "protocol", "tcp") if "protocol" in t.data else None
+    if "postgres_negotiation" in t.data and protocol != "postgres":
+        raise t.error("postgres_negotiation", 'only used with protocol = "postgres"', t.data["postgres_negotiation"])
+    if "crl_file" in t.data and t.data.get("revocation", "off") == "off":
+        raise t.error(
+            "crl_file",
+            "crl_file is only read when revocation checking is on",
+            t.data["crl_file"],
+            hint='add revocation = "soft" or revocation = "hard" to this rule',
+        )
+    negotiation = t.choice("postgres_negotiation", POSTGRES_NEGOTIATIONS, "PostgreSQL negotiation", "sslrequest")
+    alpn = _alpn(t)
+    if negotiation == "direct" and not alpn:
+        alpn = ("postgresql",)
+    connect = None
+    if "connect" in t.data:
+        connect = t.address("connect", parse_target, "127.0.0.1:8443")
+    return ProxyRuleSpec(
+        name=t.string("name") or hosts[0].text,
+        hosts=tuple(hosts),
+        ports=tuple(ports),
+        identity=identity,
+        protocol=protocol,
+        tls_port=t.port("tls_port", 443),
+        connect=connect,
+        passthrough=t.boolean("passthrough"),
+        ca_file=t.file("ca_file"),
+        ca_dir=t.file("ca_dir"),
+        alpn=alpn,
+        connect_timeout=t.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True),
+        unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
+        pin_sha256=_pins(t),
+        allowed_uri_sans=_uri_patterns(t),
+        revocation=t.choice("revocation", REVOCATION_MODES, "revocation mode", "off"),
+        crl_file=t.file("crl_file"),
+        postgres_negotiation=negotiation,
+        max_connections=_count(t, "max_connections", DEFAULT_ROUTE_MAX_CONNECTIONS),
+        idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
+    )
 
 
 # --- first run ---------------------------------------------------------------------------

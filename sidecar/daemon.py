@@ -16,7 +16,7 @@ from typing import Any
 
 from sidecar import __version__, config_edit
 from sidecar.causes import quoted
-from sidecar.config import Config, RouteSpec, parse_config
+from sidecar.config import Config, ProxySpec, RouteSpec, parse_config
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
@@ -36,6 +36,7 @@ from sidecar.keystore import Selection
 from sidecar.localtls import LocalServerContext
 from sidecar.paths import Places
 from sidecar.policy import ChainMemory
+from sidecar.proxy.listener import ProxyListener
 from sidecar.renewal.providers import make_provider
 from sidecar.renewal.providers.base import ProviderContext, ProviderError
 from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
@@ -87,6 +88,7 @@ class Daemon:
         self.budget = ConnectionBudget(config.max_connections)  # open tunnels over all routes
         self.accept_guard = AcceptGuard()  # out of descriptors: one log line, not a traceback per accept
         self.demo: DemoService | None = None
+        self.proxy: ProxyListener | None = None  # `[proxy]`, once a rule exists
         self.ca: DevCA | None = None
         self._local_server: LocalServerContext | None = None
         self.events = EventBus()
@@ -131,6 +133,8 @@ class Daemon:
             await self._start_demo(now)
         for route in self.config.routes.values():
             await self._start_route(route)
+        if self.config.proxy.enabled:
+            await self._start_proxy(self.config.proxy)
         loop = asyncio.get_running_loop()
         self._watches = [
             FolderWatch(self.keystore, loop, self.keystore_changed),
@@ -216,7 +220,9 @@ class Daemon:
 
     async def _stop_listeners(self) -> None:
         """Stop accepting; give open connections the grace, or less when force_stop() comes."""
-        listeners = list(self.listeners.values())
+        listeners: list[RouteListener | ProxyListener] = list(self.listeners.values())
+        if self.proxy is not None:
+            listeners.append(self.proxy)
         grace = asyncio.ensure_future(
             asyncio.gather(*(listener.stop(self.config.shutdown_grace) for listener in listeners))
         )
@@ -270,6 +276,8 @@ class Daemon:
                 else:
                     self._remove_listener(name)
                     await self._start_route(route)
+        if new.proxy != old.proxy:
+            await self._apply_proxy(new.proxy)
         if new.demo_service != old.demo_service:
             if self.demo is not None:
                 await self.demo.stop()
@@ -416,6 +424,53 @@ class Daemon:
         self.events.publish("route.up", route=route.name, listen=str(listener.bound), target=listener.target)
         self._tell_health(route.name)
         return listener
+
+    async def _start_proxy(self, spec: ProxySpec) -> None:
+        proxy = ProxyListener(spec, self.selection_for, self.contexts, self.chains, budget=self.budget)
+        proxy.on_failure = self._proxy_failed
+        self.proxy = proxy
+        try:
+            await proxy.start()
+        except LocalSetupError as exc:
+            log.error("%s", exc)
+            self.events.publish("proxy.error", error=str(exc))
+            return
+        rules = ", ".join(rule.name for rule in spec.rules)
+        log.info("proxy: listening on %s for %d rule(s): %s", proxy.bound, len(spec.rules), rules)
+        self.events.publish("proxy.up", listen=str(proxy.bound), rules=[rule.name for rule in spec.rules])
+
+    async def _apply_proxy(self, spec: ProxySpec) -> None:
+        """The proxy's new settings: its rules change in place; a new address or no rules stop it."""
+        proxy = self.proxy
+        if proxy is not None and spec.enabled and proxy.is_running and spec.listen == proxy.spec.listen:
+            proxy.update(spec)
+            log.info("proxy: rules now %s", ", ".join(rule.name for rule in spec.rules))
+            self.events.publish("proxy.changed", rules=[rule.name for rule in spec.rules])
+            return
+        if proxy is not None:
+            proxy.close()
+            self.proxy = None
+            self._spawn(proxy.drain(self.config.shutdown_grace), "drain of the proxy")
+            self.events.publish("proxy.down")
+            log.info("proxy: stopped listening on %s", proxy.bound or proxy.spec.listen)
+        if spec.enabled:
+            await self._start_proxy(spec)
+
+    def _proxy_failed(self, rule: str | None, destination: str | None, failure: Failure) -> None:
+        self.events.publish(
+            "proxy.failure", rule=rule, destination=destination, reason=failure.reason, error=failure.message
+        )
+
+    def proxy_status(self) -> dict[str, Any]:
+        """The proxy as status shows it; `{"enabled": false}` until a rule exists."""
+        if self.proxy is None:
+            spec = self.config.proxy
+            return {"enabled": False, "listen": str(spec.listen), "state": "off" if not spec.enabled else "stopped"}
+
+        def identity_of(name: str | None) -> str:
+            return name or self.active_identity
+
+        return self.proxy.status(identity_of, lambda name: self.book.selection(name).usable)
 
     def _local_tls(self) -> ssl.SSLContext:
         """The server context `local_tls` routes end the local client's TLS in."""
@@ -599,7 +654,7 @@ class Daemon:
         """Watch the folders of every route's ca_file, ca_dir and crl_file, as the keystore is
         watched: a change there rebuilds the contexts, so new connections use the new trust."""
         wanted: set[Path] = set()
-        for route in self.config.routes.values():
+        for route in [*self.config.routes.values(), *self.config.proxy.rules]:
             for path, is_dir in ((route.ca_file, False), (route.ca_dir, True), (route.crl_file, False)):
                 if path is not None:
                     folder = Path(path) if is_dir else Path(path).parent
@@ -758,6 +813,19 @@ class Daemon:
             for name, listener in self.listeners.items()
             if listener.counters.last_warning
         ]
+        proxy = self.config.proxy
+        warnings += [
+            f"proxy rule {rule.name}: server verification is turned off (unsafe_skip_verify)"
+            for rule in proxy.rules
+            if rule.unsafe_skip_verify
+        ]
+        if proxy.enabled and proxy.unsafe_listen:
+            warnings.append(
+                f"the proxy listens on {proxy.listen}, which other machines can reach (unsafe_listen): "
+                "whoever connects uses your identities"
+            )
+        if self.proxy is not None and self.proxy.last_error:
+            warnings.append(self.proxy.last_error)
         if self.config_error:
             warnings.append(f"config.toml was not applied: {self.config_error}")
         return {
@@ -765,6 +833,7 @@ class Daemon:
             "active_identity": self.active_identity,
             "identities": identities,
             "routes": routes,
+            "proxy": self.proxy_status(),
             "warnings": warnings,
             "config": {"path": str(self.places.config_file), "error": self.config_error},
             "daemon": {"pid": os.getpid(), "data_folder": str(self.places.lock_file.parent)},

@@ -7,7 +7,7 @@ A connection is a chain (the picture is in docs/architecture.md):
 A stage is told what happens on either side of it (`connected`, `tls_established`,
 `from_local`, `from_remote`, `local_eof`, `remote_eof`, `remote_failed`) and answers with
 commands for the connection to carry out (`SendLocal`, `SendRemote`, `EndLocal`,
-`EndRemote`, `StartTLS`, `Refuse`, `Close`, `Count`). It never touches a socket, so every protocol is
+`EndRemote`, `StartTLS`, `Refuse`, `Close`, `Count`, `Handoff`). It never touches a socket, so every protocol is
 testable by feeding it bytes.
 
 Order of calls: the local client's bytes reach a non-transparent stage from the start
@@ -103,11 +103,23 @@ class Count:
     message: str
 
 
-Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | StartLocalTLS | Refuse | Close | Count
+@dataclass(frozen=True)
+class Handoff:
+    """The local client now asks for something this connection does not serve (an HTTP proxy
+    client's next request names another host): end the remote side, and give the local client
+    back to whoever accepted it, `data` first (what it sent that this stage did not use)."""
+
+    data: bytes
+
+
+Command = SendLocal | SendRemote | EndLocal | EndRemote | StartTLS | StartLocalTLS | Refuse | Close | Count | Handoff
 
 
 class Stage(Protocol):
-    transparent: bool
+    @property
+    def transparent(self) -> bool:
+        """Nothing left to do: the connection stops calling the stage, bytes pass untouched."""
+        ...
 
     def connected(self) -> list[Command]:
         """The TCP connection to the remote is up (nothing has been sent on it yet)."""

@@ -24,6 +24,7 @@ from sidecar.units import parse_duration
 MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic downstream overflows
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_INDEX = re.compile(r"\[[0-9]+\]")  # a path part that is an item of an array of tables
 
 T = TypeVar("T")
 
@@ -59,6 +60,11 @@ class Document:
         return next((h + 1 for h in headers if h is not None), None)
 
     def _header(self, table: tuple[str, ...]) -> int | None:
+        if table and _INDEX.fullmatch(table[-1]):  # [[array.of.tables]]: its n-th header
+            pattern = re.compile(rf"\s*\[\[\s*{_dotted_pattern(table[:-1])}\s*\]\]")
+            found = [i for i in self.headers if pattern.match(self.lines[i])]
+            index = int(table[-1][1:-1])
+            return found[index] if index < len(found) else None
         pattern = re.compile(rf"\s*\[\[?\s*{_dotted_pattern(table)}\s*\]")
         return next((i for i in self.headers if pattern.match(self.lines[i])), None)
 
@@ -173,10 +179,28 @@ class Table:
             result[name] = Table(self.doc, value, path)
         return result
 
+    def array_tables(self, key: str, example: str) -> list[Table]:
+        """The tables of an array of tables [[KEY]], each with the path (..., KEY, "[i]")."""
+        items = self.typed(key, list, f"tables written as [[{dotted((*self.path, key))}]]") or []
+        result = []
+        for index, value in enumerate(items):
+            path = (*self.path, key, f"[{index}]")
+            if not isinstance(value, dict):
+                raise self.doc.error(path, f"expected a table, got {toml_type(value)}", value, hint=example)
+            result.append(Table(self.doc, value, path))
+        return result
+
 
 def dotted(path: Sequence[str]) -> str:
-    """`identities.dev.renew`, with keys that need it quoted as TOML would."""
-    return ".".join(toml_key(p) for p in path)
+    """`identities.dev.renew`, with keys that need it quoted as TOML would; an item of an array
+    of tables is `proxy.rules[0].hosts`."""
+    out = ""
+    for part in path:
+        if _INDEX.fullmatch(part):
+            out += part
+        else:
+            out += ("." if out else "") + toml_key(part)
+    return out
 
 
 def _dotted_pattern(parts: tuple[str, ...]) -> str:

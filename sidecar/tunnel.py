@@ -48,6 +48,7 @@ from sidecar.stages import (
     Count,
     EndLocal,
     EndRemote,
+    Handoff,
     Refuse,
     SendLocal,
     SendRemote,
@@ -235,6 +236,10 @@ class RouteListener:
         self.stage_factory: Callable[[], Stage] = self._make_stage
         # `local_tls` routes: the server context the local client's TLS ends in (the daemon's dev CA).
         self.local_tls_context: Callable[[], ssl.SSLContext] | None = None
+        # Connections taken over from another listener (the proxy): where a `Handoff` gives them back.
+        self.on_handoff: Callable[[asyncio.Transport, bytes], None] | None = None
+        # How log lines name this listener: "route NAME", or the proxy's destination.
+        self.label = f"route {route.name}"
 
     @property
     def name(self) -> str:
@@ -389,7 +394,7 @@ class RouteListener:
         """Let open connections finish for up to `grace` seconds, then cut them."""
         if self._connections:
             log.info(
-                "route %s: waiting up to %.0fs for %d connection(s) to finish", self.name, grace, len(self._connections)
+                "%s: waiting up to %.0fs for %d connection(s) to finish", self.label, grace, len(self._connections)
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
@@ -403,39 +408,20 @@ class RouteListener:
     def _new_connection(self) -> _PlainSide:
         return _PlainSide(self)
 
-    def _refusal(self, transport: asyncio.Transport) -> failures.Failure | None:
-        """A failure when the local peer is another OS user (they would use our identity).
+    def adopt(self, transport: asyncio.Transport, stage: Stage, data: bytes = b"", eof: bool = False) -> None:
+        """Take over a local connection another listener accepted (the proxy) and already checked
+        for its owner: `stage` drives it, `data` is what the client sent that `stage` reads first,
+        `eof`: the client has finished sending."""
+        conn = _PlainSide(self, stage, peer_checked=True)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if data and not conn.closed:
+            conn.data_received(data)
+        if eof and not conn.closed:
+            conn.eof_received()
 
-        Where the platform cannot tell (PEER_CHECK.method is None), connections are let in and
-        status says so. A peer that is not on loopback is another machine, allowed only by
-        the route's explicit unsafe_listen.
-        """
-        if PEER_CHECK.method is None or OWN_UID is None:
-            return None
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
-        if sock.family == socket.AF_UNIX:
-            if not hasattr(socket, "SO_PEERCRED"):
-                return None  # the socket's 0600 mode is the guard there
-        else:
-            peer = transport.get_extra_info("peername")
-            if peer is None or not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
-                return None
-        uid = peer_uid(sock)
-        if uid == OWN_UID:
-            return None
-        if uid is None:
-            return failures.Failure(
-                Cause.PEER_UNKNOWN,
-                "refused a local connection whose owner could not be found (it was gone, or no descriptor "
-                "was left to ask with)",
-            )
-        return failures.Failure(
-            Cause.OTHER_USER,
-            f"refused a local connection from uid {user_name(uid)}: this route uses the identity of uid "
-            f"{user_name(OWN_UID)} and serves only that user",
-        )
+    def _refusal(self, transport: asyncio.Transport) -> failures.Failure | None:
+        return refuse_other_user(transport, "this route")
 
     def _over_cap(self) -> failures.Failure | None:
         """A failure when the route's or the daemon's `max_connections` tunnels are open already."""
@@ -476,7 +462,7 @@ class RouteListener:
         verdict = await check_server_policy(route, chain, self.revocation, now=datetime.now(UTC), verified=verified)
         if verdict.ok and verdict.warning:
             if self.counters.last_warning != verdict.warning:
-                log.warning("route %s: %s", self.name, verdict.warning)
+                log.warning("%s: %s", self.label, verdict.warning)
             self.counters.warnings[Cause.REVOCATION_UNKNOWN] += 1
             self.counters.last_warning = verdict.warning
         elif verdict.ok and route.revocation != "off":
@@ -491,7 +477,7 @@ class RouteListener:
             conn.outcome = "failed"
         before = (self.counters.outcome, self.counters.failing_cause)
         self.counters.fail(failure, datetime.now(UTC), outcome=decides)
-        log.warning("route %s: %s", self.name, failure.message)
+        log.warning("%s: %s", self.label, failure.message)
         if self.on_failure is not None:
             self.on_failure(self.name, failure)
         if (self.counters.outcome, self.counters.failing_cause) != before and self.on_outcome is not None:
@@ -503,9 +489,44 @@ class RouteListener:
         before = self.counters.outcome
         self.counters.succeed(datetime.now(UTC))
         if before == "failing":
-            log.info("route %s: works again (a connection got the server's answer)", self.name)
+            log.info("%s: works again (a connection got the server's answer)", self.label)
         if before != "ok" and self.on_outcome is not None:
             self.on_outcome(self.name)
+
+
+def refuse_other_user(transport: asyncio.Transport, what: str) -> failures.Failure | None:
+    """A failure when the local peer is another OS user (they would use our identity).
+
+    Where the platform cannot tell (PEER_CHECK.method is None), connections are let in and
+    status says so. A peer that is not on loopback is another machine, allowed only by
+    the listener's explicit unsafe_listen. `what`: the listener, as the message names it.
+    """
+    if PEER_CHECK.method is None or OWN_UID is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    if sock.family == socket.AF_UNIX:
+        if not hasattr(socket, "SO_PEERCRED"):
+            return None  # the socket's 0600 mode is the guard there
+    else:
+        peer = transport.get_extra_info("peername")
+        if peer is None or not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
+            return None
+    uid = peer_uid(sock)
+    if uid == OWN_UID:
+        return None
+    if uid is None:
+        return failures.Failure(
+            Cause.PEER_UNKNOWN,
+            "refused a local connection whose owner could not be found (it was gone, or no descriptor "
+            "was left to ask with)",
+        )
+    return failures.Failure(
+        Cause.OTHER_USER,
+        f"refused a local connection from uid {user_name(uid)}: {what} uses the identity of uid "
+        f"{user_name(OWN_UID)} and serves only that user",
+    )
 
 
 def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
@@ -585,9 +606,10 @@ class _PlainSide(asyncio.Protocol):
     prelude and the TLS handshake, and checked (pins, URI SANs, revocation).
     """
 
-    def __init__(self, listener: RouteListener) -> None:
+    def __init__(self, listener: RouteListener, stage: Stage | None = None, *, peer_checked: bool = False) -> None:
         self.listener = listener
-        self.stage: Stage = listener.stage_factory()
+        self.stage: Stage = stage if stage is not None else listener.stage_factory()
+        self._peer_checked = peer_checked  # adopted from the proxy, which checked the owner
         self.transport: asyncio.Transport | None = None
         self.remote: _RemoteSide | None = None
         self.ready = False  # the remote passed every check: bytes flow
@@ -608,7 +630,7 @@ class _PlainSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.pause_reading()
-        refusal = self.listener._refusal(transport) or self.listener._over_cap()
+        refusal = (None if self._peer_checked else self.listener._refusal(transport)) or self.listener._over_cap()
         if refusal is not None:
             self.closed = True
             self.listener._record_failure(refusal, self)
@@ -629,6 +651,9 @@ class _PlainSide(asyncio.Protocol):
     async def _open_remote(self) -> None:
         listener = self.listener
         route = listener.route
+        if route.passthrough:
+            await self._open_relay()
+            return
         selection = await listener.selection(route)
         if selection.selected is None:
             self._fail(
@@ -694,11 +719,48 @@ class _PlainSide(asyncio.Protocol):
         self.ready = True
         remote.approve()
         log.debug(
-            "route %s: connected to %s as serial %x",
-            listener.name,
+            "%s: connected to %s as serial %x",
+            listener.label,
             listener.target,
             selection.selected.cert.serial_number if selection.selected.cert else 0,
         )
+        self._after_ready()
+
+    async def _open_relay(self) -> None:
+        """`passthrough`: a plain TCP connection to the target; the client does its own TLS."""
+        listener = self.listener
+        route = listener.route
+        remote: _RemoteSide | None = None
+        try:
+            async with asyncio.timeout(route.connect_timeout):
+                _, remote = await asyncio.get_running_loop().create_connection(
+                    lambda: _RemoteSide(self, None, route.server_name, listener.contexts),
+                    route.target_host,
+                    route.target_port,
+                )
+        except Exception as exc:
+            failure = failures.classify(
+                exc,
+                target=listener.target,
+                server_name=route.server_name,
+                trust=listener.policy.describe_trust(),
+                connected=False,
+                timeout=route.connect_timeout,
+                first_bytes=b"",
+            )
+            self._fail(failure)
+            return
+        self.remote = remote
+        if self.closed:
+            remote.close()
+            return
+        self.ready = True
+        remote.approve()
+        listener._record_success(self)
+        self._after_ready()
+
+    def _after_ready(self) -> None:
+        """The remote is connected and checked: the stage starts, or the client's bytes flow."""
         if self.closed:
             return
         assert self.transport is not None
@@ -792,6 +854,25 @@ class _PlainSide(asyncio.Protocol):
                 self.close()
             elif isinstance(command, Count):
                 self.listener._record_failure(failures.Failure(cause_of(command.fault), command.message), self)
+            elif isinstance(command, Handoff):
+                self._hand_back(command.data)
+
+    def _hand_back(self, data: bytes) -> None:
+        """`Handoff`: end the remote, and give the local client back to whoever handed it to us."""
+        hand, transport = self.listener.on_handoff, self.transport
+        if hand is None or transport is None or self.closed:
+            self.close()
+            return
+        self.closed = True
+        self.lost = True  # for this side; the connection lives on elsewhere
+        self.transport = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self.remote is not None:
+            self.remote.close()
+        self.listener._closed(self)
+        hand(transport, data)
 
     def _from_local(self, data: bytes) -> None:
         if self.stage.transparent:
@@ -831,7 +912,7 @@ class _PlainSide(asyncio.Protocol):
             return
         quiet = time.monotonic() - self.active_at
         if quiet >= idle:
-            log.info("route %s: closing a tunnel idle for %.0fs (idle_timeout)", self.listener.name, quiet)
+            log.info("%s: closing a tunnel idle for %.0fs (idle_timeout)", self.listener.label, quiet)
             self.close()
             return
         self._idle_timer = asyncio.get_running_loop().call_later(idle - quiet, self._idle_check, idle)
@@ -976,7 +1057,9 @@ class _PlainSide(asyncio.Protocol):
 class _RemoteSide(asyncio.Protocol):
     """The TCP connection to the remote service: raw until StartTLS, then through a `TLSPipe`."""
 
-    def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext, server_name: str, sessions: ContextCache) -> None:
+    def __init__(
+        self, peer: _PlainSide, ctx: ssl.SSLContext | None, server_name: str, sessions: ContextCache
+    ) -> None:
         self.peer = peer
         self.ctx = ctx
         self.server_name = server_name
@@ -999,9 +1082,11 @@ class _RemoteSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
+        if self.ctx is None:  # passthrough: no TLS of ours, the connection is ready as it is
+            self.handshake_done.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.pipe is None:  # before StartTLS: the protocol stage's prelude
+        if self.pipe is None:  # before StartTLS: the protocol stage's prelude (passthrough: all)
             self.peer.from_remote(data)
             return
         self.pipe.receive_data(data)
@@ -1011,6 +1096,10 @@ class _RemoteSide(asyncio.Protocol):
             self.transport.pause_reading()  # held until approve(): what the server sends meanwhile waits in TCP
 
     def eof_received(self) -> bool:
+        if self.ctx is None:  # passthrough: the server's half-close, passed on as one
+            self.eof = True
+            self.peer.remote_eof()
+            return True
         if self.pipe is None:
             if not self.handshake_done.done():
                 self.handshake_done.set_exception(ConnectionResetError(errno.ECONNRESET, "closed before TLS started"))
@@ -1062,6 +1151,7 @@ class _RemoteSide(asyncio.Protocol):
         return self.pipe.first_bytes if self.pipe is not None else b""
 
     def start_tls(self, leftover: bytes = b"") -> None:
+        assert self.ctx is not None, "passthrough never starts TLS"
         session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
         self.pipe = TLSPipe(self.ctx, self.server_name, session=session)
         if leftover:
@@ -1074,7 +1164,8 @@ class _RemoteSide(asyncio.Protocol):
         if self._closing:
             return
         self.resume_reading()
-        self._pump()
+        if self.pipe is not None:
+            self._pump()
         if self.lost and not self._closing:
             self.peer.close()
             self._release()
@@ -1092,6 +1183,10 @@ class _RemoteSide(asyncio.Protocol):
 
     def send_eof(self) -> None:
         """Pass the client's EOF on: close_notify, then TCP half-close, and keep reading."""
+        if self.ctx is None and not self._closing and self.transport is not None:  # passthrough
+            if self.transport.can_write_eof() and not self.transport.is_closing():
+                self.transport.write_eof()
+            return
         if self._closing or self.pipe is None or Flow.CAN_SEND not in self.pipe.flow:
             return
         self.pipe.send_eof()
@@ -1238,7 +1333,7 @@ class _RemoteSide(asyncio.Protocol):
 
     def _save_session(self) -> None:
         """Keep the server's session ticket (TLS 1.3 sends it after the handshake) for the next connection."""
-        assert self.pipe is not None
+        assert self.pipe is not None and self.ctx is not None
         self._session_looks += 1
         if self._session_looks > SESSION_LOOKS:
             # A server that sends no ticket (PostgreSQL, TLS 1.2 without tickets) would have us

@@ -31,6 +31,8 @@ closes after the answer in flight (an HTTP client then opens a new one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import h11
@@ -45,7 +47,7 @@ from sidecar.causes import (
 )
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.protocols.http_host import http_host
-from sidecar.stages import Close, Command, Count, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
+from sidecar.stages import Close, Command, Count, EndLocal, EndRemote, Handoff, Refuse, SendLocal, SendRemote, StartTLS
 
 # The largest request or response head accepted (h11's default is 16 KiB; cookies and bearer
 # tokens can be larger, nginx takes up to 4 x 8 KiB lines).
@@ -78,9 +80,11 @@ class OriginRewriter:
     else (relative references, other hosts, other ports) passes unchanged.
     """
 
-    def __init__(self, route: RouteSpec, local: ListenAddress) -> None:
-        port = route.target_port
-        origins: set[tuple[str, int | None]] = {(route.server_name.lower(), port), (route.target_host.lower(), port)}
+    def __init__(self, route: RouteSpec, local: ListenAddress, proxied: Proxied | None = None) -> None:
+        port = proxied.port if proxied is not None else route.target_port
+        origins: set[tuple[str, int | None]] = {(route.server_name.lower(), port)}
+        if proxied is None:
+            origins.add((route.target_host.lower(), port))
         if route.host_header:
             try:
                 parts = urlsplit("//" + route.host_header)
@@ -91,7 +95,7 @@ class OriginRewriter:
         if port in (80, 443):
             origins |= {(host, None) for host, _ in origins}
         self.origins = frozenset(origins)
-        self.base = local_base(local)
+        self.base = proxied.base if proxied is not None else local_base(local)
 
     def __call__(self, value: bytes) -> bytes:
         head = value[:8].lower()
@@ -125,6 +129,23 @@ def error_response(status: int, text: str, *, cause: str | None = None, head_onl
     return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else body)
 
 
+@dataclass(frozen=True)
+class Proxied:
+    """The stage serves an HTTP proxy's client (`sidecar.proxy`) for one destination.
+
+    `port`: where TLS goes; `base`: the origin the client asked for (`http://name[:port]`), where
+    the target's redirects to itself are pointed, so that they come through the proxy again;
+    `same_destination(target)`: whether an absolute-URI request target is for this destination."""
+
+    port: int
+    base: str
+    same_destination: Callable[[bytes], bool]
+
+
+# Headers meant for a proxy, never passed on to the target.
+_PROXY_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization"})
+
+
 class HTTPStage:
     """One local connection: h11 towards the local client (we serve) and towards the target (we ask).
 
@@ -133,13 +154,14 @@ class HTTPStage:
     on in the call that brought it.
     """
 
-    def __init__(self, route: RouteSpec, local: ListenAddress) -> None:
+    def __init__(self, route: RouteSpec, local: ListenAddress, proxied: Proxied | None = None) -> None:
         self.route = route
         self.transparent = False
+        self._proxied = proxied
         self._local = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)  # the local client
         self._target = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)  # the target
         self._host = http_host(route).encode()  # the same as `check` asks with
-        self._rewrite = OriginRewriter(route, local)
+        self._rewrite = OriginRewriter(route, local, proxied)
         self._first = True  # no byte from the local client yet
         self._requests = 0
         self._method = b""  # of the request being answered
@@ -243,6 +265,9 @@ class HTTPStage:
                 return
 
     def _request(self, event: h11.Request) -> None:
+        if self._proxied is not None and self._requests and not self._same_destination(event):
+            self._hand_off(event)
+            return
         self._requests += 1
         self._method = event.method
         if self._failure is not None:
@@ -251,6 +276,8 @@ class HTTPStage:
         headers = []
         host_seen = False
         for name, value in event.headers.raw_items():
+            if self._proxied is not None and name.lower() in _PROXY_HEADERS:
+                continue
             if name.lower() == b"host":
                 if host_seen:
                     continue
@@ -262,6 +289,21 @@ class HTTPStage:
         if target[:1] != b"/" and target != b"*" and event.method != b"CONNECT":
             target = _origin_form(target)
         self._send_target(h11.Request(method=event.method, target=target, headers=headers))
+
+    def _same_destination(self, event: h11.Request) -> bool:
+        assert self._proxied is not None
+        target = event.target
+        return event.method != b"CONNECT" and target[:1] != b"/" and self._proxied.same_destination(target)
+
+    def _hand_off(self, event: h11.Request) -> None:
+        """A proxy client's next request is for another destination (or for the proxy itself):
+        it goes back to the proxy as it came, and this connection to the target ends."""
+        version = event.http_version
+        head = [b"%s %s HTTP/%s" % (event.method, event.target, version)]
+        head += [name + b": " + value for name, value in event.headers.raw_items()]
+        rest, _ = self._local.trailing_data
+        self._over = True
+        self._end.append(Handoff(b"\r\n".join(head) + b"\r\n\r\n" + rest))
 
     def _send_target(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         pieces = self._target.send_with_data_passthrough(event)
