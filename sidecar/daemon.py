@@ -16,7 +16,7 @@ from typing import Any
 
 from sidecar import __version__, config_edit
 from sidecar.causes import quoted
-from sidecar.config import Config, ProxySpec, RouteSpec, parse_config
+from sidecar.config import Config, ProxyRuleSpec, ProxySpec, RouteSpec, parse_config
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
@@ -654,7 +654,8 @@ class Daemon:
         """Watch the folders of every route's ca_file, ca_dir and crl_file, as the keystore is
         watched: a change there rebuilds the contexts, so new connections use the new trust."""
         wanted: set[Path] = set()
-        for route in [*self.config.routes.values(), *self.config.proxy.rules]:
+        sources: list[RouteSpec | ProxyRuleSpec] = [*self.config.routes.values(), *self.config.proxy.rules]
+        for route in sources:
             for path, is_dir in ((route.ca_file, False), (route.ca_dir, True), (route.crl_file, False)):
                 if path is not None:
                     folder = Path(path) if is_dir else Path(path).parent

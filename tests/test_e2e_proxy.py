@@ -157,7 +157,9 @@ def read_response(sock: socket.socket) -> str:
         assert chunk, f"closed mid-response: {data!r}"
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         assert chunk
