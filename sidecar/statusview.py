@@ -83,9 +83,65 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         row.notes += [f"  {paint(note, 'dim')}" for note in route_notes(route, now)]
         routes.append(row)
     lines += _table(routes, _ROUTE_WIDTHS, paint)
+    proxy = status.get("proxy") or {}
+    if proxy.get("enabled"):
+        lines.append("")
+        lines += proxy_lines(proxy, paint)
     for warning in status.get("warnings", []):
         lines.append(paint(f"warning: {warning}", "warn"))
     return "\n".join(lines) + "\n"
+
+
+_RULE_WIDTHS = (13, 30, 12, 0)
+_DESTINATION_WIDTHS = (25, 13, 12, 7, 0)
+SHOWN_DESTINATIONS = 10  # the most recent; `status --json` has them all
+
+
+def proxy_lines(proxy: dict[str, Any], paint: Callable[[str, str], str]) -> list[str]:
+    """The proxy: its address and PAC URL, each rule, and the destinations reached lately."""
+    state = proxy.get("state", "?")
+    refused = sum((proxy.get("refused") or {}).values())
+    head = (
+        f"PROXY {proxy.get('url')} ({state}) · PAC {proxy.get('pac_url')} · {proxy.get('connections', 0)} connections"
+    )
+    if refused:
+        head += f", {refused} refused"
+    lines = [paint(head, "ok" if state == "up" else "bad")]
+    if proxy.get("last_error"):
+        lines.append(f"  {paint(proxy['last_error'], 'bad')}")
+    elif proxy.get("last_refusal"):
+        lines.append(f"  {paint('last refused: ' + proxy['last_refusal'], 'dim')}")
+    rules: list[_Row] = [_Row(("RULE", "HOSTS", "AS", "CONNECTIONS"))]
+    for rule in proxy.get("rules") or []:
+        who = "passthrough" if rule.get("passthrough") else str(rule.get("identity"))
+        conns = f"{rule.get('active_connections', 0)} open, {rule.get('connections', 0)} total"
+        failed = sum((rule.get("failures") or {}).values())
+        if failed:
+            conns += f", {failed} failed"
+        row = _Row((f" {rule.get('name')}", ", ".join(rule.get("hosts") or []), who, conns))
+        if rule.get("last_error"):
+            row.notes.append(f"  {paint('last error: ' + rule['last_error'], 'dim')}")
+        rules.append(row)
+    lines += _table(rules, _RULE_WIDTHS, paint)
+    destinations = proxy.get("destinations") or []
+    if destinations:
+        rows: list[_Row] = [_Row(("DESTINATION", "RULE", "AS", "HEALTH", "CONNECTIONS"))]
+        for dest in destinations[:SHOWN_DESTINATIONS]:
+            host = f"[{dest['host']}]" if ":" in dest["host"] else dest["host"]
+            health = dest.get("health", "?")
+            conns = (
+                f"{dest.get('connections', 0)} total, {dest.get('bytes_in', 0)} B in, {dest.get('bytes_out', 0)} B out"
+            )
+            rows.append(
+                _Row(
+                    (f" {host}:{dest['port']}", str(dest.get("rule")), str(dest.get("identity") or "-"), health, conns),
+                    (None, None, None, _HEALTH_KINDS.get(health, "bad"), None),
+                )
+            )
+        lines += _table(rows, _DESTINATION_WIDTHS, paint)
+        if len(destinations) > SHOWN_DESTINATIONS:
+            lines.append(paint(f"  … and {len(destinations) - SHOWN_DESTINATIONS} more (status --json)", "dim"))
+    return lines
 
 
 def identity_notes(identity: dict[str, Any]) -> list[str]:

@@ -237,6 +237,8 @@ class TrayApp:
             self.client.post(f"/v1/identities/{rest}/renew")
         elif kind == "copy":
             self.copy_address(rest)
+        elif kind == "copy-proxy":
+            self.copy_proxy_address(rest)
         elif kind == "check":
             self._in_background(f"check {rest}", self.check_route, rest)
         elif kind == "open-config":
@@ -265,6 +267,18 @@ class TrayApp:
             log.info("copied the address of route %s: %s", route, address)
         else:  # then at least show it
             self._tell(f"Address of route {route}: {address}", f"{address} (it could not be copied: {problem})")
+
+    def copy_proxy_address(self, which: str) -> None:
+        """Copy the proxy's URL ("url") or its PAC file's URL ("pac_url")."""
+        address = ((self.status or {}).get("proxy") or {}).get(which)
+        if not address:
+            self._tell("Proxy", "its address is not known: is the daemon running with [[proxy.rules]]?")
+            return
+        problem = copy_to_clipboard(address)
+        if problem is None:
+            log.info("copied the proxy's %s: %s", which, address)
+        else:
+            self._tell(f"Proxy: {address}", f"{address} (it could not be copied: {problem})")
 
     def check_route(self, route: str) -> None:
         """Ask the daemon to check a route (what `mtls-sidecar check ROUTE` does) and tell the result."""

@@ -50,7 +50,8 @@ class Notification:
 
 
 # Action ids: "use:IDENTITY", "route-identity:ROUTE:IDENTITY" ("" = follow the active one),
-# "renew:IDENTITY", "copy:ROUTE", "check:ROUTE", "open-config", "open-logs", "start-daemon", "quit".
+# "renew:IDENTITY", "copy:ROUTE", "copy-proxy:url" / "copy-proxy:pac_url" (the proxy's address or PAC URL),
+# "check:ROUTE", "open-config", "open-logs", "start-daemon", "quit".
 
 
 def route_health(route: dict[str, Any]) -> str:
@@ -217,6 +218,9 @@ def build_menu(status: dict[str, Any] | None, now: datetime, *, autostart: bool 
             )
         )
         items.append(MenuItem("Routes", submenu=_routes_menu(status, now), enabled=bool(status.get("routes"))))
+        proxy = status.get("proxy") or {}
+        if proxy.get("enabled"):
+            items.append(_proxy_menu(proxy))
         if active in identities:
             items.append(
                 MenuItem(
@@ -264,6 +268,36 @@ def _routes_menu(status: dict[str, Any], now: datetime) -> tuple[MenuItem, ...]:
             )
         )
     return tuple(entries)
+
+
+def _proxy_menu(proxy: dict[str, Any]) -> MenuItem:
+    """ "Proxy 127.0.0.1:18888 · 2 rules", with its addresses to copy and each rule as a line."""
+    rules = proxy.get("rules") or []
+    state = "" if proxy.get("state") == "up" else f" · ✗ {proxy.get('state')}"
+    label = f"Proxy {proxy.get('listen')} · {len(rules)} rule{'s' if len(rules) != 1 else ''}{state}"
+    lines = []
+    for rule in rules:
+        hosts = ", ".join(rule.get("hosts") or [])
+        who = "passthrough" if rule.get("passthrough") else f"as {rule.get('identity')}"
+        failed = sum((rule.get("failures") or {}).values())
+        trouble = f" · {failed} failed" if failed else ""
+        lines.append(
+            MenuItem(
+                f"{rule.get('name')}: {hosts} · {who} · {rule.get('connections', 0)} connections{trouble}",
+                enabled=False,
+            )
+        )
+    if proxy.get("state") != "up" and proxy.get("last_error"):
+        lines.insert(0, MenuItem(str(proxy["last_error"]), enabled=False))
+    return MenuItem(
+        label,
+        submenu=(
+            *lines,
+            SEPARATOR,
+            MenuItem(f"Copy proxy address {proxy.get('url')}", action="copy-proxy:url"),
+            MenuItem(f"Copy PAC URL {proxy.get('pac_url')}", action="copy-proxy:pac_url"),
+        ),
+    )
 
 
 def _trouble_items(name: str, route: dict[str, Any], now: datetime) -> tuple[MenuItem, ...]:

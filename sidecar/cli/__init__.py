@@ -67,8 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     renew.add_argument("--no-wait", dest="no_wait", action="store_true", help="ask for it and return at once")
     renew.add_argument("--json", action="store_true")
     check = commands.add_parser("check", help="a real handshake to a route's target, explained")
-    check.add_argument("route")
+    check.add_argument("route", nargs="?", help="the route to check (or --via-proxy)")
+    check.add_argument(
+        "--via-proxy",
+        metavar="HOST:PORT",
+        help="check what the proxy's rule for this destination would do (port 443 when left out)",
+    )
     check.add_argument("--json", action="store_true")
+
+    proxy = commands.add_parser("proxy", help="the one local port for every service ([proxy] in config.toml)")
+    proxy_commands = commands.add_subparsers(proxy, dest="proxy_command", metavar="PROXY_COMMAND")
+    env = proxy_commands.add_parser("env", help="print the http_proxy/ALL_PROXY/NO_PROXY lines to paste into a shell")
+    env.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh", help="the shell's syntax (sh)")
+    proxy_commands.add_parser("pac", help="print the proxy auto-config (PAC) file")
 
     route = commands.add_parser("route", help="routes of the running daemon (changes are saved to config.toml)")
     route_commands = commands.add_subparsers(route, dest="route_command", metavar="ROUTE_COMMAND")
@@ -264,6 +275,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from sidecar.cli.autostart import cmd_autostart
 
             return cmd_autostart(places, args)
+        if args.command == "proxy":
+            from sidecar.cli.proxy import cmd_proxy
+
+            return cmd_proxy(places, args)
     except ConfigError as exc:
         print(f"mtls-sidecar: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

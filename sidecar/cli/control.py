@@ -19,6 +19,7 @@ from sidecar.units import parse_duration
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
 
@@ -207,8 +208,19 @@ def cmd_identity_list(places: Places, args: argparse.Namespace) -> int:
 
 
 def cmd_check(places: Places, args: argparse.Namespace) -> int:
-    result = client_for(places).post(f"/v1/routes/{args.route}/check")
+    if (args.route is None) == (args.via_proxy is None):
+        print("mtls-sidecar: check needs a ROUTE or --via-proxy HOST:PORT (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.via_proxy is not None:
+        result = client_for(places).post("/v1/proxy/check", {"destination": args.via_proxy})
+    else:
+        result = client_for(places).post(f"/v1/routes/{args.route}/check")
     text = ("ok: " if result["ok"] else "problem: ") + result["message"]
+    if args.via_proxy is not None:
+        rule = result.get("rule")
+        text += (
+            f" (proxy rule {rule}" + (f", as {result['identity']})" if result.get("identity") else ")") if rule else ""
+        )
     presented = presented_line(result)
     if presented:
         text += f"\n{presented}"

@@ -11,6 +11,9 @@
 | PATCH | /v1/routes/NAME | {config keys to change; null removes one} | the route's status |
 | DELETE | /v1/routes/NAME | | {"removed": NAME} |
 | POST | /v1/routes/NAME/check | | the diagnosis |
+| GET | /v1/proxy | | the proxy's status ({"enabled": false} until a rule exists) |
+| GET | /v1/proxy/pac | | the PAC file (JSON: {"pac": TEXT}) |
+| POST | /v1/proxy/check | {"destination": "HOST[:PORT]"} | the diagnosis of what its rule would do |
 | GET | /v1/events | | newline-delimited JSON events, until the client goes |
 """
 
@@ -27,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar import __version__
+from sidecar.causes import Cause
 from sidecar.config import ROUTE_KEYS
 from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
@@ -244,6 +248,69 @@ async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
     return ApiResponse(200, {"route": name, "identity": identity, **result.to_json()})
 
 
+async def _proxy(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    return ApiResponse(200, daemon.proxy_status())
+
+
+async def _proxy_pac(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    if daemon.proxy is None:
+        raise ApiError(409, "the proxy is off: it starts once config.toml has a [[proxy.rules]]")
+    return ApiResponse(200, {"pac": daemon.proxy.pac()})
+
+
+async def _proxy_check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    """What a proxy rule would do for `destination` (as CONNECT and SOCKS reach it): the real handshake."""
+    from sidecar.check.observe import check_route
+    from sidecar.proxy.rules import CONNECT, destination_route, match, refusal
+
+    destination = body.get("destination") if isinstance(body, dict) else None
+    if not isinstance(destination, str) or not destination:
+        raise ApiError(400, 'send {"destination": "HOST:PORT"}, for example {"destination": "api.corp.example:443"}')
+    host, port = _host_port(destination)
+    proxy = daemon.config.proxy
+    found = match(proxy.rules, host, port, CONNECT)
+    if found is None:
+        return ApiResponse(200, {
+            "destination": destination,
+            "rule": None,
+            "ok": False,
+            "cause": str(Cause.PROXY_NOT_ALLOWED),
+            "message": refusal(proxy.rules, host, port, CONNECT),
+            "fix": Cause.PROXY_NOT_ALLOWED.fix,
+        })  # fmt: skip
+    rule, dest = found
+    if rule.passthrough:
+        return ApiResponse(200, {
+            "destination": dest.address,
+            "rule": rule.name,
+            "ok": True,
+            "cause": str(Cause.OK),
+            "message": f"rule {rule.name} passes {dest.address} through untouched (passthrough): the client does its "
+            "own TLS and no client certificate is added, so there is nothing of ours to check",
+            "fix": None,
+        })  # fmt: skip
+    route = destination_route(rule, dest, proxy, CONNECT)
+    identity = daemon.identity_for(route)
+    spec = daemon.config.identities.get(identity)
+    result = await check_route(
+        route,
+        daemon.current_selection(route),
+        renew=spec.renew if spec is not None else None,
+        identity_warning=daemon.expiry_warning(identity, datetime.now(UTC)),
+    )
+    return ApiResponse(200, {"destination": dest.address, "rule": rule.name, "identity": identity, **result.to_json()})
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """ "host:port", "[v6]:port", or a host alone (port 443)."""
+    from sidecar.config import parse_target
+
+    field = "destination"
+    if (text.startswith("[") and "]:" not in text) or (not text.startswith("[") and ":" not in text):
+        text += ":443"
+    return parse_target(text, field=field, source="the request")
+
+
 async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
     return ApiResponse(200, stream=EventFeed(daemon))
 
@@ -260,5 +327,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
     ("DELETE", re.compile(rf"/v1/routes/{_NAME}"), _remove_route),
     ("PATCH", re.compile(rf"/v1/routes/{_NAME}"), _set_route),
     ("POST", re.compile(rf"/v1/routes/{_NAME}/check"), _check),
+    ("GET", re.compile(r"/v1/proxy"), _proxy),
+    ("GET", re.compile(r"/v1/proxy/pac"), _proxy_pac),
+    ("POST", re.compile(r"/v1/proxy/check"), _proxy_check),
     ("GET", re.compile(r"/v1/events"), _events),
 ]
