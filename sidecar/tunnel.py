@@ -1057,9 +1057,7 @@ class _PlainSide(asyncio.Protocol):
 class _RemoteSide(asyncio.Protocol):
     """The TCP connection to the remote service: raw until StartTLS, then through a `TLSPipe`."""
 
-    def __init__(
-        self, peer: _PlainSide, ctx: ssl.SSLContext | None, server_name: str, sessions: ContextCache
-    ) -> None:
+    def __init__(self, peer: _PlainSide, ctx: ssl.SSLContext | None, server_name: str, sessions: ContextCache) -> None:
         self.peer = peer
         self.ctx = ctx
         self.server_name = server_name
