@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import peers, pki, procs, protocols, stats
+from bench import peers, pki, procs, protocols, proxyline, stats
 from bench.procs import free_port, process, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,8 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated contenders (default: all)")
     parser.add_argument(
         "--tests",
-        default="t1,t2,t3,t4,t5,pg,http",
-        help="comma-separated tests (default: all): t1-t5 (tunnels), pg (pgbench), http (wrk)",
+        default="t1,t2,t3,t4,t5,pg,http,proxy",
+        help="comma-separated tests (default: all): t1-t5 (tunnels), pg (pgbench), http (wrk), proxy (proxy vs route)",
     )
     parser.add_argument("--size-mib", type=int, help="T1 bytes per direction (default 1024; 256 with --quick)")
     parser.add_argument("--max-held", type=int, help="largest T4 count to try (default 10000; 1000 with --quick)")
@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.pg_seconds = 5 if args.quick else 15
     args.http_seconds = 5 if args.quick else 15
     args.tests = set(args.tests.split(","))
-    unknown_tests = args.tests - {*TUNNEL_TESTS, *protocols.TESTS}
+    unknown_tests = args.tests - {*TUNNEL_TESTS, *protocols.TESTS, *proxyline.TESTS}
     if unknown_tests:
         parser.error(f"unknown test(s) {', '.join(sorted(unknown_tests))}")
     args.sidecar_arg = DEFAULT_SIDECAR_ARGS if args.sidecar_arg is None else args.sidecar_arg
@@ -248,7 +248,8 @@ TUNNEL_TESTS = ("t1", "t2", "t3", "t4", "t5")
 def missing_programs(tests: set[str]) -> list[str]:
     """What the chosen tests need and is not installed, each with its apt package."""
     missing = peers.missing_programs() if tests & set(TUNNEL_TESTS) else []
-    return [*missing, *(m for m in protocols.missing_programs(tests) if m not in missing)]
+    proto_tests = tests | ({"http"} if "proxy" in tests else set())  # the proxy line uses the http line's parts
+    return [*missing, *(m for m in protocols.missing_programs(proto_tests) if m not in missing)]
 
 
 def tunnel_lines(
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, list[dict[str, float]]] = {}
     cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {}
     proto: dict[str, Any] | None = None
+    proxy: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="mtls-bench-") as tmp_name:
         tmp = Path(tmp_name)
         files, server_cert, server_key, client_ca = make_pki(tmp)
@@ -315,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             raw, cpu_raw = tunnel_lines(args, tmp, files, server_cert, server_key, client_ca)
         if args.tests & set(protocols.TESTS):
             proto = protocols.run(args, files, server_cert, server_key, client_ca)
+        if args.tests & set(proxyline.TESTS):
+            proxy = proxyline.run(args, files, server_cert, server_key, client_ca)
     rows = {name: stats.summarise(reps) for name, reps in raw.items() if reps}
     cpu_rows = {
         name: {test: stats.summarise([r[test] for r in reps if test in r]) for test in {t for r in reps for t in r}}
@@ -338,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": raw,
         "cpu_raw": cpu_raw,
         "protocols": proto,
+        "proxy": proxy,
     }
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(report, indent=2, default=str) + "\n"
@@ -352,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if proto is not None:
         print(protocols.tables(proto, args.reps))
+    if proxy is not None:
+        print(proxyline.table(proxy, args.reps))
     return 0
 
 
