@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from sidecar.peercred import find_owner, proc_net_hex
 from tests.daemon_runner import DaemonThread
@@ -145,3 +146,57 @@ def test_proc_net_tcp_lookup_matches_the_client_side_of_the_connection() -> None
     assert find_owner(table, ("127.0.0.1", 8080), ("127.0.0.1", 54321)) == 0  # the server's own side
     assert find_owner(table, ("127.0.0.1", 1), ("127.0.0.1", 8080)) is None
     assert proc_net_hex(("::1", 443)) == "00000000000000000000000001000000:01BB" or sys.byteorder == "big"
+
+
+def test_another_user_is_refused_by_the_proxy_before_it_reads_a_byte(
+    other_user: pwd.struct_passwd, isolated_home: Path, tmp_path: Path
+) -> None:
+    """The proxy port serves every rule's identity: another user is refused there as on a route."""
+    pki = Pki.create(tmp_path / "pki", "svc.test")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    with mtls_server(pki, mode="echo") as server:
+        config = isolated_home / "config.toml"
+        config.write_text(
+            tomlkit.dumps(
+                {
+                    "identities": {"dev": {"renew": "none"}},
+                    "proxy": {
+                        "listen": "127.0.0.1:0",
+                        "rules": [
+                            {
+                                "hosts": ["svc.test"],
+                                "ca_file": str(pki.server_ca_file),
+                                "connect": f"127.0.0.1:{server.port}",
+                            }
+                        ],
+                    },
+                }
+            )
+        )
+        with DaemonThread(config) as daemon:
+            port = int(daemon.status()["proxy"]["listen"].rsplit(":", 1)[1])
+            # the other user's "from another user" would be a (bad) proxy request if it were read
+            answer = as_user(other_user, "127.0.0.1", str(port))
+            assert answer in ("received 0", "error ConnectionResetError 104", "error OSError 107"), answer
+            wait_until(
+                lambda: daemon.status()["proxy"]["refused"].get("other_user") == 1,
+                timeout=10,
+                what="the proxy to count the refusal",
+            )
+            proxy = daemon.status()["proxy"]
+            assert f"uid {other_user.pw_uid} ({OTHER_USER})" in proxy["last_refusal"]
+            assert "the proxy uses the identity" in proxy["last_refusal"]
+            assert proxy["refused"].get("protocol_mismatch") is None  # refused before anything was read
+            # the owner is served through the same port
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"CONNECT svc.test:443 HTTP/1.1\r\nHost: svc.test:443\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    assert chunk, head
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 200"), head
+                sock.sendall(b"from the owner\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock) == b"from the owner\n"
+            assert len(server.records) == 1
