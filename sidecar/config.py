@@ -644,10 +644,12 @@ def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoSer
     taken = [("the demo service", demo.listen)] if demo.enabled else []
     if proxy.enabled:
         if demo.enabled and _clash(proxy.listen, demo.listen):
+            # at the proxy's listen when it is written (or its [proxy] table), else at the demo's
+            written = doc.line(("proxy", "listen")) is not None
             raise doc.error(
-                ("proxy", "listen"),
+                ("proxy", "listen") if written else ("demo_service", "listen"),
                 f"the proxy and the demo service both listen on {demo.listen}",
-                str(proxy.listen),
+                str(proxy.listen if written else demo.listen),
                 hint="give each its own port",
             )
         taken.append(("the proxy", proxy.listen))
@@ -680,7 +682,7 @@ def _check_self_targets(
                     raise doc.error(
                         ("proxy", "rules", f"[{index}]", "connect"),
                         f"connect is {owner}'s listen address ({listen}): the sidecar would tunnel into itself",
-                        f"{rule.connect[0]}:{rule.connect[1]}",
+                        str(target),  # host:port, [v6]:port
                         hint="point connect at the remote service's TLS address",
                     )
     for route in routes.values():
@@ -693,7 +695,7 @@ def _check_self_targets(
                     "the target is this route's own listen address"
                     if itself
                     else f"the target is {owner}'s listen address ({listen}): the sidecar would tunnel into itself",
-                    f"{route.target_host}:{route.target_port}",
+                    route.target,
                     hint="point target at the remote service's TLS address",
                 )
 
@@ -713,7 +715,8 @@ def _parse_proxy(top: Table, identities: Mapping[str, IdentitySpec]) -> ProxySpe
                 "listen", "the proxy listens on TCP only", raw["listen"], hint=f'for example "{DEFAULT_PROXY_LISTEN}"'
             )
         if not listen.is_loopback and not unsafe_listen:
-            raise t.error("listen", "not a loopback address", raw["listen"], hint=_LOOPBACK_HINT)
+            hint = "use 127.0.0.1:PORT or [::1]:PORT, or set unsafe_listen = true in [proxy]"
+            raise t.error("listen", "not a loopback address", raw["listen"], hint=hint)
     example = 'for example [[proxy.rules]] with hosts = ["*.corp.example"]'
     rules = [_parse_proxy_rule(rule, identities) for rule in t.array_tables("rules", example)]
     seen: dict[str, int] = {}

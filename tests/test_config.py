@@ -784,3 +784,232 @@ def test_random_values_raise_only_config_error(
         parse_config("\n".join(lines), base_dir=Path("/etc/sidecar"))
     except ConfigError as exc:
         assert exc.field is None or exc.line is not None
+
+
+# --- [proxy] and [[proxy.rules]] -------------------------------------------------------------
+
+# [proxy] on line 5, its listen on line 6
+PROXY_HEAD = 'active_identity = "dev"\n[identities.dev]\n[identities.ops]\n\n[proxy]\nlisten = "127.0.0.1:3128"\n'
+
+
+def proxy_rules(*bodies: str, head: str = PROXY_HEAD) -> str:
+    """The [proxy] head, then one [[proxy.rules]] per body, each after a blank line."""
+    return head + "".join(f"\n[[proxy.rules]]\n{body}\n" for body in bodies)
+
+
+def test_proxy_defaults_off_without_rules() -> None:
+    for text in (
+        "[identities.dev]\n",
+        "[identities.dev]\n[proxy]\n",
+        '[identities.dev]\n[proxy]\nlisten = "127.0.0.1:3128"\n',
+    ):
+        proxy = parse_config(text, source="config.toml").proxy
+        assert proxy.rules == () and proxy.enabled is False
+    proxy = parse_config("[identities.dev]\n", source="config.toml").proxy
+    assert proxy.listen == ListenAddress("tcp", "127.0.0.1", 18888)
+    assert (proxy.unsafe_listen, proxy.max_connections) == (False, 1000)
+
+
+def test_proxy_rules_parse_with_their_defaults() -> None:
+    text = proxy_rules(
+        'hosts = ["*.corp.example", "db.example.net", "10.20.0.0/16", "[::1]"]',
+        'name = "db"\nhosts = ["db.example.net"]\nports = [5432, 443]\nidentity = "ops"\nprotocol = "postgres"\n'
+        'tls_port = 8443\nconnect = "127.0.0.1:15432"\nca_file = "ca.pem"\nconnect_timeout = "2s"\n'
+        'max_connections = 5\nidle_timeout = "1m"\npostgres_negotiation = "direct"',
+        'hosts = ["legacy.example"]\npassthrough = true',
+    )
+    proxy = parse_config(text, source="config.toml", base_dir=Path("/cfg")).proxy
+    assert proxy.enabled and proxy.listen == ListenAddress("tcp", "127.0.0.1", 3128)
+    first, db, legacy = proxy.rules
+    assert first.name == "*.corp.example"  # an unnamed rule is called after its first host
+    assert [p.text for p in first.hosts] == ["*.corp.example", "db.example.net", "10.20.0.0/16", "[::1]"]
+    assert (first.ports, first.identity, first.protocol, first.tls_port, first.connect) == ((), None, None, 443, None)
+    assert (first.passthrough, first.ca_file, first.connect_timeout) == (False, None, DEFAULT_CONNECT_TIMEOUT)
+    assert db.name == "db" and db.ports == (5432, 443) and db.identity == "ops"
+    assert (db.protocol, db.tls_port, db.connect) == ("postgres", 8443, ("127.0.0.1", 15432))
+    assert db.ca_file == Path("/cfg/ca.pem")
+    assert (db.connect_timeout, db.max_connections, db.idle_timeout) == (2.0, 5, 60.0)
+    assert (db.postgres_negotiation, db.alpn) == ("direct", ("postgresql",))
+    assert legacy.passthrough is True
+
+
+def test_proxy_listen_may_leave_loopback_only_with_unsafe_listen() -> None:
+    text = proxy_rules('hosts = ["a.example"]', head='[identities.dev]\n\n[proxy]\nlisten = "0.0.0.0:3128"\n')
+    err = config_error(text)
+    assert (err.field, err.line, err.value, err.message) == (
+        "proxy.listen",
+        4,
+        "0.0.0.0:3128",
+        "not a loopback address",
+    )
+    assert err.hint is not None and "unsafe_listen = true in [proxy]" in err.hint
+    assert "unix:" not in err.hint  # the proxy listens on TCP only: no hint that it could do otherwise
+    allowed = parse_config(text.replace("[proxy]\n", "[proxy]\nunsafe_listen = true\n"), source="config.toml")
+    assert allowed.proxy.listen == ListenAddress("tcp", "0.0.0.0", 3128) and allowed.proxy.unsafe_listen
+
+
+def test_proxy_listens_on_tcp_only() -> None:
+    err = config_error(proxy_rules('hosts = ["a.example"]').replace("127.0.0.1:3128", "unix:/run/p.sock"))
+    assert (err.field, err.line, err.message) == ("proxy.listen", 6, "the proxy listens on TCP only")
+    assert err.hint == 'for example "127.0.0.1:18888"'
+
+
+@pytest.mark.parametrize(
+    ("bodies", "field", "line", "value", "message"),
+    [
+        # errors in the second [[proxy.rules]] name it and point at its own lines
+        (('hosts = ["a.example"]', 'hosts = ["*.com"]'), "proxy.rules[1].hosts", 12,
+         "*.com", "a wildcard is '*.' before a name of two labels or more"),
+        (('hosts = ["a.example"]', 'hosts = ["a.example", "bad name"]'), "proxy.rules[1].hosts", 12,
+         "bad name", "not a valid host name"),
+        (('hosts = ["10.0.0.0/33"]',), "proxy.rules[0].hosts", 9, "10.0.0.0/33", "not a CIDR block"),
+        (('hosts = ["a.example"]', "hosts = []"), "proxy.rules[1].hosts", 12, None, "a rule needs at least one host"),
+        (('hosts = ["a.example"]', 'name = "n"'), "proxy.rules[1].hosts", 11, None, "a rule needs at least one host"),
+        (('hosts = "a.example"',), "proxy.rules[0].hosts", 9, "a.example", "expected an array of strings"),
+        (('hosts = ["a.example"]\nports = [0]',), "proxy.rules[0].ports", 10, 0, "each port must be a number 1-65535"),
+        (('hosts = ["a.example"]\nports = [443, 70000]',), "proxy.rules[0].ports", 10, 70000, "1-65535"),
+        (('hosts = ["a.example"]\nports = ["443"]',), "proxy.rules[0].ports", 10, "443", "1-65535"),
+        (('hosts = ["a.example"]\nports = [true]',), "proxy.rules[0].ports", 10, True, "1-65535"),
+        (('hosts = ["a.example"]\nports = 443',), "proxy.rules[0].ports", 10, 443, "expected an array of port numbers"),
+        (('hosts = ["a.example"]\ntls_port = 0',), "proxy.rules[0].tls_port", 10, 0, "port number 1-65535"),
+        (('hosts = ["a.example"]\nidentity = "prod"',), "proxy.rules[0].identity", 10, "prod", "unknown identity"),
+        (('hosts = ["a.example"]\nprotocol = "ftp"',), "proxy.rules[0].protocol", 10, "ftp", "unknown protocol"),
+        (('hosts = ["a.example"]\nconnect = "nohost"',), "proxy.rules[0].connect", 10, "nohost", "missing port"),
+        (('hosts = ["a.example"]\npostgres_negotiation = "direct"',), "proxy.rules[0].postgres_negotiation", 10,
+         "direct", 'only used with protocol = "postgres"'),
+        (('hosts = ["a.example"]\ncrl_file = "x.crl"',), "proxy.rules[0].crl_file", 10, "x.crl",
+         "only read when revocation checking is on"),
+        (('hosts = ["a.example"]\npassthrough = "yes"',), "proxy.rules[0].passthrough", 10, "yes", "true or false"),
+    ],
+)  # fmt: skip
+def test_wrong_values_in_proxy_rules(
+    bodies: tuple[str, ...], field: str, line: int, value: object, message: str
+) -> None:
+    err = config_error(proxy_rules(*bodies))
+    assert (err.field, err.line) == (field, line)
+    if value is not None:
+        assert err.value == value
+    assert message in err.message
+    assert str(err).startswith(f"config.toml:{line}: {field}")
+
+
+def test_a_bad_host_pattern_says_what_a_host_may_be() -> None:
+    err = config_error(proxy_rules('hosts = ["a.*.example"]'))
+    assert err.hint is not None and err.hint.startswith('each entry is a DNS name ("db.example.net"), a wildcard')
+    assert "known: dev, ops" in config_error(proxy_rules('hosts = ["a"]\nidentity = "x"')).hint  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "line", "hint"),
+    [
+        (PROXY_HEAD + "listn = 1\n", "proxy.listn", 7, 'did you mean "listen"?'),
+        (proxy_rules('hosts = ["a.example"]\nport = [443]'), "proxy.rules[0].port", 10, 'did you mean "ports"?'),
+        (proxy_rules('hosts = ["a"]', 'hosts = ["b"]\nhost = "x"'), "proxy.rules[1].host", 13, 'did you mean "hosts"?'),
+    ],
+)
+def test_unknown_keys_in_the_proxy(text: str, field: str, line: int, hint: str) -> None:
+    err = config_error(text)
+    assert (err.message, err.field, err.line, err.hint) == ("unknown key", field, line, hint)
+
+
+@pytest.mark.parametrize("key", ['listen = "127.0.0.1:1"', 'target = "a:1"', 'host_header = "x"', "local_tls = true"])
+def test_route_keys_a_rule_has_not(key: str) -> None:
+    err = config_error(proxy_rules(f'hosts = ["a.example"]\n{key}'))
+    assert err.message == "unknown key" and err.line == 10
+    assert err.hint is not None and err.hint.startswith("known keys: name, hosts, ports,")
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "line", "message"),
+    [
+        ("[identities.dev]\nproxy = 1\n", "identities.dev.proxy", 2, "unknown key"),
+        ("proxy = 1\n", "proxy", 1, "expected a table [proxy], got an integer"),
+        ("[proxy]\nrules = 1\n", "proxy.rules", 2, "expected tables written as [[proxy.rules]], got an integer"),
+        ("[proxy]\nmax_connections = 0\n", "proxy.max_connections", 2, "whole number from 1 to 1000000"),
+    ],
+)
+def test_wrong_shapes_of_the_proxy(text: str, field: str, line: int, message: str) -> None:
+    err = config_error(text)
+    assert (err.field, err.line) == (field, line)
+    assert message in err.message
+
+
+def test_two_rules_with_one_name_are_refused_at_the_second() -> None:
+    err = config_error(proxy_rules('name = "corp"\nhosts = ["a.example"]', 'name = "corp"\nhosts = ["b.example"]'))
+    assert (err.field, err.line, err.value) == ("proxy.rules[1].name", 13, "corp")
+    assert err.message == "two rules are named corp"
+    assert err.hint == "give each rule its own name"
+
+
+def test_unnamed_rules_with_one_first_host_are_numbered() -> None:
+    text = proxy_rules('hosts = ["a.example"]', 'hosts = ["a.example", "b.example"]', 'hosts = ["c.example"]')
+    names = [rule.name for rule in parse_config(text, source="config.toml").proxy.rules]
+    assert names == ["a.example", "a.example (2)", "c.example"]
+    text = proxy_rules('hosts = ["a.example"]', 'hosts = ["b.example"]', 'hosts = ["a.example"]')
+    assert [r.name for r in parse_config(text, source="config.toml").proxy.rules][2] == "a.example (3)"
+
+
+@pytest.mark.parametrize(
+    ("head", "connect", "extra", "owner"),
+    [
+        (PROXY_HEAD, "127.0.0.1:3128", "", "the proxy's listen address (127.0.0.1:3128)"),
+        (PROXY_HEAD, "localhost:3128", "", "the proxy's listen address (127.0.0.1:3128)"),
+        (PROXY_HEAD.replace("127.0.0.1:3128", "[::1]:3128"), "[::1]:3128", "",
+         "the proxy's listen address ([::1]:3128)"),
+        ('active_identity = "dev"\n[identities.dev]\n[identities.ops]\n\n[proxy]\n\n', "127.0.0.1:18888", "",
+         "the proxy's listen address (127.0.0.1:18888)"),
+        (PROXY_HEAD, "127.0.0.1:8443", '[routes.api]\nlisten = "127.0.0.1:8443"\ntarget = "a.example:443"\n',
+         "route api's listen address (127.0.0.1:8443)"),
+    ],
+)  # fmt: skip
+def test_connect_to_one_of_our_own_listeners_is_refused(head: str, connect: str, extra: str, owner: str) -> None:
+    text = proxy_rules('hosts = ["a.example"]', f'hosts = ["b.example"]\nconnect = "{connect}"', head=head) + extra
+    err = config_error(text)
+    assert (err.field, err.line, err.value) == ("proxy.rules[1].connect", 13, connect)
+    assert err.message == f"connect is {owner}: the sidecar would tunnel into itself"
+    assert err.hint == "point connect at the remote service's TLS address"
+
+
+def test_connect_to_another_port_or_the_demo_service_is_fine() -> None:
+    text = proxy_rules(
+        'hosts = ["a.example"]\nconnect = "127.0.0.1:18443"', 'hosts = ["b"]\nconnect = "127.0.0.1:18888"'
+    )
+    config = parse_config(text + "\n[demo_service]\nenabled = true\n", source="config.toml")
+    assert [rule.connect for rule in config.proxy.rules] == [("127.0.0.1", 18443), ("127.0.0.1", 18888)]
+
+
+def test_an_ipv6_target_on_our_own_listener_is_shown_as_written() -> None:
+    text = '[identities.dev]\n[routes.api]\nlisten = "[::1]:8443"\ntarget = "[::1]:8443"\n'
+    assert config_error(text).value == "[::1]:8443"
+
+
+def test_a_routes_target_on_the_proxys_listen_address_is_refused() -> None:
+    text = proxy_rules('hosts = ["a.example"]') + '\n[routes.api]\nlisten = "127.0.0.1:1"\ntarget = "127.0.0.1:3128"\n'
+    err = config_error(text)
+    assert (err.field, err.line) == ("routes.api.target", 13)
+    assert "the proxy's listen address (127.0.0.1:3128): the sidecar would tunnel into itself" in err.message
+
+
+def test_the_proxys_listen_clashing_with_a_route() -> None:
+    text = proxy_rules('hosts = ["a.example"]') + '\n[routes.api]\nlisten = "127.0.0.1:3128"\ntarget = "a:1"\n'
+    err = config_error(text)
+    assert (err.field, err.line, err.value) == ("routes.api.listen", 12, "127.0.0.1:3128")
+    assert err.message == "route clash: route api and the proxy both listen on 127.0.0.1:3128"
+
+
+def test_the_proxys_listen_clashing_with_the_demo_service() -> None:
+    demo = '\n[demo_service]\nenabled = true\nlisten = "127.0.0.1:3128"\n'
+    err = config_error(proxy_rules('hosts = ["a.example"]') + demo)
+    assert (err.field, err.line, err.value) == ("proxy.listen", 6, "127.0.0.1:3128")
+    assert err.message == "the proxy and the demo service both listen on 127.0.0.1:3128"
+    assert err.hint == "give each its own port"
+    # the proxy's listen not written: the demo's is, and the error points there
+    text = '[identities.dev]\n\n[[proxy.rules]]\nhosts = ["a.example"]\n' + demo.replace("3128", "18888")
+    err = config_error(text)
+    assert (err.field, err.line, err.value) == ("demo_service.listen", 8, "127.0.0.1:18888")
+
+
+def test_a_proxy_without_rules_takes_no_port() -> None:
+    """Off, it clashes with nothing: a route may use the address the proxy would have."""
+    text = PROXY_HEAD + '\n[routes.api]\nlisten = "127.0.0.1:3128"\ntarget = "a:1"\n'
+    assert parse_config(text, source="config.toml").routes["api"].listen.port == 3128

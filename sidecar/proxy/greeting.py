@@ -89,7 +89,7 @@ class Greeting:
         if not self._buffer:
             return None
         first = self._buffer[0]
-        if first == 0x05:
+        if first == 0x05 or self._socks5_methods_done:  # the request after the methods: SOCKS5's, whatever it says
             decision = self._socks5()
         elif first == 0x04:
             decision = self._socks4()

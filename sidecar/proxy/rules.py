@@ -148,7 +148,7 @@ def pac_file(proxy: ProxySpec) -> str:
         "// mtls-sidecar: the hosts of the proxy's rules go through it; everything else DIRECT.",
         "function isIp4(host) { return /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/.test(host); }",
         "function FindProxyForURL(url, host) {",
-        "  host = host.toLowerCase();",
+        '  host = host.toLowerCase().replace(/\\.$/, "");  // as rules compare names: no root dot',
     ]
     if tests:
         lines.append("  if (" + "\n      || ".join(tests) + f')\n    return "PROXY {address}";')
