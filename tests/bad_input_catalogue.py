@@ -88,6 +88,9 @@ CONFIG_CASES = [
     Case("config", "a route whose target is another route's listener", ("routes.b.target", "route api"), config_message(MINIMAL_ROUTE + '\n[routes.b]\nlisten = "127.0.0.1:8444"\ntarget = "localhost:8443"\n')),
     Case("config", "renew_env naming something that is not a variable", ("identities.dev.renew_env", "not an environment variable name"), config_message('[identities.dev]\nrenew = "command"\nrenew_command = ["./renew.sh"]\nrenew_env = ["A=B"]\n')),
     Case("config", "max_connections that is not a whole number", ("routes.api.max_connections", "1 to 1000000"), config_message(MINIMAL_ROUTE + "max_connections = 0\n")),
+    Case("config", "a [[proxy.rules]] host that is no pattern (the second rule)", ("config.toml:8", "proxy.rules[1].hosts = '*.com'", "one left-most label"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n\n[[proxy.rules]]\nhosts = ["*.com"]\n')),
+    Case("config", "a proxy rule whose connect is the proxy's own port", ("config.toml:6", "proxy.rules[0].connect", "tunnel into itself"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\nconnect = "127.0.0.1:18888"\n')),
+    Case("config", "the proxy listening beyond loopback", ("proxy.listen = '0.0.0.0:3128'", "unsafe_listen = true in [proxy]"), config_message('[identities.dev]\nrenew = "none"\n\n[proxy]\nlisten = "0.0.0.0:3128"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n')),
 ]  # fmt: skip
 
 
@@ -505,6 +508,108 @@ API_CASES = [
     Case("api", "two route adds at once, one on a taken port", ("good: 201", "bad: 409", "routes afterwards: good, svc"), _two_adds_one_on_a_taken_port),
 ]  # fmt: skip
 
+# -- the proxy port: clients that ask for what it does not serve ------------------------------
+
+
+def _client_hello() -> bytes:
+    """A real TLS ClientHello, as a client that does its own TLS sends it first."""
+    import ssl
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="svc.test")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _shown(answer: bytes) -> str:
+    """What the client was answered: an HTTP answer's status line and body, else the bytes."""
+    if not answer:
+        return "nothing (the connection closed)"
+    if answer.startswith(b"HTTP/"):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode()
+        return f"{status} {body.decode(errors='replace').strip()}".strip()
+    return repr(answer)
+
+
+def proxy_message(talk: Callable[[socket.socket], bytes]) -> Callable[[Path], str]:
+    """A daemon whose proxy has one rule (svc.test, port 443, reached over mTLS at a real server);
+    one client connection that `talk`s: what it was answered, and what the proxy's status counted."""
+
+    def run(scratch: Path) -> str:
+        from tests.daemon_runner import DaemonThread
+        from tests.tlsserver import ScriptedTLSServer
+        from tests.waiting import wait_until
+
+        pki = Pki.create(scratch / "pki", "svc.test")
+        home = scratch / "home"
+        pki.enroll(home / "keystore", "dev", "dev-1", cn="dev")
+        with ScriptedTLSServer(cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_file,
+                               require_client_cert=True, mode="echo") as server:  # fmt: skip
+            rule = {"name": "svc", "hosts": ["svc.test"], "ports": [443], "ca_file": str(pki.server_ca_file),
+                    "connect": f"127.0.0.1:{server.port}"}  # fmt: skip
+            config = write_config(
+                home / "config.toml",
+                identities={"dev": {"renew": "none"}},
+                routes={},
+                proxy={"listen": "127.0.0.1:0", "rules": [rule]},
+            )
+            with DaemonThread(config, resolve_places(home=home)) as daemon:
+                port = int(daemon.status()["proxy"]["listen"].rsplit(":", 1)[1])
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    answer = talk(sock)
+
+                def counted() -> bool:
+                    proxy = daemon.status()["proxy"]
+                    return bool(proxy["refused"] or proxy["rules"][0]["failures"])
+
+                wait_until(counted, timeout=10, what="the proxy to count the refusal")
+                proxy = daemon.status()["proxy"]
+        if proxy["refused"]:
+            where = f"{', '.join(proxy['refused'])}: {proxy['last_refusal']}"
+        else:
+            rule_status = proxy["rules"][0]
+            where = f"rule svc {', '.join(rule_status['failures'])}: {rule_status['last_error']}"
+        return f"answered {_shown(answer)}; counted {where}"
+
+    return run
+
+
+def _sends(data: bytes) -> Callable[[socket.socket], bytes]:
+    def talk(sock: socket.socket) -> bytes:
+        sock.sendall(data)
+        return recv_all(sock)
+
+    return talk
+
+
+def _malformed_socks5(sock: socket.socket) -> bytes:
+    sock.sendall(b"\x05\x01\x00")  # no authentication, please
+    chosen = sock.recv(2)
+    sock.sendall(b"\x05\x01\x00\x09\x00\x00\x00\x00\x01\xbb")  # CONNECT to address type 9
+    return chosen + recv_all(sock)
+
+
+def _client_hello_inside_connect(sock: socket.socket) -> bytes:
+    sock.sendall(b"CONNECT svc.test:443 HTTP/1.1\r\nHost: svc.test:443\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+        answer += chunk
+    sock.sendall(_client_hello())
+    return answer + recv_all(sock)
+
+
+PROXY_CASES = [
+    Case("proxy", "binary garbage on the proxy port", ("nothing (the connection closed)", "protocol_mismatch", "neither HTTP nor SOCKS"), proxy_message(_sends(b"\x00\x01\x02 garbage\r\n\r\n"))),
+    Case("proxy", "a TLS ClientHello to the proxy port itself (https:// proxy URL)", ("400 Bad Request", "protocol_mismatch", "not https://"), proxy_message(_sends(_client_hello()))),
+    Case("proxy", "a malformed SOCKS5 request (address type 9)", ("\\x05\\x00\\x05\\x08", "protocol_mismatch", "unknown SOCKS5 address type 9"), proxy_message(_malformed_socks5)),
+    Case("proxy", "a TLS ClientHello inside CONNECT (a client doing its own TLS)", ("200 Connection established", "client_speaks_tls", "began its own TLS", "passthrough = true"), proxy_message(_client_hello_inside_connect)),
+    Case("proxy", "an http:// destination outside the rules", ("403 Forbidden", "proxy_not_allowed", "no open relay", "elsewhere.example"), proxy_message(_sends(b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"))),
+    Case("proxy", "a SOCKS5 destination outside the rules", ("\\x05\\x02", "proxy_not_allowed", "elsewhere.example:443"), proxy_message(_sends(b"\x05\x01\x00\x05\x01\x00\x03\x11elsewhere.example\x01\xbb"))),
+    Case("proxy", "a CONNECT to a port the rule leaves out", ("403 Forbidden", "proxy_not_allowed", "only on port(s) 443"), proxy_message(_sends(b"CONNECT svc.test:5432 HTTP/1.1\r\nHost: svc.test:5432\r\n\r\n"))),
+]  # fmt: skip
+
 # -- folders and sockets: ours, or refused ---------------------------------------------------------
 
 NOBODY = 65534  # Debian's `nobody`: another user, without making one
@@ -591,7 +696,7 @@ FILES_CASES = [
 ]  # fmt: skip
 
 
-CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES + API_CASES + FILES_CASES
+CASES = CONFIG_CASES + KEYSTORE_CASES + CLI_CASES + RUNTIME_CASES + API_CASES + PROXY_CASES + FILES_CASES
 
 
 # -- collecting and rendering ---------------------------------------------------------------
@@ -636,6 +741,7 @@ def render(rows: list[Row]) -> str:
     for area, title in (("config", "config.toml"), ("keystore", "The keystore"), ("cli", "The command line"),
                         ("runtime", "At run time (reason counted in status: message)"),
                         ("api", "The control API (status, field: answer)"),
+                        ("proxy", "The proxy port (what the client is answered; what status counts)"),
                         ("files", "Folders and sockets: ours, or refused")):  # fmt: skip
         lines += [f"## {title}", "", "| bad input | message |", "|---|---|"]
         for row in rows:
