@@ -473,3 +473,24 @@ def test_without_proxied_mode_another_host_is_not_handed_off() -> None:
     stage.from_remote(OK)
     out = sent(stage.from_local(request("http://elsewhere.test/y", "Host: elsewhere.test", "Proxy-Connection: x")))
     assert out == b"GET /y HTTP/1.1\r\nHost: api.internal.test\r\nProxy-Connection: x\r\n\r\n"
+
+
+def test_a_chunked_request_for_another_destination_is_handed_back_as_it_came() -> None:
+    stage, _ = proxied_stage()
+    stage.from_local(request("http://api.one.test/", "Host: api.one.test"))
+    stage.from_remote(OK)
+    head = request("http://api.two.test/up", "Host: api.two.test", "Transfer-Encoding: chunked", method="PUT")
+    commands = stage.from_local(head + b"5\r\nhello\r\n3\r\nwor")  # a chunk and a half so far
+    assert len(commands) == 1 and isinstance(commands[0], Handoff)
+    decision, event, body = reparsed(commands[0])
+    assert (decision.host, event.method, event.target) == ("api.two.test", b"PUT", b"http://api.two.test/up")
+    assert (b"transfer-encoding", b"chunked") in list(event.headers)
+    assert body == b"hellowor"
+
+
+def test_an_http10_request_for_another_destination_keeps_its_version() -> None:
+    stage, _ = proxied_stage()
+    stage.from_local(request("http://api.one.test/", "Host: api.one.test"))
+    stage.from_remote(OK)
+    commands = stage.from_local(b"GET http://api.two.test/ HTTP/1.0\r\nUser-Agent: old\r\n\r\n")
+    assert commands == [Handoff(b"GET http://api.two.test/ HTTP/1.0\r\nUser-Agent: old\r\n\r\n")]
