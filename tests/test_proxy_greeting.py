@@ -10,6 +10,8 @@ import struct
 
 import h11
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.causes import Cause
 from sidecar.proxy.greeting import (
@@ -495,3 +497,31 @@ def test_failed_http_answers(cause: Cause, status: int) -> None:
         assert header(response, b"mtls-sidecar-cause") == cause.value.encode()
         assert header(response, b"content-type") == b"text/plain; charset=utf-8"
         assert body == f"mtls-sidecar: api.corp.example:443: it went wrong\nfix: {cause.fix}\n".encode()
+
+
+# --- any bytes, in any pieces ----------------------------------------------------------------
+
+_STARTS = [b"", NO_AUTH, NO_AUTH + b"\x05\x01\x00", b"\x04\x01", b"CONNECT ", b"GET http://", b"GET /",
+           b"\x05\x02\x00\x01"]  # fmt: skip
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.sampled_from(_STARTS), st.binary(max_size=200), st.integers(1, 7))
+def test_any_bytes_in_any_pieces_decide_alike_and_never_raise(start: bytes, rest: bytes, step: int) -> None:
+    data = start + rest
+    whole, _ = at_once(data)
+    greeting, one = Greeting(), None
+    for index in range(0, len(data), step):
+        one = greeting.receive(data[index : index + step])
+        if one is not None:
+            break
+    if whole is None:
+        assert one is None
+        assert isinstance(greeting.receive_eof(), Invalid)
+        return
+    assert one is not None and type(one) is type(whole)
+    if isinstance(whole, Asked):
+        assert isinstance(one, Asked)
+        assert one == Asked(whole.how, whole.host, whole.port, one.leftover, whole.socks_version)
+    elif isinstance(whole, ForProxy):
+        assert one == whole
