@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sidecar.proxy.rules import (
     proxy_url,
     refusal,
 )
+from tests.realservers import require_binary
 
 
 def rule(*hosts: str, **extra: object) -> ProxyRuleSpec:
@@ -351,6 +351,8 @@ def test_destination_route_carries_every_check_of_the_rule() -> None:
         (Destination("api.corp.example", 8443, 8443), "http://api.corp.example:8443"),
         (Destination("fd00::1", 443, None), "http://[fd00::1]"),
         (Destination("fd00::1", 9000, 9000), "http://[fd00::1]:9000"),
+        # `GET https://name/` to the proxy: its redirects to https://name/ stay https, through the proxy again
+        (Destination("api.corp.example", 443, 443), "https://api.corp.example"),
     ],
 )
 def test_http_base_is_the_origin_the_client_asked_for(dest: Destination, base: str) -> None:
@@ -414,8 +416,8 @@ def test_pac_file_names_exactly_the_rules_hosts() -> None:
         'host == "db.example.net"',
         '(isIp4(host) && isInNet(host, "10.20.0.0", "255.255.0.0"))',
         '(isIp4(host) && isInNet(host, "192.168.1.7", "255.255.255.255"))',
-        'host == "::1" || host == "[::1]"',
-        'host == "fd00::5" || host == "[fd00::5]"',
+        '(host == "::1" || host == "[::1]" || inNet6(host, "::1/128"))',
+        '(host == "fd00::5" || host == "[fd00::5]" || inNet6(host, "fd00::5/128"))',
     ]
     assert text.count('return "PROXY 127.0.0.1:3128";') == 1
     assert text.rstrip().endswith('return "DIRECT";\n}')
@@ -447,10 +449,15 @@ function isInNet(host, pattern, mask) {
     if (Math.floor(a / bit) % 2 && Math.floor(b / bit) % 2) r += bit; bit *= 2; } return r; }
   return and(n(host), m) == and(n(pattern), m);
 }
+function isInNetEx(host, cidr) {  // Chromium's and Windows' CIDR test (IPv4 and IPv6)
+  var net = require("net"), list = new net.BlockList(), parts = cidr.split("/");
+  var family = function (ip) { return ip.indexOf(":") >= 0 ? "ipv6" : "ipv4"; };
+  list.addSubnet(parts[0], Number(parts[1]), family(parts[0]));
+  return net.isIP(host) != 0 && list.check(host, family(host));
+}
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the PAC file with")
 def test_pac_file_sends_through_the_proxy_what_the_rules_cover() -> None:
     """The PAC script, run, agrees with `match` on every host (a PAC script cannot see ports:
     the proxy refuses what `ports` leaves out)."""
@@ -459,15 +466,18 @@ def test_pac_file_sends_through_the_proxy_what_the_rules_cover() -> None:
         "a.b.corp.example", "apicorp.example", "db.example.net", "DB.example.net.", "x.db.example.net",
         "10.20.0.1", "10.20.255.255", "10.21.0.1", "192.168.1.7", "192.168.1.8",
         "::1", "[::1]", "fd00::5", "[fd00::5]", "fd00::6", "elsewhere.example", "localhost",
+        "fe80::1", "fe80:0:0:1::2", "[fe80::9]", "fe81::1",
     ]  # fmt: skip
-    script = pac_file(proxy(*PAC_RULES)) + _PAC_RUNTIME
+    require_binary("node")  # CI installs nodejs: this test runs the script, it is not skipped
+    rules = (*PAC_RULES, rule("fe80::/32", name="v6 block"))
+    script = pac_file(proxy(*rules)) + _PAC_RUNTIME
     script += (
         f"\nconsole.log(JSON.stringify({json.dumps(hosts)}.map(function (h) {{ return FindProxyForURL('', h); }})));"
     )
     done = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
     got = dict(zip(hosts, json.loads(done.stdout), strict=True))
     expected = {
-        host: "PROXY 127.0.0.1:18888" if match(PAC_RULES, host, None, HTTP) or match(PAC_RULES, host, 1, CONNECT)
+        host: "PROXY 127.0.0.1:18888" if match(rules, host, None, HTTP) or match(rules, host, 1, CONNECT)
         else "DIRECT"
         for host in hosts
     }  # fmt: skip

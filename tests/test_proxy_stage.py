@@ -182,6 +182,22 @@ def test_a_held_client_hello_is_refused_once_granted() -> None:
     assert len(commands) == 2  # neither the rest nor the EOF went to the remote
 
 
+def test_a_client_hello_whose_first_byte_comes_alone_is_refused() -> None:
+    stage = tunnel()
+    stage.connected()
+    stage.tls_established()
+    assert stage.from_local(CLIENT_HELLO[:1]) == []  # one byte cannot tell: held
+    refused_for_client_tls(stage.from_local(CLIENT_HELLO[1:]))
+
+
+def test_a_lone_first_byte_then_eof_is_passed_on() -> None:
+    stage = tunnel()
+    stage.connected()
+    stage.tls_established()
+    assert stage.from_local(b"\x16") == []
+    assert stage.local_eof() == [SendRemote(b"\x16"), EndRemote()]
+
+
 @pytest.mark.parametrize("first", [b"\x16\x01", b"\x15\x03\x01", b"\x17\x03\x03", b"GET / HTTP/1.1\r\n", b"\x00"])
 def test_first_bytes_that_are_no_client_hello_pass(first: bytes) -> None:
     stage = tunnel()

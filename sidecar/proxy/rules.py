@@ -112,6 +112,8 @@ def http_base(dest: Destination) -> str:
     name = f"[{dest.host}]" if ":" in dest.host else dest.host
     if dest.asked_port in (None, 80):
         return f"http://{name}"
+    if dest.asked_port == 443:  # it asked for https://name/ (a proxy client that leaves TLS to the proxy)
+        return f"https://{name}"
     return f"http://{name}:{dest.asked_port}"
 
 
@@ -140,13 +142,19 @@ def pac_file(proxy: ProxySpec) -> str:
             elif pattern.network is not None and pattern.network.version == 4:
                 net = pattern.network
                 tests.append(f'(isIp4(host) && isInNet(host, "{net.network_address}", "{net.netmask}"))')
-            elif pattern.network is not None and pattern.network.num_addresses == 1:
-                # PAC has no IPv6 helper that works everywhere: exact IPv6 addresses only
-                ip = pattern.network.network_address
-                tests.append(f'host == "{ip}" || host == "[{ip}]"')
+            elif pattern.network is not None:
+                # IPv6: Chromium and Windows have isInNetEx (CIDR); elsewhere only an exact address matches
+                net = pattern.network
+                ip = net.network_address
+                exact = f'host == "{ip}" || host == "[{ip}]" || ' if net.num_addresses == 1 else ""
+                tests.append(f'({exact}inNet6(host, "{net}"))')
     lines = [
         "// mtls-sidecar: the hosts of the proxy's rules go through it; everything else DIRECT.",
         "function isIp4(host) { return /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/.test(host); }",
+        "function inNet6(host, cidr) {",
+        '  host = host.replace(/^\\[|\\]$/g, "");',
+        '  return host.indexOf(":") >= 0 && typeof isInNetEx == "function" && isInNetEx(host, cidr);',
+        "}",
         "function FindProxyForURL(url, host) {",
         '  host = host.toLowerCase().replace(/\\.$/, "");  // as rules compare names: no root dot',
     ]

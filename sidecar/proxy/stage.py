@@ -42,6 +42,7 @@ class ProxyTunnelStage:
         self._granted = granted
         self._failed = failed
         self._guard = refuse_client_tls  # the client's first bytes are still to be looked at
+        self._first = b""  # a first byte alone, held until the next says whether it is a ClientHello
         self._destination = destination
         self._opened = False  # the granted answer went out
         self._held: list[bytes] = []  # what the client sent before it (clients wait; a few do not)
@@ -93,7 +94,11 @@ class ProxyTunnelStage:
             self._held.append(data)
             return []
         if self._guard:
-            self._guard = False
+            data = self._first + data
+            if data == _TLS_RECORD[:1]:  # one byte so far, the start of a TLS record: wait for the next
+                self._first = data
+                return []
+            self._guard, self._first = False, b""
             if data.startswith(_TLS_RECORD):
                 self._over = True
                 message = (
@@ -110,8 +115,11 @@ class ProxyTunnelStage:
         if not self._opened:
             self._held_eof = True
             return []
-        self._guard = False
-        return self._wrap(self.inner.local_eof())
+        out: list[Command] = []
+        if self._guard and self._first:  # a lone first byte, then EOF: it was not a ClientHello
+            out = self._wrap(self.inner.from_local(self._first))
+        self._guard, self._first = False, b""
+        return out + self._wrap(self.inner.local_eof())
 
     # --- internals
 
