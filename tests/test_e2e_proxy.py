@@ -651,6 +651,18 @@ def test_rules_hot_reload_a_new_host_is_served_and_a_removed_one_refused(two_ser
         assert status["last_refusal"] is not None and ONE in status["last_refusal"]
         assert status["refused"]["proxy_not_allowed"] == 2
 
+        # a rule that changes (another identity, new to the config too): new connections present it
+        s.two.enroll(s.home / "keystore", "three", "three-1", cn="identity-three")
+        doc = tomlkit.parse(config_text([{**two_rule, "identity": "three"}]))
+        doc["identities"]["three"] = {"renew": "none"}
+        edited.write_text(tomlkit.dumps(doc))
+        edited.replace(config)
+        wait_until(
+            lambda: daemon.status()["proxy"]["rules"][0]["identity"] == "three", timeout=15, what="identity three"
+        )
+        again = curl_via(proxy, f"http://{TWO}/")
+        assert "CN=identity-three" in again.stdout and "verify=SUCCESS" in again.stdout, again.stdout
+
 
 def test_ip_literals_cidr_rules_and_socks4a(two_services: Two) -> None:
     s = two_services
