@@ -256,6 +256,12 @@ def test_a_client_hello_inside_connect_is_refused_unless_passthrough(two_service
             assert by_rule["pass"]["failures"] == {} and by_rule["pass"]["connections"] == 2
             assert by_rule[ONE]["failures"] == {"client_speaks_tls": 1}
 
+            # a plain http:// request for a passthrough host: we would add our TLS and certificate, so no
+            plain = curl_via(["-x", f"http://127.0.0.1:{port}", "-i"], f"http://{PASS}/")
+            assert plain.stdout.startswith("HTTP/1.1 403") and "passthrough" in plain.stdout, plain.stdout
+            assert daemon.status()["proxy"]["refused"] == {"proxy_not_allowed": 1}
+            assert destination(daemon, PASS, 443)["connections"] == 2  # no connection was made for it
+
 
 # --------------------------------------------------------------------------------------------
 # redis, PostgreSQL, a browser, reloads, IP addresses and CIDR blocks

@@ -187,6 +187,15 @@ class ProxyListener:
             _answer_and_close(transport, greeting.not_allowed(asked, reason))
             return
         rule, dest = found
+        if rule.passthrough and asked.how == HTTP:
+            # The rule says this host needs no certificate of ours: we would add one by doing the TLS.
+            reason = (
+                f"rule {rule.name} passes {dest.host} through untouched (passthrough): ask for https://{dest.host}/ "
+                "through the proxy (CONNECT), so that your client does its own TLS"
+            )
+            self.refused(Failure(Cause.PROXY_NOT_ALLOWED, f"refused: {reason}"))
+            _answer_and_close(transport, greeting.not_allowed(asked, reason))
+            return
         known = self._destination(rule, dest, asked.how)
         self.rule_counters[rule.name].connections += 1
         known.tunnel.adopt(transport, self._stage(known, asked), asked.leftover)
