@@ -140,8 +140,8 @@ def pac_file(proxy: ProxySpec) -> str:
                 first_dot = f"host.length - {len(pattern.suffix)}"
                 tests.append(f'(dnsDomainIs(host, "{pattern.suffix}") && host.indexOf(".") == {first_dot})')
             elif pattern.network is not None and pattern.network.version == 4:
-                net = pattern.network
-                tests.append(f'(isIp4(host) && isInNet(host, "{net.network_address}", "{net.netmask}"))')
+                v4 = pattern.network
+                tests.append(f'(isIp4(host) && isInNet(host, "{v4.network_address}", "{v4.netmask}"))')
             elif pattern.network is not None:
                 # IPv6: Chromium and Windows have isInNetEx (CIDR); elsewhere only an exact address matches
                 net = pattern.network
