@@ -38,6 +38,9 @@ from sidecar.tablereader import Document, Table, toml_key, toml_string
 DEFAULT_LIFETIME = 7 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
+# A warm connection is dropped after this long unused: below servers' idle timeouts (PostgreSQL
+# ends a connection with no startup packet after 60 s, nginx's keepalive is 75 s).
+DEFAULT_PRECONNECT_MAX_IDLE = 20.0
 # How long before expiry a certificate that will not be renewed in time is warned about
 # (never more than a third of its lifetime: sidecar/expiry.py).
 DEFAULT_EXPIRY_WARNING = 7 * 86400.0
@@ -57,7 +60,7 @@ ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity"
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
                "pin_sha256", "allowed_uri_sans", "revocation", "crl_file",
                "protocol", "postgres_negotiation", "local_tls", "host_header",
-               "max_connections", "idle_timeout")  # fmt: skip
+               "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
 # What a route's local client speaks (sidecar/protocols/): how its bytes become an mTLS conversation.
 PROTOCOLS = ("tcp", "postgres", "mysql", "http")
 POSTGRES_NEGOTIATIONS = ("sslrequest", "direct")
@@ -158,6 +161,9 @@ class RouteSpec:
     idle_timeout: float = 0.0
     # proxy rules only (`passthrough = true`): no TLS of ours, the client's bytes pass as they are
     passthrough: bool = False
+    # `preconnect`: warm connections kept ready (a number, or "auto"), each used within this many seconds
+    preconnect: int | str = 0
+    preconnect_max_idle: float = DEFAULT_PRECONNECT_MAX_IDLE
 
     @property
     def target(self) -> str:
@@ -548,7 +554,32 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         host_header=host_header,
         max_connections=_count(t, "max_connections", DEFAULT_ROUTE_MAX_CONNECTIONS),
         idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
+        preconnect=_preconnect(t, protocol),
+        preconnect_max_idle=t.duration("preconnect_max_idle", DEFAULT_PRECONNECT_MAX_IDLE, positive=True),
     )
+
+
+def _preconnect(t: Table, protocol: str) -> int | str:
+    """`preconnect = N` (0 to 64) or "auto"; not for mysql (why: below)."""
+    value: object = t.data.get("preconnect", 0)
+    if value == "auto":
+        pass
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise t.error("preconnect", 'must be a number of connections from 0 to 64, or "auto"', value)
+    if value and protocol == "mysql":
+        # A MySQL server greets first and starts TLS only after the client's answer, which carries
+        # the client's own capabilities: nothing of the TLS can be done ahead, and the server drops
+        # an unanswered greeting after its connect_timeout (10 s by default).
+        raise t.error(
+            "preconnect",
+            'not available for protocol = "mysql": TLS starts only after the client answers the server\'s '
+            "greeting, so there is no handshake to do ahead",
+            value,
+            hint="remove preconnect from this route",
+        )
+    if value and t.data.get("local_tls"):
+        raise t.error("preconnect", "not available with local_tls", value, hint="remove one of them")
+    return value if isinstance(value, int) else "auto"
 
 
 def _count(t: Table, key: str, default: int) -> int:

@@ -260,6 +260,7 @@ class Daemon:
         await self.read_keystore()
         self._install_identity_watchers(watchers)
         if new.active_identity != old.active_identity:
+            self._refresh_warm("the active identity switched")
             log.info("active identity: %s → %s", old.active_identity, new.active_identity)
             self.events.publish("identity.switched", name=new.active_identity, previous=old.active_identity)
         for name in set(old.routes) - set(new.routes):
@@ -412,6 +413,7 @@ class Daemon:
         listener.on_failure = self._route_failed
         listener.on_outcome = self._route_outcome
         listener.local_tls_context = self._local_tls
+        listener.current_selection = self.current_selection
         self.listeners[route.name] = listener
         try:
             await listener.start()
@@ -669,11 +671,20 @@ class Daemon:
             watch.start()
             self._trust_watches[folder] = watch
 
+    def _refresh_warm(self, reason: str) -> None:
+        """What new connections present or trust changed: warm connections are made anew at once
+        (a stale one is never used in any case: each is checked when a client takes it)."""
+        for listener in self.listeners.values():
+            listener.refresh_warm(reason)
+
     def trust_changed(self) -> None:
         self.contexts.forget_trust()
+        self._refresh_warm("a trust file changed")
         log.info("a trust file (ca_file, ca_dir or crl_file) changed: new connections use it as it is now")
 
     def _keystore_read(self, changes: list[SelectionChange]) -> None:
+        if changes:
+            self._refresh_warm("a certificate changed")
         for change in changes:
             after = describe_certificate(change.after)
             self.events.publish("certificate.selected", identity=change.identity, certificate=after)

@@ -219,6 +219,10 @@ class ContextCache:
         self._contexts.clear()
         self._sessions.clear()
 
+    def peek(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext | None:
+        """The context a new connection would use now, if it is built (None: it would be a new one)."""
+        return self._contexts.get((credential.fingerprint, policy))
+
     def get(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext:
         key = (credential.fingerprint, policy)
         ctx = self._contexts.get(key)

@@ -70,6 +70,7 @@ from sidecar.tlspipe import (
     Truncated,
 )
 from sidecar.units import rfc3339
+from sidecar.warm import WarmPool
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -240,6 +241,10 @@ class RouteListener:
         self.on_handoff: Callable[[asyncio.Transport, bytes], None] | None = None
         # How log lines name this listener: "route NAME", or the proxy's destination.
         self.label = f"route {route.name}"
+        # `preconnect`: connections made ahead (sidecar/warm.py); and what a new connection would
+        # present now, to tell a warm one that has gone stale (the daemon's keystore selection).
+        self.warm: WarmPool | None = None
+        self.current_selection: Callable[[RouteSpec], Selection] | None = None
 
     @property
     def name(self) -> str:
@@ -251,6 +256,52 @@ class RouteListener:
         self.route = route
         self.policy = ServerPolicy.for_route(route)
         self.counters.forget_outcome()
+        self.start_warm()
+
+    # --- warm connections (`preconnect`)
+
+    def start_warm(self) -> None:
+        """Keep warm connections as the route's `preconnect` says (none: the pool goes)."""
+        route = self.route
+        pool = self.warm
+        if pool is not None and (pool.size, pool.max_idle) == (route.preconnect, route.preconnect_max_idle):
+            pool.invalidate("the route's settings changed")
+            return
+        if pool is not None:
+            pool.close()
+            self.warm = None
+        if route.preconnect in (0, "0"):
+            return
+        self.warm = WarmPool(
+            route.preconnect, route.preconnect_max_idle, self._warm_side, self._warm_stale, name=self.label
+        )
+        self.warm.fill()
+
+    def refresh_warm(self, reason: str) -> None:
+        """What a new connection presents or trusts changed: warm connections are made anew."""
+        if self.warm is not None:
+            self.warm.invalidate(reason)
+
+    def _warm_side(self) -> _PlainSide:
+        side = _PlainSide(self, warm=True)
+        side.start_warming()
+        return side
+
+    def _warm_stale(self, side: Any) -> str | None:
+        """Why a ready warm connection may not serve a client now (None: it is what a new one would be)."""
+        conn = cast(_PlainSide, side)
+        if conn.route_used is not self.route and conn.route_used != self.route:
+            return "the route's settings changed"
+        if conn.closed or conn.remote is None or conn.remote.eof or conn.remote.lost:
+            return "closed by the server"
+        if self.current_selection is not None:
+            selected = self.current_selection(self.route).selected
+            if selected is None or self.contexts.peek(selected, self.policy) is not conn.ctx:
+                return "the identity, its certificate or the trust changed"
+        return None
+
+    def warm_status(self) -> dict[str, Any] | None:
+        return self.warm.status() if self.warm is not None else None
 
     def health(self, *, has_certificate: bool) -> str:
         """ok, failing, idle (no connection had an outcome yet), no_certificate or stopped."""
@@ -314,6 +365,8 @@ class RouteListener:
             "unsafe_listen": route.unsafe_listen,
             # how connections from other OS users are kept out ("method": null: they cannot be)
             "peer_check": self.peer_check(),
+            # `preconnect`: warm connections ready and warming, and how often a client found one
+            "warm": self.warm_status(),
         }
 
     def peer_check(self) -> dict[str, str | None]:
@@ -365,6 +418,7 @@ class RouteListener:
             raise LocalSetupError(self.last_error) from exc
         self.last_error = None
         self.last_error_at = None
+        self.start_warm()
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let open connections finish for up to `grace` seconds, then cut them."""
@@ -373,6 +427,9 @@ class RouteListener:
 
     def close(self) -> None:
         """Stop accepting new connections (the address is free again at once)."""
+        if self.warm is not None:
+            self.warm.close()
+            self.warm = None
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -406,6 +463,10 @@ class RouteListener:
             conn.abort()
 
     def _new_connection(self) -> _PlainSide:
+        if self.warm is not None:
+            side = self.warm.take()
+            if side is not None:
+                return cast(_PlainSide, side)
         return _PlainSide(self)
 
     def adopt(self, transport: asyncio.Transport, stage: Stage, data: bytes = b"", eof: bool = False) -> None:
@@ -472,6 +533,10 @@ class RouteListener:
     def _record_failure(self, failure: failures.Failure, conn: _PlainSide | None = None) -> None:
         """Count a failure; when it is the first thing that happened to `conn` (no answer from the
         server yet), it is that connection's outcome, and the route is failing."""
+        if conn is not None and (conn.warm or conn.parked):
+            # A warm connection no client has joined: its end is the pool's business (sidecar/warm.py).
+            log.debug("%s: a warm connection ended: %s", self.label, failure.message)
+            return
         decides = conn is None or conn.outcome is None
         if conn is not None and conn.outcome is None:
             conn.outcome = "failed"
@@ -606,10 +671,22 @@ class _PlainSide(asyncio.Protocol):
     prelude and the TLS handshake, and checked (pins, URI SANs, revocation).
     """
 
-    def __init__(self, listener: RouteListener, stage: Stage | None = None, *, peer_checked: bool = False) -> None:
+    def __init__(
+        self, listener: RouteListener, stage: Stage | None = None, *, peer_checked: bool = False, warm: bool = False
+    ) -> None:
         self.listener = listener
         self.stage: Stage = stage if stage is not None else listener.stage_factory()
         self._peer_checked = peer_checked  # adopted from the proxy, which checked the owner
+        # `preconnect`: made before any client; `parked` once ready, until a client joins. What the
+        # server says meanwhile (a banner) waits in `_held_local`. `route_used`/`ctx`: what it was
+        # made with, to tell when it is stale.
+        self.warm = warm
+        self.parked = False
+        self.warm_since = 0.0
+        self._held_local: list[bytes] = []
+        self._held_local_eof = False
+        self.route_used: RouteSpec | None = None
+        self.ctx: ssl.SSLContext | None = None
         self.transport: asyncio.Transport | None = None
         self.remote: _RemoteSide | None = None
         self.ready = False  # the remote passed every check: bytes flow
@@ -630,11 +707,18 @@ class _PlainSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
         transport.pause_reading()
+        joining = self.parked  # a warm connection, ready: this client is joined to it
+        self.parked = self.warm = False
         refusal = (None if self._peer_checked else self.listener._refusal(transport)) or self.listener._over_cap()
         if refusal is not None:
             self.closed = True
             self.listener._record_failure(refusal, self)
             transport.abort()
+            if self.remote is not None:
+                self.remote.close()
+            return
+        if joining:
+            self._join(transport)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.listener._opened(self)
@@ -648,9 +732,36 @@ class _PlainSide(asyncio.Protocol):
             self._open_remote(), name=f"route {self.listener.name}: open remote"
         )
 
+    def start_warming(self) -> None:
+        """`preconnect`: connect, prelude, handshake and checks now; `parked` when done."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._open_remote(), name=f"{self.listener.label}: warm connection"
+        )
+
+    def _join(self, transport: asyncio.Transport) -> None:
+        """A local client connected to a warm connection: what the server said meanwhile goes to
+        it first, then the chain goes on as if the remote had just become ready."""
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.listener._opened(self)
+        idle = self.listener.route.idle_timeout
+        if idle > 0:
+            self.active_at = time.monotonic()
+            self._idle_timer = asyncio.get_running_loop().call_later(idle, self._idle_check, idle)
+        held, self._held_local = self._held_local, []
+        if held:
+            transport.write(b"".join(held))
+        if self._held_local_eof:
+            self.write_eof()
+        if self.closed:
+            return
+        if not self.stage.transparent:
+            transport.resume_reading()
+        self._after_ready()
+
     async def _open_remote(self) -> None:
         listener = self.listener
         route = listener.route
+        self.route_used = route
         if route.passthrough:
             await self._open_relay()
             return
@@ -664,7 +775,7 @@ class _PlainSide(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         try:
-            ctx = listener.contexts.get(selection.selected, listener.policy)
+            ctx = self.ctx = listener.contexts.get(selection.selected, listener.policy)
         except Exception as exc:
             fault = fault_from("setup", exc)
             kind = "config" if isinstance(exc, ConfigError) else "credential"
@@ -763,6 +874,14 @@ class _PlainSide(asyncio.Protocol):
         """The remote is connected and checked: the stage starts, or the client's bytes flow."""
         if self.closed:
             return
+        if self.warm:  # no client yet: wait for one in the pool
+            self.parked = True
+            pool = self.listener.warm
+            if pool is None:
+                self.close()
+            else:
+                pool.became_ready(self)
+            return
         assert self.transport is not None
         if not self.stage.transparent:
             self._run(self.stage.tls_established())
@@ -780,6 +899,12 @@ class _PlainSide(asyncio.Protocol):
         if self.failed:
             return
         self.failed = True
+        if self.warm:  # no client saw it: the pool backs off, clients connect the usual way
+            pool, self.remote = self.listener.warm, None
+            self.closed = True
+            if pool is not None:
+                pool.failed(self, failure.message)
+            return
         if self.listener.route.protocol == "tcp" and failure.reason in (Cause.CONNECT, Cause.NOT_TLS):
             failure = self._local_protocol_mismatch() or failure
         self.listener._record_failure(failure, self)
@@ -997,6 +1122,9 @@ class _PlainSide(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self.active_at = time.monotonic()
         self.listener.counters.bytes_in += len(data)
+        if self.warm:  # the server spoke first (a banner): it waits for the client
+            self._held_local.append(data)
+            return
         if self.local_tls is not None:
             self.local_tls.send(data)
             self._flush_local_tls()
@@ -1005,6 +1133,10 @@ class _PlainSide(asyncio.Protocol):
 
     def write_eof(self) -> None:
         """The remote finished sending: pass its EOF on; the local client may go on sending."""
+        if self.warm:  # a warm connection the server ended: no client will want it
+            self._held_local_eof = True
+            self.close()
+            return
         if self.local_tls is not None:
             self.local_tls.send_eof()
             self._flush_local_tls()
@@ -1018,6 +1150,11 @@ class _PlainSide(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.warm or self.parked:
+            self.parked = False
+            pool = self.listener.warm
+            if pool is not None:
+                pool.gone(self)
         if self.transport is not None:
             self.transport.close()
         if self.remote is not None:
@@ -1278,7 +1415,7 @@ class _RemoteSide(asyncio.Protocol):
         counters = peer.listener.counters
         failed_before = counters.failures.total()
         peer.from_remote(data)
-        if peer.outcome is not None:
+        if peer.outcome is not None or peer.warm:  # a warm connection's outcome is its client's
             return
         if counters.failures.total() != failed_before:
             peer.outcome = "failed"  # counted meanwhile by code that did not name this connection

@@ -10,9 +10,7 @@ went away (`| head`): the command stops quietly, as `cat` would.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -23,7 +21,9 @@ from sidecar import __version__
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.paths import Places, resolve_places
 
-log = logging.getLogger("sidecar.cli")
+# Only what every command needs is imported here: `status` and the other client commands start in
+# a fresh interpreter each time, so asyncio, logging, the daemon, cryptography and the control
+# client's HTTP are imported by the commands that use them (tests/test_cli_imports.py).
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tunnel.add_argument("--host-header", dest="host_header", help="http: the Host every request gets")
     tunnel.add_argument("--connect-timeout", default="10s", help="e.g. 10s")
+    tunnel.add_argument(
+        "--preconnect",
+        default="0",
+        metavar="N|auto",
+        help="keep N connections to the target connected and through the mTLS handshake, so a client is joined "
+        "at once (auto: as many as the recent rate of new connections needs); default 0",
+    )
+    tunnel.add_argument(
+        "--preconnect-max-idle", metavar="DURATION", help="drop a warm connection unused this long (default 20s)"
+    )
     tunnel.add_argument(
         "--unsafe-listen",
         action="store_true",
@@ -307,6 +317,9 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
 
 
 def _run_daemon(places: Places, args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
     from sidecar import logsetup
     from sidecar.control.server import ControlServer
     from sidecar.daemon import Daemon, log_file_path
@@ -317,6 +330,7 @@ def _run_daemon(places: Places, args: argparse.Namespace) -> int:
     logsetup.configure(args.log_level or "info", log_file_path(places))
     raise_open_file_limit()  # two descriptors per tunnelled connection
     config, _ = load_or_create_config(places)
+    log = logging.getLogger("sidecar.cli")
     if args.log_level is None:
         logging.getLogger("sidecar").setLevel(config.log_level.upper())
     log.info(

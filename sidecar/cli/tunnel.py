@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sidecar import eventloop, logsetup
-from sidecar.config import DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
+from sidecar.config import DEFAULT_PRECONNECT_MAX_IDLE, DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
@@ -54,6 +54,8 @@ class TunnelFlags:
     log_level: str | None = None
     protocol: str = "tcp"
     host_header: str | None = None
+    preconnect: str = "0"
+    preconnect_max_idle: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TunnelFlags:
@@ -73,6 +75,8 @@ class TunnelFlags:
             log_level=getattr(args, "log_level", None),
             protocol=getattr(args, "protocol", None) or "tcp",
             host_header=getattr(args, "host_header", None),
+            preconnect=str(getattr(args, "preconnect", "0") or "0"),
+            preconnect_max_idle=getattr(args, "preconnect_max_idle", None),
         )
 
 
@@ -178,7 +182,43 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         unsafe_listen=bool(args.unsafe_listen),
         protocol=args.protocol,
         host_header=args.host_header if args.protocol == "http" else None,
+        preconnect=_preconnect_flag(args),
+        preconnect_max_idle=_duration_flag(args.preconnect_max_idle, "--preconnect-max-idle")
+        or DEFAULT_PRECONNECT_MAX_IDLE,
     )
+
+
+def _preconnect_flag(args: TunnelFlags) -> int | str:
+    """`--preconnect N` (0 to 64) or `auto`, checked as config.toml's `preconnect` is."""
+    value = args.preconnect.strip().lower()
+    if value == "auto":
+        parsed: int | str = "auto"
+    elif value.isdigit() and int(value) <= 64:
+        parsed = int(value)
+    else:
+        raise ConfigError(
+            'must be a number of connections from 0 to 64, or "auto"', source=SOURCE, field="--preconnect", value=value
+        )
+    if parsed and args.protocol == "mysql":
+        raise ConfigError(
+            "not available with --protocol mysql: TLS starts only after the client answers the server's greeting",
+            source=SOURCE,
+            field="--preconnect",
+            value=value,
+        )
+    return parsed
+
+
+def _duration_flag(text: str | None, flag: str) -> float | None:
+    if not text:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=SOURCE, field=flag, value=text) from exc
+    if seconds <= 0:
+        raise ConfigError("must be longer than zero", source=SOURCE, field=flag, value=text)
+    return seconds
 
 
 def run_tunnel(namespace: argparse.Namespace) -> int:
@@ -242,6 +282,7 @@ async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: boo
 
     AcceptGuard().install(loop)  # out of descriptors: one log line, not a traceback per accept
     listener = RouteListener(route, current, ContextCache())
+    listener.current_selection = lambda _route: credentials.current  # warm connections: still this credential?
     listener.reuse_port = reuse_port
     await listener.start()
     watch = None
