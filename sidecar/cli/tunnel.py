@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sidecar import eventloop, logsetup
-from sidecar.config import DEFAULT_PRECONNECT_MAX_IDLE, DEFAULT_CONNECT_TIMEOUT, RouteSpec, parse_listen, parse_target
+from sidecar.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_PRECONNECT_MAX_IDLE, RouteSpec, parse_listen, parse_target
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
