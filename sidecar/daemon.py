@@ -21,6 +21,7 @@ from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
 from sidecar.errors import ConfigError, LocalSetupError, SidecarError
+from sidecar.eventloop import running_loop_name
 from sidecar.events import EventBus
 from sidecar.expiry import Renewal, expiry_warning, warning_starts
 from sidecar.failures import Failure
@@ -848,7 +849,11 @@ class Daemon:
             "proxy": self.proxy_status(),
             "warnings": warnings,
             "config": {"path": str(self.places.config_file), "error": self.config_error},
-            "daemon": {"pid": os.getpid(), "data_folder": str(self.places.lock_file.parent)},
+            "daemon": {
+                "pid": os.getpid(),
+                "data_folder": str(self.places.lock_file.parent),
+                "loop": running_loop_name(),  # uvloop where it exists, else asyncio's own
+            },
             "generated_at": rfc3339(now),
         }
 

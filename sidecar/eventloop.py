@@ -1,4 +1,5 @@
-"""Which asyncio event loop runs the tunnels: uvloop when installed (the `fast` extra), else asyncio's.
+"""Which asyncio event loop runs the tunnels: uvloop where it exists (a dependency except on
+Windows), else asyncio's own.
 
 `MTLS_SIDECAR_LOOP` picks one: `auto` (the default), `uvloop` (fail if missing) or `asyncio`.
 """
@@ -20,6 +21,12 @@ ENV = "MTLS_SIDECAR_LOOP"
 CHOICES = ("auto", "uvloop", "asyncio")
 
 
+def running_loop_name() -> str:
+    """ "uvloop" or "asyncio": which loop runs the caller (status shows it)."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def run(main: Coroutine[Any, Any, T], choice: str | None = None) -> T:
     """`asyncio.run(main)` on the chosen loop."""
     choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
@@ -35,7 +42,7 @@ def run(main: Coroutine[Any, Any, T], choice: str | None = None) -> T:
             if choice == "uvloop":
                 main.close()
                 raise ConfigError(
-                    "uvloop is not installed", source="environment", field=ENV, hint="pip install 'mtls-sidecar[fast]'"
+                    "uvloop is not installed", source="environment", field=ENV, hint="pip install uvloop"
                 ) from None
         else:
             log.debug("event loop: uvloop")

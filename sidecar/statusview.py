@@ -43,8 +43,10 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
     lines = [f"mtls-sidecar {status.get('version', '?')}  active identity: {status.get('active_identity') or '-'}"]
     config = (status.get("config") or {}).get("path")
     if config:  # which daemon answered: with another HOME or runtime folder it may not be the one you meant
-        pid = (status.get("daemon") or {}).get("pid")
-        lines.append(f"config: {config}" + (f" (daemon pid {pid})" if pid else ""))
+        daemon = status.get("daemon") or {}
+        pid, loop = daemon.get("pid"), daemon.get("loop")
+        about = ", ".join(part for part in (f"daemon pid {pid}" if pid else "", f"{loop} loop" if loop else "") if part)
+        lines.append(f"config: {config}" + (f" ({about})" if about else ""))
     lines.append("")
     identities: list[_Row] = [_Row(("IDENTITY", "CERTIFICATE", "RENEWAL"))]
     for name, identity in status.get("identities", {}).items():

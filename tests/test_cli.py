@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -77,6 +78,30 @@ def sidecar_process(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not exist on Windows: asyncio's loop runs there")
+def test_the_daemon_runs_on_uvloop_and_status_says_so(isolated_home: Path) -> None:
+    with sidecar_process("run") as (proc, log):
+        match = log.wait_for(r"try it: curl http://127\.0\.0\.1:(\d+)/")
+        assert "hello from the mtls-sidecar demo service" in curl(int(match.group(1))).stdout
+        status = subprocess.run(
+            [sys.executable, "-m", "sidecar", "status", "--json"], capture_output=True, text=True, timeout=30
+        )
+        assert json.loads(status.stdout)["daemon"]["loop"] == "uvloop"
+        table = subprocess.run([sys.executable, "-m", "sidecar", "status"], capture_output=True, text=True, timeout=30)
+        assert f"(daemon pid {proc.pid}, uvloop loop)" in table.stdout
+        forced = {**os.environ, "MTLS_SIDECAR_LOOP": "asyncio"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.text
+    with sidecar_process("run", env=forced) as (proc, log):
+        log.wait_for(r"try it: curl")
+        status = subprocess.run(
+            [sys.executable, "-m", "sidecar", "status", "--json"], capture_output=True, text=True, timeout=30
+        )
+        assert json.loads(status.stdout)["daemon"]["loop"] == "asyncio"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.text
 
 
 def test_first_run_creates_everything_and_the_demo_route_works(isolated_home: Path) -> None:

@@ -400,12 +400,12 @@ def test_status_names_the_daemons_config_and_warns_when_it_is_not_the_clis(
     with DaemonThread(config) as daemon:
         assert main(["status"]) == 0
         same = capsys.readouterr()
-        assert f"config: {config} (daemon pid {os.getpid()})" in same.out.splitlines()
+        assert f"config: {config} (daemon pid {os.getpid()}, asyncio loop)" in same.out.splitlines()
         assert same.err == ""
         # The same socket, but this CLI reads another config: whoever answers is not "its" daemon.
         assert main(["--config", str(other), "status"]) == 0
         mixed = capsys.readouterr()
-        assert f"config: {config} (daemon pid {os.getpid()})" in mixed.out
+        assert f"config: {config} (daemon pid {os.getpid()}, asyncio loop)" in mixed.out
         assert mixed.err.startswith(f"mtls-sidecar: warning: the daemon answering on {daemon.socket} ")
         assert f"runs config {config}, not {other} (this command's)" in mixed.err
         assert main(["--config", str(other), "status", "--json"]) == 0

@@ -317,10 +317,9 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
 
 
 def _run_daemon(places: Places, args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
-    from sidecar import logsetup
+    from sidecar import eventloop, logsetup
     from sidecar.control.server import ControlServer
     from sidecar.daemon import Daemon, log_file_path
     from sidecar.firstrun import load_or_create_config
@@ -358,7 +357,7 @@ def _run_daemon(places: Places, args: argparse.Namespace) -> int:
             await control.stop()
         return daemon.forced
 
-    return EXIT_INTERRUPTED if asyncio.run(serve()) else EXIT_OK
+    return EXIT_INTERRUPTED if eventloop.run(serve()) else EXIT_OK
 
 
 def _cmd_ca_export(places: Places) -> int:
