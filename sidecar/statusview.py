@@ -83,6 +83,9 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
             conns += f", {failed} failed"
         row = _Row((f" {name}", path, route["identity"], health, conns), (None, None, None, kind, None))
         row.notes += [f"  {paint(note, 'dim')}" for note in route_notes(route, now)]
+        warm_line = warm_note(route.get("warm"))
+        if warm_line:
+            row.notes.append(f"  {paint(warm_line, 'dim')}")
         routes.append(row)
     lines += _table(routes, _ROUTE_WIDTHS, paint)
     proxy = status.get("proxy") or {}
@@ -158,6 +161,19 @@ def identity_notes(identity: dict[str, Any]) -> list[str]:
 
 
 _HEALTH_KINDS = {"ok": "ok", "up": "ok", "idle": "dim", "failing": "bad", "no_certificate": "bad", "stopped": "bad"}
+
+
+def warm_note(warm: dict[str, Any] | None) -> str | None:
+    """ "warm: 2 ready (preconnect 2), 41 joined at once, 3 connected the usual way"."""
+    if not warm:
+        return None
+    text = (
+        f"warm: {warm.get('ready', 0)} ready (preconnect {warm.get('preconnect')}), "
+        f"{warm.get('hits', 0)} joined at once, {warm.get('misses', 0)} connected the usual way"
+    )
+    if warm.get("last_error"):
+        text += f"; not warming: {warm['last_error']}"
+    return text
 
 
 def route_notes(route: dict[str, Any], now: datetime) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 import tomlkit
 
 from sidecar.cli import main
+from sidecar.statusview import warm_note
 from tests.daemon_runner import DaemonThread
 from tests.realservers import free_port
 from tests.scenario import Pki, mtls_server, recv_all, route_to, write_config
@@ -79,6 +80,7 @@ def test_warm_connections_are_made_ahead_used_once_and_replaced(isolated_home: P
         assert server.connections == 3
         route = d.status()["routes"]["svc"]
         assert route["total_connections"] == 1 and route["health"] == "ok"
+        assert warm_note(route["warm"]) == "warm: 2 ready (preconnect 2), 1 joined at once, 0 connected the usual way"
         for i in range(5):  # each client its own warm connection, never one used twice
             assert echo_once(port, f"n{i}\n".encode()) == f"n{i}\n".encode()
         assert server.app_received.count(b"ping\n") == 1
