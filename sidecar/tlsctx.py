@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from sidecar.config import RouteSpec
 from sidecar.credentials import Candidate
 from sidecar.errors import ConfigError
+from sidecar.tlspipe import Prepared, prepare
 
 log = logging.getLogger("sidecar.tlsctx")
 
@@ -187,6 +188,8 @@ class ContextCache:
         self._size = size
         self._contexts: OrderedDict[tuple[str, ServerPolicy], ssl.SSLContext] = OrderedDict()
         self._sessions: dict[tuple[int, str, str], tuple[ssl.SSLContext, ssl.SSLSession, float]] = {}
+        # The next connection's SSLObject, made ahead with the session it will offer (tlspipe.prepare).
+        self._prepared: dict[tuple[int, str, str], tuple[ssl.SSLContext, Prepared]] = {}
         self.builds = 0
 
     def session(self, ctx: ssl.SSLContext, server_name: str, target: str) -> ssl.SSLSession | None:
@@ -206,11 +209,31 @@ class ContextCache:
     def remember(self, ctx: ssl.SSLContext, server_name: str, target: str, session: ssl.SSLSession) -> None:
         if len(self._sessions) >= 4 * self._size:
             self._sessions.clear()
+            self._prepared.clear()
         self._sessions[(id(ctx), server_name, target)] = (ctx, session, time.monotonic())
+
+    def take_prepared(self, ctx: ssl.SSLContext, server_name: str, target: str) -> Prepared | None:
+        """The SSLObject made ahead for the next connection, if it offers the session kept now."""
+        entry = self._prepared.pop((id(ctx), server_name, target), None)
+        if entry is None or entry[0] is not ctx:
+            return None
+        if entry[1].session is not self.session(ctx, server_name, target):
+            return None  # a newer session came meanwhile: offer that one
+        return entry[1]
+
+    def prepare(self, ctx: ssl.SSLContext, server_name: str, target: str) -> None:
+        """Make the next connection's SSLObject now (worth it only when a session is offered)."""
+        key = (id(ctx), server_name, target)
+        session = self.session(ctx, server_name, target)
+        if session is None or key in self._prepared:
+            return
+        self._prepared[key] = (ctx, prepare(ctx, server_name, session))
 
     def _forget_sessions(self, ctx: ssl.SSLContext) -> None:
         for key in [k for k, (c, _, _) in self._sessions.items() if c is ctx]:
             del self._sessions[key]
+        for key in [k for k, (c, _) in self._prepared.items() if c is ctx]:
+            del self._prepared[key]
 
     def forget_trust(self) -> None:
         """A trust file (ca_file, ca_dir) changed: drop every context and its sessions, so the
@@ -218,6 +241,7 @@ class ContextCache:
         would skip verification, so sessions go with their contexts."""
         self._contexts.clear()
         self._sessions.clear()
+        self._prepared.clear()
 
     def peek(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext | None:
         """The context a new connection would use now, if it is built (None: it would be a new one)."""

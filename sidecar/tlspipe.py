@@ -99,6 +99,26 @@ Event = HandshakeDone | Received | CloseNotify | Truncated | Reset | Certificate
 _NO_EVENTS: list[Event] = []  # returned, never changed: no list made per write
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An SSLObject and its memory BIOs made ahead of the connection that will use them.
+
+    Making one that offers a TLS 1.3 session costs about 150 µs here (CPython copies the session,
+    with the server's certificate chain, through DER), against 5 µs without: the tunnel makes
+    the next one when nothing else is waiting, not while a client waits for its connection."""
+
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    tls: ssl.SSLObject
+    session: ssl.SSLSession | None
+
+
+def prepare(ctx: ssl.SSLContext, server_name: str | None, session: ssl.SSLSession | None) -> Prepared:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name, session=session)
+    return Prepared(incoming, outgoing, tls, session)
+
+
 class TLSPipe:
     """One TLS client connection over memory BIOs."""
 
@@ -109,18 +129,23 @@ class TLSPipe:
         *,
         session: ssl.SSLSession | None = None,
         server_side: bool = False,
+        prepared: Prepared | None = None,
     ) -> None:
         """`server_side`: the local end of a `local_tls` route, where we are the server (the
-        rules are the same; "the server" in the events then means the local client)."""
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.tls: ssl.SSLObject = ctx.wrap_bio(
-            self._incoming,
-            self._outgoing,
-            server_side=server_side,
-            server_hostname=None if server_side else server_name,
-            session=session,
-        )
+        rules are the same; "the server" in the events then means the local client).
+        `prepared`: the SSLObject made ahead for this connection (`prepare`), if there is one."""
+        if prepared is not None:
+            self._incoming, self._outgoing, self.tls = prepared.incoming, prepared.outgoing, prepared.tls
+        else:
+            self._incoming = ssl.MemoryBIO()
+            self._outgoing = ssl.MemoryBIO()
+            self.tls = ctx.wrap_bio(
+                self._incoming,
+                self._outgoing,
+                server_side=server_side,
+                server_hostname=None if server_side else server_name,
+                session=session,
+            )
         self.handshake_complete = False
         self._can_receive = True  # the per-direction state; `flow` shows it as a Flow
         self._can_send = True

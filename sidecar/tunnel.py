@@ -1287,8 +1287,12 @@ class _RemoteSide(asyncio.Protocol):
 
     def start_tls(self, leftover: bytes = b"") -> None:
         assert self.ctx is not None, "passthrough never starts TLS"
-        session = self.sessions.session(self.ctx, self.server_name, self.peer.listener.target)
-        self.pipe = TLSPipe(self.ctx, self.server_name, session=session)
+        target = self.peer.listener.target
+        session = self.sessions.session(self.ctx, self.server_name, target)
+        prepared = self.sessions.take_prepared(self.ctx, self.server_name, target) if session is not None else None
+        self.pipe = TLSPipe(self.ctx, self.server_name, session=session, prepared=prepared)
+        if session is not None:  # the next connection's SSLObject, made once the loop has nothing more urgent
+            asyncio.get_running_loop().call_soon(self.sessions.prepare, self.ctx, self.server_name, target)
         if leftover:
             self.pipe.receive_data(leftover)
         self._pump()
