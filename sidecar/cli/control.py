@@ -1,10 +1,13 @@
-"""CLI commands that read or change the running daemon, through the control API only."""
+"""CLI commands that read or change the running daemon, through the control API only.
+
+Each run is a fresh interpreter, often one that finds no daemon: what only an answer needs (json,
+the status table, the control client's HTTP) is imported where the answer is used, not here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -14,8 +17,6 @@ from typing import Any
 from sidecar.control.client import ApiCallError, ControlClient
 from sidecar.errors import ConfigError
 from sidecar.paths import Places
-from sidecar.statusview import countdown, render_status
-from sidecar.units import parse_duration
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -29,6 +30,8 @@ def client_for(places: Places) -> ControlClient:
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
+        import json
+
         print(json.dumps(data, indent=2))
     else:
         print(text)
@@ -40,8 +43,12 @@ def cmd_status(places: Places, args: argparse.Namespace) -> int:
     if other:
         print(f"mtls-sidecar: warning: {other}", file=sys.stderr)
     if args.json:
+        import json
+
         print(json.dumps(status, indent=2))
     else:
+        from sidecar.statusview import render_status
+
         sys.stdout.write(render_status(status, datetime.now(UTC), colour=sys.stdout.isatty()))
     return EXIT_OK
 
@@ -91,6 +98,8 @@ def cmd_use(places: Places, args: argparse.Namespace) -> int:
 
 def cmd_renew(places: Places, args: argparse.Namespace) -> int:
     """Ask for a renewal and wait (up to --wait) for its outcome on the events stream."""
+    from sidecar.units import parse_duration
+
     try:
         wait = parse_duration(args.wait)
     except ValueError as exc:
@@ -196,6 +205,8 @@ def _as_flag_error(exc: ApiCallError) -> Exception:
 
 def cmd_identity_list(places: Places, args: argparse.Namespace) -> int:
     status = client_for(places).get("/v1/status")
+    from sidecar.statusview import countdown
+
     now = datetime.now(UTC)
     lines = []
     for name, identity in status["identities"].items():
@@ -238,6 +249,8 @@ def presented_line(result: dict[str, Any], now: datetime | None = None) -> str |
     cert = details.get("client_certificate")
     if not cert:
         return None
+    from sidecar.statusview import countdown
+
     when = countdown(cert.get("not_after"), now or datetime.now(UTC))
     where = f" from {cert['file']}" if cert.get("file") else ""
     return (

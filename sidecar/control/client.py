@@ -1,18 +1,24 @@
-"""The control API's client, used by the CLI and the tray: blocking, stdlib only."""
+"""The control API's client, used by the CLI and the tray: blocking, stdlib only.
+
+The socket is connected and checked before anything else is imported: a command that finds no
+daemon (`mtls-sidecar status` before `run`) says so without loading http.client (and the ssl
+and email packages it imports), json or the peer-credential code.
+"""
 
 from __future__ import annotations
 
-import http.client
-import json
+import functools
 import os
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import SidecarError
 from sidecar.paths import runtime_folder_problem
-from sidecar.peercred import unix_socket_peer_uid, user_name
+
+if TYPE_CHECKING:
+    import http.client
 
 
 class DaemonNotRunning(SidecarError):
@@ -39,34 +45,58 @@ class ApiCallError(SidecarError):
         self.body = body
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
+def _connect(path: Path, timeout: float | None) -> http.client.HTTPConnection:
+    """An HTTP connection on the control socket at `path`, already connected to a daemon of ours."""
+    sock = _open_socket(path, timeout)
+    try:
+        conn = _unix_connection_class()(path, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    conn.sock = sock
+    return conn
 
-    def connect(self) -> None:
-        problem = runtime_folder_problem(self.socket_path.parent)
-        if problem is not None:
-            raise NotOurDaemon(self.socket_path, problem)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except FileNotFoundError:
-            sock.close()
-            raise DaemonNotRunning(self.socket_path, "no control socket") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise DaemonNotRunning(self.socket_path, "nobody answers on the control socket") from None
-        except OSError:
-            sock.close()
-            raise
-        try:
-            _check_peer(sock, self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+def _open_socket(path: Path, timeout: float | None) -> socket.socket:
+    problem = runtime_folder_problem(path.parent)
+    if problem is not None:
+        raise NotOurDaemon(path, problem)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        sock.close()
+        raise DaemonNotRunning(path, "no control socket") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise DaemonNotRunning(path, "nobody answers on the control socket") from None
+    except OSError:
+        sock.close()
+        raise
+    try:
+        _check_peer(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@functools.cache
+def _unix_connection_class() -> Callable[[Path, float | None], http.client.HTTPConnection]:
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        """HTTP/1.1 on the control socket; were http.client to connect again, it is the same socket, checked again."""
+
+        def __init__(self, path: Path, timeout: float | None) -> None:
+            super().__init__("localhost", timeout=timeout)
+            self.socket_path = path
+
+        def connect(self) -> None:
+            self.sock = _open_socket(self.socket_path, self.timeout)
+
+    return UnixConnection
 
 
 def _check_peer(sock: socket.socket, path: Path) -> None:
@@ -75,6 +105,8 @@ def _check_peer(sock: socket.socket, path: Path) -> None:
     Where the platform cannot tell (no SO_PEERCRED), the 0700 runtime folder checked above is
     what keeps others out.
     """
+    from sidecar.peercred import unix_socket_peer_uid, user_name
+
     uid = unix_socket_peer_uid(sock)
     if uid is not None and hasattr(os, "getuid") and uid != os.getuid():
         raise NotOurDaemon(
@@ -100,15 +132,17 @@ class ControlClient:
         return self.request("PATCH", target, body)
 
     def request(self, method: str, target: str, body: Any = None) -> Any:
-        conn = _UnixConnection(self.path, self.timeout)
+        payload = None if body is None else _json_bytes(body)
+        headers = {"content-type": "application/json"} if payload is not None else {}
+        conn = _connect(self.path, self.timeout)
         try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"content-type": "application/json"} if payload is not None else {}
             conn.request(method, target, body=payload, headers=headers)
             response = conn.getresponse()
             data = response.read()
         finally:
             conn.close()
+        import json
+
         try:
             decoded = json.loads(data) if data.strip() else None
         except ValueError:
@@ -119,7 +153,9 @@ class ControlClient:
 
     def events(self, timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
         """Follow GET /v1/events: yields each event as it comes, until the daemon goes away."""
-        conn = _UnixConnection(self.path, timeout)
+        conn = _connect(self.path, timeout)
+        import json
+
         try:
             conn.request("GET", "/v1/events")
             response = conn.getresponse()
@@ -130,3 +166,9 @@ class ControlClient:
                     yield json.loads(line)
         finally:
             conn.close()
+
+
+def _json_bytes(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
