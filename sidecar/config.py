@@ -71,7 +71,7 @@ _PROXY_KEYS = ("listen", "unsafe_listen", "max_connections", "rules")
 PROXY_RULE_KEYS = ("name", "hosts", "ports", "identity", "protocol", "tls_port", "connect", "passthrough",
                    "ca_file", "ca_dir", "alpn", "connect_timeout", "unsafe_skip_verify", "pin_sha256",
                    "allowed_uri_sans", "revocation", "crl_file", "postgres_negotiation",
-                   "max_connections", "idle_timeout")  # fmt: skip
+                   "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
 DEFAULT_PROXY_LISTEN = "127.0.0.1:18888"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -204,6 +204,9 @@ class ProxyRuleSpec:
     postgres_negotiation: str = "sslrequest"
     max_connections: int = DEFAULT_ROUTE_MAX_CONNECTIONS
     idle_timeout: float = 0.0
+    # warm connections per destination reached (a number, or "auto")
+    preconnect: int | str = 0
+    preconnect_max_idle: float = DEFAULT_PRECONNECT_MAX_IDLE
 
 
 @dataclass(frozen=True)
@@ -559,7 +562,7 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
     )
 
 
-def _preconnect(t: Table, protocol: str) -> int | str:
+def _preconnect(t: Table, protocol: str, *, passthrough: bool = False) -> int | str:
     """`preconnect = N` (0 to 64) or "auto"; not for mysql (why: below)."""
     value: object = t.data.get("preconnect", 0)
     if value == "auto":
@@ -577,6 +580,8 @@ def _preconnect(t: Table, protocol: str) -> int | str:
             value,
             hint="remove preconnect from this route",
         )
+    if value and passthrough:
+        raise t.error("preconnect", "not available with passthrough (no TLS of ours to do ahead)", value)
     if value and t.data.get("local_tls"):
         raise t.error("preconnect", "not available with local_tls", value, hint="remove one of them")
     return value if isinstance(value, int) else "auto"
@@ -827,6 +832,8 @@ def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> Proxy
         postgres_negotiation=negotiation,
         max_connections=_count(t, "max_connections", DEFAULT_ROUTE_MAX_CONNECTIONS),
         idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
+        preconnect=_preconnect(t, protocol or "tcp", passthrough=t.boolean("passthrough")),
+        preconnect_max_idle=t.duration("preconnect_max_idle", DEFAULT_PRECONNECT_MAX_IDLE, positive=True),
     )
 
 

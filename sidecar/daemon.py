@@ -431,6 +431,7 @@ class Daemon:
     async def _start_proxy(self, spec: ProxySpec) -> None:
         proxy = ProxyListener(spec, self.selection_for, self.contexts, self.chains, budget=self.budget)
         proxy.on_failure = self._proxy_failed
+        proxy.current_selection = self.current_selection
         self.proxy = proxy
         try:
             await proxy.start()
@@ -677,6 +678,8 @@ class Daemon:
         (a stale one is never used in any case: each is checked when a client takes it)."""
         for listener in self.listeners.values():
             listener.refresh_warm(reason)
+        if self.proxy is not None:
+            self.proxy.refresh_warm(reason)
 
     def trust_changed(self) -> None:
         self.contexts.forget_trust()

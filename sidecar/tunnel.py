@@ -469,11 +469,28 @@ class RouteListener:
                 return cast(_PlainSide, side)
         return _PlainSide(self)
 
-    def adopt(self, transport: asyncio.Transport, stage: Stage, data: bytes = b"", eof: bool = False) -> None:
+    def adopt(
+        self,
+        transport: asyncio.Transport,
+        stage: Stage,
+        data: bytes = b"",
+        eof: bool = False,
+        *,
+        wrap: Callable[[Stage], Stage] | None = None,
+    ) -> None:
         """Take over a local connection another listener accepted (the proxy) and already checked
         for its owner: `stage` drives it, `data` is what the client sent that `stage` reads first,
-        `eof`: the client has finished sending."""
-        conn = _PlainSide(self, stage, peer_checked=True)
+        `eof`: the client has finished sending. With `wrap`, a warm connection may serve it
+        instead: its own stage (made by `stage_factory`), wrapped for this client."""
+        conn = None
+        if self.warm is not None and wrap is not None:
+            side = self.warm.take()
+            if side is not None:
+                conn = cast(_PlainSide, side)
+                conn.stage = wrap(conn.stage)
+                conn._peer_checked = True
+        if conn is None:
+            conn = _PlainSide(self, stage, peer_checked=True)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         if data and not conn.closed:

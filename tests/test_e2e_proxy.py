@@ -721,3 +721,35 @@ def test_ip_literals_cidr_rules_and_socks4a(two_services: Two) -> None:
             assert destination(daemon, "127.0.0.1", server.port)["identity"] == "two"
             assert destination(daemon, "::1", 443)["target"].endswith(f":{server.port}")
             assert status["refused"] == {"proxy_not_allowed": 1}
+
+
+def test_a_rules_preconnect_keeps_warm_connections_per_destination(two_services: Two) -> None:
+    """`preconnect` on a rule: each destination reached keeps its own warm connections, used by
+    CONNECT, SOCKS and the HTTP proxy alike, each presenting the rule's identity."""
+    s = two_services
+    with DaemonThread(proxy_config(s, rules(s, preconnect=1))) as daemon:
+        port = proxy_port(daemon)
+
+        def warm_of(host: str, dest_port: int, via: str) -> dict[str, Any]:
+            for dest in daemon.status()["proxy"]["destinations"]:
+                if (dest["host"], dest["port"], dest["via"]) == (host, dest_port, via):
+                    return dest["warm"] or {}
+            return {}
+
+        first = curl_via(["-x", f"http://127.0.0.1:{port}"], f"http://{TWO}/")
+        assert "CN=identity-two" in first.stdout, first.stderr
+        wait_until(lambda: warm_of(TWO, 443, "http").get("ready") == 1, timeout=10, what="a warm HTTP destination")
+        again = curl_via(["-x", f"http://127.0.0.1:{port}"], f"http://{TWO}/")
+        assert "CN=identity-two" in again.stdout and "verify=SUCCESS" in again.stdout
+        assert warm_of(TWO, 443, "http")["hits"] == 1
+
+        sock, code = socks5_connect(port, TWO, 443)
+        sock.close()
+        assert code == 0
+        wait_until(lambda: warm_of(TWO, 443, "tunnel").get("ready") == 1, timeout=10, what="a warm SOCKS destination")
+        sock, code = socks5_connect(port, TWO, 443)
+        with sock:
+            assert code == 0
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {TWO}\r\nConnection: close\r\n\r\n".encode())
+            answer = recv_all(sock).decode()
+        assert "CN=identity-two" in answer and warm_of(TWO, 443, "tunnel")["hits"] == 1

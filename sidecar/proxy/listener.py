@@ -24,6 +24,7 @@ from sidecar.causes import Cause
 from sidecar.config import ListenAddress, ProxyRuleSpec, ProxySpec, RouteSpec
 from sidecar.errors import LocalSetupError
 from sidecar.failures import Failure
+from sidecar.keystore import Selection
 from sidecar.protocols import make_stage
 from sidecar.protocols.http import HTTPStage, Proxied
 from sidecar.proxy import greeting
@@ -97,6 +98,8 @@ class ProxyListener:
         self._retired: list[RouteListener] = []  # of rules since changed, while their tunnels finish
         # (kind, rule or None, destination or None, failure): the daemon turns these into events
         self.on_failure: Callable[[str | None, str | None, Failure], None] | None = None
+        # What a new connection would present now (warm connections: still fresh?), from the daemon.
+        self.current_selection: Callable[[RouteSpec], Selection] | None = None
 
     # --- lifecycle
 
@@ -120,6 +123,8 @@ class ProxyListener:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for known in self._destinations.values():
+            known.tunnel.close()  # its warm connections
         for front in list(self._fronts):
             front.abort()
 
@@ -136,6 +141,10 @@ class ProxyListener:
         for tunnel in self._tunnels():
             tunnel.cut()
 
+    def refresh_warm(self, reason: str) -> None:
+        for known in self._destinations.values():
+            known.tunnel.refresh_warm(reason)
+
     def _tunnels(self) -> list[RouteListener]:
         return [d.tunnel for d in self._destinations.values()] + self._retired
 
@@ -146,6 +155,7 @@ class ProxyListener:
         for key, known in list(self._destinations.items()):
             if rules.get(known.rule.name) != known.rule:
                 del self._destinations[key]
+                known.tunnel.close()  # its warm connections; open tunnels go on
                 if known.tunnel.counters.active:
                     self._retired.append(known.tunnel)
         self.rule_counters = {rule.name: self.rule_counters.get(rule.name) or RuleCounters() for rule in spec.rules}
@@ -198,7 +208,10 @@ class ProxyListener:
             return
         known = self._destination(rule, dest, asked.how)
         self.rule_counters[rule.name].connections += 1
-        known.tunnel.adopt(transport, self._stage(known, asked), asked.leftover)
+        inner = self._inner_stage(known)
+        known.tunnel.adopt(
+            transport, self._wrap(known, asked, inner), asked.leftover, wrap=lambda warm: self._wrap(known, asked, warm)
+        )
 
     def take_back(self, transport: asyncio.Transport, data: bytes) -> None:
         """An HTTP proxy client's next request is for another destination: read it here again."""
@@ -208,10 +221,11 @@ class ProxyListener:
         if data:
             front.data_received(data)
 
-    def _stage(self, known: _Destination, asked: Asked) -> Stage:
+    def _inner_stage(self, known: _Destination) -> Stage:
+        """The destination's protocol stage (also what its warm connections are made with)."""
         route, dest = known.tunnel.route, known.dest
         listen = self.bound or self.spec.listen
-        if asked.how == HTTP:
+        if known.how == HTTP:
             host, port = dest.host, dest.asked_port
 
             def same_destination(target: bytes) -> bool:
@@ -219,7 +233,13 @@ class ProxyListener:
                 return isinstance(other, Asked) and normal_host(other.host) == host and _same_port(other.port, port)
 
             return HTTPStage(route, listen, Proxied(dest.port, http_base(dest), same_destination))
-        inner = Relay() if route.passthrough else make_stage(route, listen)
+        return Relay() if route.passthrough else make_stage(route, listen)
+
+    def _wrap(self, known: _Destination, asked: Asked, inner: Stage) -> Stage:
+        """For CONNECT and SOCKS, the stage that answers the client's request in front of `inner`."""
+        if asked.how == HTTP:
+            return inner
+        route, dest = known.tunnel.route, known.dest
         return ProxyTunnelStage(
             inner,
             greeting.granted(asked),
@@ -244,8 +264,11 @@ class ProxyListener:
         tunnel.on_handoff = self.take_back
         tunnel.on_failure = lambda _name, failure: self._tunnel_failed(rule.name, route.name, failure)
         known = _Destination(rule, dest, how, tunnel)
+        tunnel.stage_factory = lambda: self._inner_stage(known)
+        tunnel.current_selection = self.current_selection
         self._destinations[key] = known
         self._forget_idle()
+        tunnel.start_warm()  # the rule's `preconnect`, for this destination
         return known
 
     def _forget_idle(self) -> None:
@@ -254,6 +277,7 @@ class ProxyListener:
             if excess <= 0:
                 break
             if known.tunnel.counters.active == 0:
+                known.tunnel.close()  # its warm connections, if any
                 counters = self.rule_counters.get(known.rule.name)
                 if counters is not None:
                     counters.bytes_in += known.tunnel.counters.bytes_in
@@ -311,6 +335,7 @@ class ProxyListener:
                 "last_error": counters.last_error,
                 "last_error_at": rfc3339(counters.last_error_at) if counters.last_error_at else None,
                 "last_success": rfc3339(counters.last_success_at) if counters.last_success_at else None,
+                "warm": tunnel.warm_status(),
             })  # fmt: skip
         rules = []
         for rule in spec.rules:

@@ -103,6 +103,8 @@ def destination_route(rule: ProxyRuleSpec, dest: Destination, proxy: ProxySpec, 
         host_header=host_header,
         max_connections=rule.max_connections,
         idle_timeout=rule.idle_timeout,
+        preconnect=rule.preconnect,
+        preconnect_max_idle=rule.preconnect_max_idle,
     )
 
 
