@@ -18,10 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from cryptography import x509
-
 from sidecar.errors import ConfigError
-from sidecar.policy import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
+from sidecar.policyspec import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
 from sidecar.proxy.hosts import PATTERN_RULE, HostPattern, parse_host_pattern
 from sidecar.renewal.settings import (
     PROVIDER_KEYS,
@@ -465,6 +463,8 @@ def _subject(t: Table) -> str:
     subject = t.string("subject")
     if subject is None:
         return f"CN={t.path[-1]}"
+    from cryptography import x509  # here: reading config.toml should not load cryptography
+
     hint = 'write for example "CN=dev,O=Example"'
     try:
         parsed = x509.Name.from_rfc4514_string(subject)

@@ -15,7 +15,6 @@ and before any byte crosses the tunnel; `mtls-sidecar check` explains the same v
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 import ssl
@@ -28,12 +27,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from sidecar.causes import Cause, quoted
+from sidecar.policyspec import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
 
-REVOCATION_MODES = ("off", "soft", "hard")
-PIN_HINT = (
-    "openssl x509 -in server.pem -pubkey -noout | openssl pkey -pubin -outform der "
-    "| openssl dgst -sha256 -binary | base64"
-)
+# What config.toml spells (parsed without cryptography); re-exported for the modules that check them.
+__all__ = ["PIN_HINT", "REVOCATION_MODES", "check_uri_pattern", "parse_pin"]
 
 
 @dataclass(frozen=True)
@@ -71,22 +68,6 @@ def spki_sha256(cert: x509.Certificate) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
 
 
-def parse_pin(text: str) -> str:
-    """Normalise a pin to plain base64 of 32 bytes; accepts curl's "sha256//" prefix. ValueError if not."""
-    body = text.strip()
-    for prefix in ("sha256//", "sha256/"):
-        if body.lower().startswith(prefix):
-            body = body[len(prefix) :]
-            break
-    try:
-        raw = base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != 32:
-        raise ValueError(f"decodes to {len(raw)} bytes, a SHA-256 digest has 32")
-    return base64.b64encode(raw).decode("ascii")
-
-
 def check_pins(chain: Sequence[x509.Certificate], pins: Sequence[str], *, verified: bool = True) -> Verdict:
     """Pass when a certificate of `chain` (leaf first; only the leaf when not `verified`) is pinned."""
     if not pins:
@@ -116,14 +97,6 @@ def uri_glob(pattern: str) -> re.Pattern[str]:
 
 def uri_matches(pattern: str, uri: str) -> bool:
     return uri_glob(pattern).fullmatch(uri) is not None
-
-
-def check_uri_pattern(pattern: str) -> None:
-    """ValueError when `pattern` cannot be a URI pattern (no scheme, blanks)."""
-    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", pattern):
-        raise ValueError("a URI pattern starts with a scheme, such as spiffe:// or https://")
-    if any(c.isspace() for c in pattern) or "\0" in pattern:
-        raise ValueError("a URI pattern has no blanks")
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:

@@ -23,9 +23,6 @@ from types import MappingProxyType
 from typing import ClassVar
 from urllib.parse import SplitResult, urlsplit
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from sidecar.errors import ConfigError
 from sidecar.renewal.timing import DEFAULT_FRACTION, DEFAULT_PRUNE_AFTER, RenewalPolicy
 from sidecar.tablereader import Table
@@ -337,6 +334,9 @@ def _acme_identifiers(t: Table) -> tuple[str, ...] | None:
 
 
 def _common_name(t: Table, subject: str) -> str:
+    from cryptography import x509  # here: reading config.toml should not load cryptography
+    from cryptography.x509.oid import NameOID
+
     try:
         names = x509.Name.from_rfc4514_string(subject).get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError:
