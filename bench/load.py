@@ -84,10 +84,15 @@ def bulk_upload(port: int, ctx: ssl.SSLContext | None, size: int) -> dict[str, A
     return {"bytes": size, "seconds": secs, "MBps": size / secs / 1e6}
 
 
-def fresh_latency(port: int, ctx: ssl.SSLContext | None, count: int) -> dict[str, Any]:
+def fresh_latency(port: int, ctx: ssl.SSLContext | None, count: int, gap_s: float = 0.0) -> dict[str, Any]:
+    """`count` new connections one after another, each timed from connect() to the first echoed
+    byte. `gap_s`: a pause before each (the WAN line's), in which a tunnel's warm connections
+    are replaced, as between the connections of a developer's tools."""
     samples: list[float] = []
     errors = 0
     for _ in range(count):
+        if gap_s:
+            time.sleep(gap_s)
         start = time.perf_counter()
         try:
             sock = _connect(port, ctx)
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="fresh: pause before each connection")
     args = parser.parse_args(argv)
     _raise_nofile()
     ctx = _context(args.tls)
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.test == "upload":
         result = bulk_upload(args.port, ctx, args.size)
     elif args.test == "fresh":
-        result = fresh_latency(args.port, ctx, args.count)
+        result = fresh_latency(args.port, ctx, args.count, args.gap_ms / 1e3)
     elif args.test == "rtt":
         result = echo_rtt(args.port, ctx, args.count)
     elif args.test == "rate":

@@ -7,11 +7,16 @@ server CA, and checks the name `localhost`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.procs import free_port, process
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 SERVER_NAME = "localhost"
@@ -157,6 +162,36 @@ def nginx_backend_config(
             "",
         ]
     )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A running backend: the C server's plaintext port, nginx's mTLS port, both processes."""
+
+    app_port: int
+    tls_port: int
+    pids: list[int]
+
+
+def build_backend(folder: Path) -> Path:
+    exe = folder / "backend"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).parent / "backend.c")], check=True)
+    return exe
+
+
+@contextlib.contextmanager
+def backend(exe: Path, folder: Path, server_cert: Path, server_key: Path, client_ca: Path) -> Iterator[Backend]:
+    """The C echo server behind nginx's mTLS on fresh ports, for one repetition (logs in `folder`)."""
+    app_port = free_port()
+    tls_port = free_port()
+    conf = folder / "backend-nginx.conf"
+    conf.write_text(nginx_backend_config(folder, server_cert, server_key, client_ca, tls_port, app_port))
+    nginx = ["nginx", "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")]
+    with (
+        process([str(exe), str(app_port)], app_port, folder / "app.log") as app,
+        process(nginx, tls_port, folder / "backend-nginx.log") as tls,
+    ):
+        yield Backend(app_port, tls_port, [app.pid, tls.pid])
 
 
 def socat_command(files: Files, listen: int, backend: int) -> list[str]:

@@ -1,8 +1,10 @@
 """Side-by-side mTLS tunnel benchmark: mtls-sidecar vs stunnel, haproxy, nginx stream, socat;
-and the protocol lines (bench/protocols.py): pgbench through a postgres route vs stunnel
-`protocol = pgsql` vs libpq's own TLS, wrk through an http route vs nginx as HTTP → mTLS proxy.
+the protocol lines (bench/protocols.py): pgbench through a postgres route vs stunnel
+`protocol = pgsql` vs libpq's own TLS, wrk through an http route vs nginx as HTTP → mTLS proxy;
+the proxy line (bench/proxyline.py); and the WAN line (bench/wanline.py): a new connection's
+first echoed byte through every tunnel when the backend is 10 ms away each way.
 
-    python3 -m bench [--quick] [--reps N] [--only NAME,...] [--tests t1,t2,t3,t4,t5,pg,http]
+    python3 -m bench [--quick] [--reps N] [--only NAME,...] [--tests t1,t2,t3,t4,t5,pg,http,proxy,wan]
 
 Loopback only. Installs nothing: names the missing programs and their apt packages. Each
 repetition restarts the backend and every contender, in an order rotated per repetition.
@@ -26,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import peers, pki, procs, protocols, proxyline, stats
+from bench import peers, pki, procs, protocols, proxyline, stats, wanline
 from bench.procs import free_port, process, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,12 +158,6 @@ class Bench:
         return figures, cpu
 
 
-def build_backend(folder: Path) -> Path:
-    exe = folder / "backend"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).parent / "backend.c")], check=True)
-    return exe
-
-
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -207,8 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated contenders (default: all)")
     parser.add_argument(
         "--tests",
-        default="t1,t2,t3,t4,t5,pg,http,proxy",
-        help="comma-separated tests (default: all): t1-t5 (tunnels), pg (pgbench), http (wrk), proxy (proxy vs route)",
+        default="t1,t2,t3,t4,t5,pg,http,proxy,wan",
+        help="comma-separated tests (default: all): t1-t5 (tunnels), pg (pgbench), http (wrk), proxy (proxy vs route),"
+        " wan (new connections through a delay)",
     )
     parser.add_argument("--size-mib", type=int, help="T1 bytes per direction (default 1024; 256 with --quick)")
     parser.add_argument("--max-held", type=int, help="largest T4 count to try (default 10000; 1000 with --quick)")
@@ -218,6 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"extra flag for `mtls-sidecar tunnel`, as --sidecar-arg=--flag=value (default {DEFAULT_SIDECAR_ARGS})",
     )
     parser.add_argument("--sidecar-env", action="append", default=[], help="KEY=VALUE for the sidecar's environment")
+    parser.add_argument(
+        "--wan-delay-ms", type=float, default=10.0, help="wan: delay each way (default 10: a 20 ms round trip)"
+    )
     parser.add_argument("--label", default="", help="a word stored in the JSON (e.g. the lever tried)")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
@@ -229,12 +229,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.hold_timeout = 60.0
     args.pg_seconds = 5 if args.quick else 15
     args.http_seconds = 5 if args.quick else 15
+    args.wan_count = 30 if args.quick else 100  # each costs ~3 round trips plus a pause of 5
     args.tests = set(args.tests.split(","))
-    unknown_tests = args.tests - {*TUNNEL_TESTS, *protocols.TESTS, *proxyline.TESTS}
+    unknown_tests = args.tests - {*TUNNEL_TESTS, *protocols.TESTS, *proxyline.TESTS, *wanline.TESTS}
     if unknown_tests:
         parser.error(f"unknown test(s) {', '.join(sorted(unknown_tests))}")
     args.sidecar_arg = DEFAULT_SIDECAR_ARGS if args.sidecar_arg is None else args.sidecar_arg
-    names = [*CONTENDERS, *(n for n in protocols.PG_CONTENDERS if n not in CONTENDERS)]
+    extra_names = (*protocols.PG_CONTENDERS, wanline.WARM, wanline.DIRECT)
+    names = [*CONTENDERS, *dict.fromkeys(n for n in extra_names if n not in CONTENDERS)]
     args.contenders = args.only.split(",") if args.only else list(CONTENDERS)
     unknown = set(args.contenders) - set(names)
     if unknown:
@@ -247,13 +249,19 @@ TUNNEL_TESTS = ("t1", "t2", "t3", "t4", "t5")
 
 def missing_programs(tests: set[str]) -> list[str]:
     """What the chosen tests need and is not installed, each with its apt package."""
-    missing = peers.missing_programs() if tests & set(TUNNEL_TESTS) else []
+    missing = peers.missing_programs() if tests & {*TUNNEL_TESTS, *wanline.TESTS} else []
     proto_tests = tests | ({"http"} if "proxy" in tests else set())  # the proxy line uses the http line's parts
     return [*missing, *(m for m in protocols.missing_programs(proto_tests) if m not in missing)]
 
 
 def tunnel_lines(
-    args: argparse.Namespace, tmp: Path, files: peers.Files, server_cert: Path, server_key: Path, client_ca: Path
+    args: argparse.Namespace,
+    tmp: Path,
+    files: peers.Files,
+    server_cert: Path,
+    server_key: Path,
+    client_ca: Path,
+    backend_exe: Path,
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, dict[str, float]]]]]:
     """T1-T5 for every contender, `args.reps` times, a fresh backend per repetition."""
     contenders = [c for c in args.contenders if c in CONTENDERS]
@@ -261,27 +269,14 @@ def tunnel_lines(
     cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {c: [] for c in contenders}
     if not contenders:
         return raw, cpu_raw
-    backend_exe = build_backend(tmp)
     for rep in range(args.reps):
         rep_folder = tmp / f"rep{rep}"
         rep_folder.mkdir()
-        args.app_port = free_port()
-        tls_port = free_port()
-        conf = rep_folder / "backend-nginx.conf"
-        conf.write_text(
-            peers.nginx_backend_config(rep_folder, server_cert, server_key, client_ca, tls_port, args.app_port)
-        )
         shift = rep % len(contenders)
         order = contenders[shift:] + contenders[:shift]
-        with (
-            process([str(backend_exe), str(args.app_port)], args.app_port, rep_folder / "app.log") as app,
-            process(
-                ["nginx", "-p", str(rep_folder), "-c", str(conf), "-e", str(rep_folder / "error.log")],
-                tls_port,
-                rep_folder / "backend-nginx.log",
-            ) as backend,
-        ):
-            bench = Bench(args, files, tls_port, [app.pid, backend.pid])
+        with peers.backend(backend_exe, rep_folder, server_cert, server_key, client_ca) as backend:
+            args.app_port = backend.app_port
+            bench = Bench(args, files, backend.tls_port, backend.pids)
             for name in order:
                 print(f"rep {rep + 1}/{args.reps}: {name} …", file=sys.stderr, flush=True)
                 try:
@@ -310,15 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     cpu_raw: dict[str, list[dict[str, dict[str, float]]]] = {}
     proto: dict[str, Any] | None = None
     proxy: dict[str, Any] | None = None
+    wan: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="mtls-bench-") as tmp_name:
         tmp = Path(tmp_name)
         files, server_cert, server_key, client_ca = make_pki(tmp)
-        if args.tests & set(TUNNEL_TESTS):
-            raw, cpu_raw = tunnel_lines(args, tmp, files, server_cert, server_key, client_ca)
+        backend_exe = peers.build_backend(tmp) if args.tests & {*TUNNEL_TESTS, *wanline.TESTS} else None
+        if backend_exe and args.tests & set(TUNNEL_TESTS):
+            raw, cpu_raw = tunnel_lines(args, tmp, files, server_cert, server_key, client_ca, backend_exe)
         if args.tests & set(protocols.TESTS):
             proto = protocols.run(args, files, server_cert, server_key, client_ca)
         if args.tests & set(proxyline.TESTS):
             proxy = proxyline.run(args, files, server_cert, server_key, client_ca)
+        if backend_exe and args.tests & set(wanline.TESTS):
+            wan = wanline.run(args, tmp, files, server_cert, server_key, client_ca, backend_exe)
     rows = {name: stats.summarise(reps) for name, reps in raw.items() if reps}
     cpu_rows = {
         name: {test: stats.summarise([r[test] for r in reps if test in r]) for test in {t for r in reps for t in r}}
@@ -343,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_raw": cpu_raw,
         "protocols": proto,
         "proxy": proxy,
+        "wan": wan,
     }
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(report, indent=2, default=str) + "\n"
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print(protocols.tables(proto, args.reps))
     if proxy is not None:
         print(proxyline.table(proxy, args.reps))
+    if wan is not None:
+        print(wanline.table(wan, args.reps))
     return 0
 
 

@@ -1,18 +1,23 @@
 """The benchmark harness's pure parts: statistics, the tables, the peers' configs, and the protocol
 lines' configs, output parsers and ratios (bench/README.md).
 
-No timing here: the benchmark itself runs only by hand, `python3 -m bench`.
+No timing of the contenders here: the benchmark itself runs only by hand, `python3 -m bench`.
+The WAN line's delay relay is checked on real loopback sockets, its delay as a lower bound only.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench import peers, pki, protocols, stats
+from bench import delayrelay, peers, pki, protocols, stats, wanline
+from tests.waiting import wait_until
 
 FILES = peers.Files(
     cert=Path("/b/client.crt"),
@@ -213,3 +218,141 @@ def test_protocol_tables_and_ratios() -> None:
     assert "| 40 / – / – |" in pg[4]  # direct: no tunnel
     http = protocols.http_table(medians["http"], {}).splitlines()
     assert len(http) == 4 and http[3].startswith("| nginx (HTTP → mTLS proxy) | 40,000 | 0.36 |")
+
+
+# --- the WAN line's delay relay (bench/delayrelay.py), on real loopback sockets
+
+DELAY = 0.03
+# Lower bounds only (a busy machine is late, never early); this covers float rounding.
+EARLY = 0.001
+
+
+@pytest.fixture
+def far_listener() -> Iterator[tuple[socket.socket, delayrelay.DelayRelay]]:
+    """A listening socket and a relay in front of it adding DELAY each way."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)  # every accept and recv below has a deadline
+        relay = delayrelay.DelayRelay(0, listener.getsockname()[1], DELAY)
+        relay.start()
+        try:
+            yield listener, relay
+        finally:
+            relay.close()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> tuple[bytes, float]:
+    """`size` bytes (the socket's timeout is the deadline), and when the first of them came."""
+    data = sock.recv(size)
+    first = time.monotonic()
+    while data and len(data) < size:
+        part = sock.recv(size - len(data))
+        if not part:
+            break
+        data += part
+    return data, first
+
+
+def _send_in_pieces(sock: socket.socket, data: bytes) -> float:
+    started = time.monotonic()
+    for i in range(0, len(data), 7):
+        sock.sendall(data[i : i + 7])
+    return started
+
+
+def test_relay_delays_each_way_keeps_order_and_passes_a_half_close_late(
+    far_listener: tuple[socket.socket, delayrelay.DelayRelay],
+) -> None:
+    listener, relay = far_listener
+    numbered = b"".join(b"%04d," % i for i in range(1500))
+    connected = time.monotonic()
+    client = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    hello = b"hello before the server accepts"
+    client.sendall(hello)
+    server, _addr = listener.accept()
+    server.settimeout(10)
+    with client, server:
+        # TCP's handshake round trip is put back: the server accepts 1.5 round trips after the
+        # connect, and the client's first bytes reach it one more delay later.
+        assert time.monotonic() - connected >= 3 * DELAY - EARLY
+        got, first = _recv_exactly(server, len(hello))
+        assert got == hello and first - connected >= 3 * DELAY - EARLY
+
+        sent_at = _send_in_pieces(client, numbered)
+        got, first = _recv_exactly(server, len(numbered))
+        assert got == numbered  # order kept client → server
+        assert first - sent_at >= DELAY - EARLY
+
+        sent_at = _send_in_pieces(server, numbered[::-1])
+        got, first = _recv_exactly(client, len(numbered))
+        assert got == numbered[::-1]  # and server → client
+        assert first - sent_at >= DELAY - EARLY
+
+        # A half-close travels like data: late, and the other way stays open.
+        closed_at = time.monotonic()
+        client.shutdown(socket.SHUT_WR)
+        assert server.recv(1) == b""
+        assert time.monotonic() - closed_at >= DELAY - EARLY
+        server.sendall(b"still open")
+        assert _recv_exactly(client, 10)[0] == b"still open"
+        closed_at = time.monotonic()
+        server.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        assert time.monotonic() - closed_at >= DELAY - EARLY
+    wait_until(lambda: relay.links_done == 1, what="the relay to close both sides")
+
+
+def test_relay_carries_many_connections_at_once(far_listener: tuple[socket.socket, delayrelay.DelayRelay]) -> None:
+    listener, relay = far_listener
+    clients = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(20)]
+    servers = [listener.accept()[0] for _ in clients]
+    for i, client in enumerate(clients):
+        client.sendall(b"%02d" % i)
+    # Each server side holds one client's bytes; which is which depends on accept order.
+    seen = set()
+    for server in servers:
+        server.settimeout(10)
+        seen.add(_recv_exactly(server, 2)[0])
+        server.close()
+    assert seen == {b"%02d" % i for i in range(20)}
+    for client in clients:
+        client.settimeout(10)
+        assert client.recv(1) == b""  # each server's close reached its client
+        client.close()
+    wait_until(lambda: relay.links_done == 20, what="the relay to close every link")
+
+
+def test_wan_rows_and_table() -> None:
+    assert wanline.selected_rows(["stunnel", "mtls-sidecar", "client-mtls"], warm_ok=True) == [
+        "mtls-sidecar",
+        wanline.WARM,
+        "stunnel",
+        wanline.DIRECT,
+    ]
+    assert wanline.WARM not in wanline.selected_rows(["mtls-sidecar"], warm_ok=False)
+    assert wanline.figures([60.0, 62.0, 64.0], 1, 10.0) == {
+        "p50_ms": 62.0,
+        "p90_ms": 64.0,
+        "min_ms": 60.0,
+        "round_trips": 3.1,
+        "errors": 1.0,
+    }
+    result = {
+        "delay_ms": 10.0,
+        "count": 30,
+        "rows": ["mtls-sidecar", wanline.WARM, wanline.DIRECT],
+        "notes": ["a note"],
+        "medians": {
+            "mtls-sidecar": {"p50_ms": 64.0, "p90_ms": 65.0, "round_trips": 3.2, "errors": 0.0},
+            wanline.WARM: {"p50_ms": 22.0, "p90_ms": 23.0, "round_trips": 1.1, "errors": 0.0},
+            wanline.DIRECT: {"p50_ms": 64.0, "p90_ms": 66.0, "round_trips": 3.2, "errors": 0.0},
+        },
+    }
+    lines = wanline.table(result, 1).splitlines()
+    assert lines[0].startswith("WAN line: 10 ms each way (20 ms round trip), 30 new connections")
+    assert "round trips (p50 / 20 ms)" in lines[2]
+    assert lines[4] == "| mtls-sidecar | 64.00 | 65.00 | 3.20 | 1.00× | 0 |"
+    assert lines[5] == "| mtls-sidecar (warm) | 22.00 | 23.00 | 1.10 | 0.34× | 0 |"
+    assert lines[6] == "| direct | 64.00 | 66.00 | 3.20 | – | 0 |"
+    assert lines[-1] == "a note"
+    relay = wanline.relay_command(2001, 2002, 10.0)
+    assert relay[2:] == ["bench.delayrelay", "--listen", "2001", "--target", "2002", "--delay-ms", "10.0"]
