@@ -32,6 +32,14 @@ PACKAGES = {
 }
 
 PEERS = ("mtls-sidecar", "stunnel", "haproxy", "nginx", "socat")
+# The sidecar as it also runs, in the tunnel lines beside its default row (uvloop, the bench's
+# --sidecar-arg flags): (flags replacing or added to those, environment). Issue 18's table.
+SIDECAR_VARIANTS: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
+    # name: (flags, whether they replace the default flags, environment)
+    "mtls-sidecar (1 worker)": ((), True, {}),
+    "mtls-sidecar (asyncio)": ((), False, {"MTLS_SIDECAR_LOOP": "asyncio"}),
+    "mtls-sidecar (warm)": (("--preconnect=4",), False, {}),
+}
 LIMITS = ("plain-tcp", "client-mtls")
 
 

@@ -33,7 +33,7 @@ from bench.procs import free_port, process, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = (*peers.PEERS, *peers.LIMITS)
+CONTENDERS = (*peers.PEERS, *peers.SIDECAR_VARIANTS, *peers.LIMITS)
 # socat forks a process (with its own TLS state) per connection: 10,000 of them is not a
 # test of a tunnel but of the machine's process table.
 SKIP_10K = {"socat"}
@@ -112,9 +112,16 @@ class Bench:
         env = {**os.environ, "MTLS_SIDECAR_HOME": str(rep_folder / "sidecar-home")}
         for item in args.sidecar_env:
             key, _, value = item.partition("=")
-            if name == "mtls-sidecar":
+            if name.startswith("mtls-sidecar"):
                 env[key] = value
-        cmd = peers.peer_command(name, self.files, port, self.backend_tls, tuple(args.sidecar_arg))
+        flags = tuple(args.sidecar_arg)
+        peer = name
+        if name in peers.SIDECAR_VARIANTS:
+            extra, replace, variant_env = peers.SIDECAR_VARIANTS[name]
+            flags = extra if replace else (*flags, *extra)
+            env.update(variant_env)
+            peer = "mtls-sidecar"
+        cmd = peers.peer_command(peer, self.files, port, self.backend_tls, flags)
         with process(cmd, port, rep_folder / f"{name}.log", env) as proc:
             time.sleep(0.2)
             return self._tests(name, port, False, [proc.pid], figures, cpu)
