@@ -21,6 +21,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePath
 
 from cryptography import x509
@@ -98,7 +99,7 @@ class Candidate:
     key_file: str | None = None
     problem: str | None = None
 
-    @property
+    @cached_property  # every new connection looks its context up by it: serialised once, not each time
     def fingerprint(self) -> str:
         """SHA-256 of the certificate (DER), hex; stable identity for caches and logs."""
         if self.cert is None:
