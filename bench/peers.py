@@ -36,7 +36,7 @@ PEERS = ("mtls-sidecar", "stunnel", "haproxy", "nginx", "socat")
 # --sidecar-arg flags): (flags replacing or added to those, environment). Issue 18's table.
 SIDECAR_VARIANTS: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
     # name: (flags, whether they replace the default flags, environment)
-    "mtls-sidecar (1 worker)": ((), True, {}),
+    "mtls-sidecar (1 worker)": (("--max-concurrent-conns=20000",), True, {}),
     "mtls-sidecar (asyncio)": ((), False, {"MTLS_SIDECAR_LOOP": "asyncio"}),
     "mtls-sidecar (warm)": (("--preconnect=4",), False, {}),
 }

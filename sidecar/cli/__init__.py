@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes sharing the listen port (Linux, SO_REUSEPORT; default 1)",
     )
+    tunnel.add_argument(
+        "--max-concurrent-conns",
+        "--max-connections",
+        dest="max_connections",
+        type=int,
+        default=None,
+        help="open tunnels at most per process; more are refused (ghostunnel's flag; default 1000)",
+    )
 
     ca = commands.add_parser("ca", help="the embedded development CA")
     ca_commands = commands.add_subparsers(ca, dest="ca_command", metavar="CA_COMMAND")

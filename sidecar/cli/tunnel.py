@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sidecar import eventloop, logsetup
-from sidecar.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_PRECONNECT_MAX_IDLE, RouteSpec, parse_listen, parse_target
+from sidecar.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PRECONNECT_MAX_IDLE,
+    DEFAULT_ROUTE_MAX_CONNECTIONS,
+    RouteSpec,
+    parse_listen,
+    parse_target,
+)
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
@@ -56,6 +63,7 @@ class TunnelFlags:
     host_header: str | None = None
     preconnect: str = "0"
     preconnect_max_idle: str | None = None
+    max_connections: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TunnelFlags:
@@ -77,6 +85,7 @@ class TunnelFlags:
             host_header=getattr(args, "host_header", None),
             preconnect=str(getattr(args, "preconnect", "0") or "0"),
             preconnect_max_idle=getattr(args, "preconnect_max_idle", None),
+            max_connections=getattr(args, "max_connections", None),
         )
 
 
@@ -183,6 +192,7 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         protocol=args.protocol,
         host_header=args.host_header if args.protocol == "http" else None,
         preconnect=_preconnect_flag(args),
+        max_connections=_max_connections_flag(args.max_connections),
         preconnect_max_idle=_duration_flag(args.preconnect_max_idle, "--preconnect-max-idle")
         or DEFAULT_PRECONNECT_MAX_IDLE,
     )
@@ -207,6 +217,16 @@ def _preconnect_flag(args: TunnelFlags) -> int | str:
             value=value,
         )
     return parsed
+
+
+def _max_connections_flag(value: int | None) -> int:
+    if value is None:
+        return DEFAULT_ROUTE_MAX_CONNECTIONS
+    if not 1 <= value <= 1_000_000:
+        raise ConfigError(
+            "must be a whole number from 1 to 1000000", source=SOURCE, field="--max-concurrent-conns", value=value
+        )
+    return value
 
 
 def _duration_flag(text: str | None, flag: str) -> float | None:
