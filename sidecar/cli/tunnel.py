@@ -31,7 +31,7 @@ from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
 from sidecar.tlsctx import ContextCache
-from sidecar.tunnel import AcceptGuard, RouteListener
+from sidecar.tunnel import AcceptGuard, ConnectionBudget, RouteListener
 from sidecar.units import parse_duration
 from sidecar.watch import FolderWatch
 
@@ -301,7 +301,8 @@ async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: boo
         return credentials.current
 
     AcceptGuard().install(loop)  # out of descriptors: one log line, not a traceback per accept
-    listener = RouteListener(route, current, ContextCache())
+    # One route: the process's cap is the route's (--max-concurrent-conns), not the daemon's 4,096 over all routes.
+    listener = RouteListener(route, current, ContextCache(), budget=ConnectionBudget(route.max_connections))
     listener.current_selection = lambda _route: credentials.current  # warm connections: still this credential?
     listener.reuse_port = reuse_port
     await listener.start()
