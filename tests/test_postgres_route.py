@@ -50,6 +50,8 @@ def daemon(lab: tuple[Pki, Postgres], isolated_home: Path) -> Iterator[DaemonThr
         routes={
             "pg": route_to(pki, pg.port, protocol="postgres"),
             "pg_as_tcp": route_to(pki, pg.port),  # what a user had before this protocol existed
+            # warm connections: the SSLRequest and the mTLS handshake done ahead, the startup the client's
+            "pg_warm": route_to(pki, pg.port, protocol="postgres", preconnect=1),
         },
     )
     with DaemonThread(config) as running:
@@ -313,3 +315,15 @@ def test_check_names_a_server_without_tls(lab: tuple[Pki, Postgres], isolated_ho
             checked = daemon.client().post("/v1/routes/pg/check")
     assert checked["cause"] == "server_offers_no_tls", checked
     assert "answered N to our SSLRequest" in checked["message"] and "ssl" in checked["fix"]
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer"])
+def test_psql_through_a_warm_connection(daemon: DaemonThread, sslmode: str) -> None:
+    """`preconnect` on a postgres route: the SSLRequest and the handshake were done before psql came;
+    psql's own SSLRequest is answered on our side, and its startup goes through the warm connection."""
+    wait_until(lambda: daemon.status()["routes"]["pg_warm"]["warm"]["ready"] == 1, timeout=15, what="a warm connection")
+    sql = "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()"
+    done = psql(daemon.port("pg_warm"), sql, sslmode)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "dev|t"
+    assert daemon.status()["routes"]["pg_warm"]["warm"]["hits"] == 1
