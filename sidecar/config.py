@@ -509,18 +509,8 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
     if not listen.is_loopback and not unsafe_listen:
         raise t.error("listen", "not a loopback address", t.data["listen"], hint=_LOOPBACK_HINT)
     target_host, target_port = t.address("target", parse_target, "api.example.test:443")
-    identity = t.string("identity")
-    if identity is not None and identity not in identities:
-        raise t.error(
-            "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
-        )
-    if "crl_file" in t.data and t.data.get("revocation", "off") == "off":
-        raise t.error(
-            "crl_file",
-            "crl_file is only read when revocation checking is on",
-            t.data["crl_file"],
-            hint='add revocation = "soft" or revocation = "hard" to this route',
-        )
+    identity = _known_identity(t, identities)
+    _crl_needs_revocation(t, "route")
     protocol = t.choice("protocol", PROTOCOLS, "protocol", "tcp")
     _only_for(t, protocol, "postgres_negotiation", ("postgres",))
     _only_for(t, protocol, "local_tls", ("postgres", "mysql"))
@@ -585,6 +575,25 @@ def _preconnect(t: Table, protocol: str, *, passthrough: bool = False) -> int | 
     if value and t.data.get("local_tls"):
         raise t.error("preconnect", "not available with local_tls", value, hint="remove one of them")
     return value if isinstance(value, int) else "auto"
+
+
+def _known_identity(t: Table, identities: Mapping[str, IdentitySpec]) -> str | None:
+    identity = t.string("identity")
+    if identity is not None and identity not in identities:
+        raise t.error(
+            "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
+        )
+    return identity
+
+
+def _crl_needs_revocation(t: Table, what: str) -> None:
+    if "crl_file" in t.data and t.data.get("revocation", "off") == "off":
+        raise t.error(
+            "crl_file",
+            "crl_file is only read when revocation checking is on",
+            t.data["crl_file"],
+            hint=f'add revocation = "soft" or revocation = "hard" to this {what}',
+        )
 
 
 def _count(t: Table, key: str, default: int) -> int:
@@ -789,21 +798,11 @@ def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> Proxy
     for port in ports:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise t.error("ports", "each port must be a number 1-65535", port, hint="for example ports = [443, 5432]")
-    identity = t.string("identity")
-    if identity is not None and identity not in identities:
-        raise t.error(
-            "identity", "unknown identity", identity, hint="known: " + (", ".join(identities) or "none configured")
-        )
+    identity = _known_identity(t, identities)
     protocol = t.choice("protocol", PROTOCOLS, "protocol", "tcp") if "protocol" in t.data else None
     if "postgres_negotiation" in t.data and protocol != "postgres":
         raise t.error("postgres_negotiation", 'only used with protocol = "postgres"', t.data["postgres_negotiation"])
-    if "crl_file" in t.data and t.data.get("revocation", "off") == "off":
-        raise t.error(
-            "crl_file",
-            "crl_file is only read when revocation checking is on",
-            t.data["crl_file"],
-            hint='add revocation = "soft" or revocation = "hard" to this rule',
-        )
+    _crl_needs_revocation(t, "rule")
     negotiation = t.choice("postgres_negotiation", POSTGRES_NEGOTIATIONS, "PostgreSQL negotiation", "sslrequest")
     alpn = _alpn(t)
     if negotiation == "direct" and not alpn:

@@ -737,17 +737,21 @@ class _PlainSide(asyncio.Protocol):
         if joining:
             self._join(transport)
             return
+        self._count_in(transport)
+        if not self.stage.transparent:
+            transport.resume_reading()  # the stage reads the client's first words itself
+        self._task = asyncio.get_running_loop().create_task(
+            self._open_remote(), name=f"route {self.listener.name}: open remote"
+        )
+
+    def _count_in(self, transport: asyncio.Transport) -> None:
+        """An accepted client: counted open, and watched for `idle_timeout`."""
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.listener._opened(self)
         idle = self.listener.route.idle_timeout
         if idle > 0:
             self.active_at = time.monotonic()
             self._idle_timer = asyncio.get_running_loop().call_later(idle, self._idle_check, idle)
-        if not self.stage.transparent:
-            transport.resume_reading()  # the stage reads the client's first words itself
-        self._task = asyncio.get_running_loop().create_task(
-            self._open_remote(), name=f"route {self.listener.name}: open remote"
-        )
 
     def start_warming(self) -> None:
         """`preconnect`: connect, prelude, handshake and checks now; `parked` when done."""
@@ -758,12 +762,7 @@ class _PlainSide(asyncio.Protocol):
     def _join(self, transport: asyncio.Transport) -> None:
         """A local client connected to a warm connection: what the server said meanwhile goes to
         it first, then the chain goes on as if the remote had just become ready."""
-        transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.listener._opened(self)
-        idle = self.listener.route.idle_timeout
-        if idle > 0:
-            self.active_at = time.monotonic()
-            self._idle_timer = asyncio.get_running_loop().call_later(idle, self._idle_check, idle)
+        self._count_in(transport)
         held, self._held_local = self._held_local, []
         if held:
             transport.write(b"".join(held))

@@ -31,7 +31,7 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.causes import Cause
-from sidecar.config import ROUTE_KEYS
+from sidecar.config import ROUTE_KEYS, RouteSpec
 from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.names import name_problem
@@ -231,12 +231,18 @@ async def _remove_route(daemon: Daemon, params: dict[str, str], body: Any) -> Ap
 
 
 async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
-    from sidecar.check.observe import check_route
-
     name = params["name"]
     route = daemon.config.routes.get(name)
     if route is None:
         raise NotFound(f"no route named {name!r} (known: {', '.join(daemon.config.routes) or 'none'})")
+    identity, result = await _check_as_daemon(daemon, route)
+    return ApiResponse(200, {"route": name, "identity": identity, **result})
+
+
+async def _check_as_daemon(daemon: Daemon, route: RouteSpec) -> tuple[str, dict[str, Any]]:
+    """`check` of `route` with the identity, selection and renew setting the daemon would use now."""
+    from sidecar.check.observe import check_route
+
     identity = daemon.identity_for(route)
     spec = daemon.config.identities.get(identity)
     result = await check_route(
@@ -245,7 +251,7 @@ async def _check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespon
         renew=spec.renew if spec is not None else None,
         identity_warning=daemon.expiry_warning(identity, datetime.now(UTC)),
     )
-    return ApiResponse(200, {"route": name, "identity": identity, **result.to_json()})
+    return identity, result.to_json()
 
 
 async def _proxy(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
@@ -260,7 +266,6 @@ async def _proxy_pac(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRe
 
 async def _proxy_check(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
     """What a proxy rule would do for `destination` (as CONNECT and SOCKS reach it): the real handshake."""
-    from sidecar.check.observe import check_route
     from sidecar.proxy.rules import CONNECT, destination_route, match, refusal
 
     destination = body.get("destination") if isinstance(body, dict) else None
@@ -289,16 +294,8 @@ async def _proxy_check(daemon: Daemon, params: dict[str, str], body: Any) -> Api
             "own TLS and no client certificate is added, so there is nothing of ours to check",
             "fix": None,
         })  # fmt: skip
-    route = destination_route(rule, dest, proxy, CONNECT)
-    identity = daemon.identity_for(route)
-    spec = daemon.config.identities.get(identity)
-    result = await check_route(
-        route,
-        daemon.current_selection(route),
-        renew=spec.renew if spec is not None else None,
-        identity_warning=daemon.expiry_warning(identity, datetime.now(UTC)),
-    )
-    return ApiResponse(200, {"destination": dest.address, "rule": rule.name, "identity": identity, **result.to_json()})
+    identity, result = await _check_as_daemon(daemon, destination_route(rule, dest, proxy, CONNECT))
+    return ApiResponse(200, {"destination": dest.address, "rule": rule.name, "identity": identity, **result})
 
 
 def _host_port(text: str) -> tuple[str, int]:
