@@ -15,6 +15,9 @@ from sidecar.keystore import select
 from sidecar.statusview import render_status
 from tests.pki import CA
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 WEEK = timedelta(days=7)
 

@@ -9,6 +9,9 @@ import pytest
 from sidecar import failures
 from sidecar.causes import Cause
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 
 def ssl_error(text: str, reason: str | None = None) -> ssl.SSLError:
     exc = ssl.SSLError(1, text)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -18,6 +19,9 @@ from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import select
 from tests.pki import CA, key_pem
+
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
 
 FULL_CONFIG = """\
 active_identity = "dev"

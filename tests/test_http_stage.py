@@ -14,6 +14,9 @@ from sidecar.protocols.http import HTTPStage, OriginRewriter
 from sidecar.protocols.http_host import http_host
 from sidecar.stages import Close, Command, EndLocal, EndRemote, Refuse, SendLocal, SendRemote, StartTLS
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 LOCAL = ListenAddress("tcp", "127.0.0.1", 18080)
 
 

@@ -13,6 +13,9 @@ from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.keystore import chains_to, read_identity_folder, select
 from tests.pki import CA, key_pem, now, pem
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 
 @pytest.fixture(scope="module")
 def ca() -> CA:

@@ -43,6 +43,9 @@ from sidecar.stages import (
     StartTLS,
 )
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 SCRAMBLE = bytes(range(65, 85))  # 20 bytes, as servers make them (no NUL)
 SERVER_FLAGS = 0xF7FF | CLIENT_SSL | (0x81BF << 16)  # what MariaDB 10.11 offers, TLS included
 CLIENT_FLAGS = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH | 0x0000_000F | (1 << 20)

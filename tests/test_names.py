@@ -24,6 +24,9 @@ from tests.pki import CA
 from tests.realservers import free_port
 from tests.scenario import Pki, one_route_config
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 
 def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.is_file()}

@@ -49,6 +49,9 @@ from sidecar.revocation.judge import (
 from tests.pki import CA, Leaf, key_pem
 from tests.revocation_fixtures import issue, make_crl, responder_leaf
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)  # test certificates are valid around now
 
 

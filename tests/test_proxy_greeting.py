@@ -40,6 +40,9 @@ from sidecar.proxy.greeting import (
 )
 from sidecar.proxy.rules import CONNECT, HTTP, SOCKS
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 NO_AUTH = b"\x05\x01\x00"  # SOCKS5: one method offered, "no authentication"
 
 

@@ -30,6 +30,9 @@ from sidecar.proxy.rules import (
 )
 from tests.realservers import require_binary
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 
 def rule(*hosts: str, **extra: object) -> ProxyRuleSpec:
     fields: dict[str, object] = {"name": hosts[0], "hosts": tuple(parse_host_pattern(h) for h in hosts), **extra}

@@ -29,6 +29,9 @@ from sidecar.stages import (
     StartTLS,
 )
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 ASKED = Asked(CONNECT, "db.example.net", 5432)
 GRANT = granted(ASKED)
 CLIENT_HELLO = bytes.fromhex("1603010200010001fc0303") + bytes(40)

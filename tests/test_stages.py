@@ -25,6 +25,9 @@ from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import RouteListener
 from tests.scenario import Pki
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 
 class StartTLSLine:
     transparent = False

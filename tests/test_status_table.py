@@ -5,7 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from sidecar.statusview import render_status
+
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
 
 NOW = datetime(2026, 11, 22, 20, 0, tzinfo=UTC)
 LONG_SUBJECT = "CN=svc-reporting-batch-worker,OU=Platform Engineering,O=Example Corporation Europe GmbH,L=Berlin,C=DE"

@@ -21,6 +21,9 @@ from tray.model import (
     view,
 )
 
+# Runs anywhere: pure logic, or loopback sockets only (the macOS and Windows CI jobs run it).
+pytestmark = pytest.mark.portable
+
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
