@@ -423,3 +423,37 @@ def test_start_daemon_cannot_start_a_second_one_and_follows_the_running_one(
             first.send_signal(signal.SIGTERM)  # first: the follower reads its events stream until it goes
             follower.join(timeout=5)
         assert first.wait(timeout=20) == 0, log.text
+
+
+def test_where_the_tray_cannot_notify_the_menu_says_it(pystray: Any, isolated_home: Path) -> None:
+    """pystray's macOS backend has no notifications (HAS_NOTIFICATION is False): mocked here, since
+    macOS cannot run on this machine. What would have been a notification is the menu's first line."""
+    from tray.app import TrayApp
+
+    class SilentIcon(recording_icon_class(pystray)):  # type: ignore[misc]
+        HAS_NOTIFICATION = False
+
+    app = TrayApp(resolve_places(), pystray, icon_factory=SilentIcon)
+    app.fetch_status()  # no daemon: the menu offers to start one
+    app._tell("Check api", "problem: the server refused our certificate")
+    first = next(iter(app.icon.menu.items))
+    assert str(first.text) == "Check api: problem: the server refused our certificate"
+    assert not first.enabled
+    assert app.icon.notified == []
+
+
+def test_the_tray_runs_pystray_on_the_calling_thread(pystray: Any, isolated_home: Path) -> None:
+    """macOS needs pystray's loop on the main thread: `run()` calls Icon.run there, never a thread."""
+    from tray.app import TrayApp
+
+    app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
+    seen: list[str] = []
+    original = app.icon.run
+
+    def run(setup: Any = None) -> None:
+        seen.append(threading.current_thread().name)
+        original(setup=None)
+
+    app.icon.run = run
+    app.run()
+    assert seen == [threading.current_thread().name] and app.icon.calls[-1] == "run"

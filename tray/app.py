@@ -120,6 +120,7 @@ class TrayApp:
         self.status: dict[str, Any] | None = None
         self.error: str | None = None
         self.memory = NotificationMemory()
+        self.notice: str | None = None  # the latest notification, where the tray cannot notify (macOS)
         self._stop = threading.Event()
         self._wake = threading.Event()  # cuts a reconnect wait short: a daemon was just started
         self._view: TrayView | None = None
@@ -172,7 +173,7 @@ class TrayApp:
             self._refresh_view()
 
     def _refresh_view(self) -> None:
-        new = view(self.status, utc_now(), error=self.error, autostart=self._autostart_installed())
+        new = view(self.status, utc_now(), error=self.error, autostart=self._autostart_installed(), notice=self.notice)
         if new == self._view:
             return
         old = self._view
@@ -309,8 +310,12 @@ class TrayApp:
         if getattr(self.icon, "HAS_NOTIFICATION", False):
             try:
                 self.icon.notify(message, title)
+                return
             except Exception as exc:
                 log.debug("notification failed: %s", exc)
+        # No notifications here (pystray's macOS backend has none): the menu's first line says it.
+        self.notice = f"{title}: {message}"
+        self.refresh_view()
 
     def start_daemon(self) -> None:
         """Start `mtls-sidecar run`; reconnect the moment it answers, or say why it did not start.

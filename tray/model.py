@@ -321,9 +321,18 @@ def _trouble_items(name: str, route: dict[str, Any], now: datetime) -> tuple[Men
 
 
 def view(
-    status: dict[str, Any] | None, now: datetime, *, error: str | None = None, autostart: bool | None = None
+    status: dict[str, Any] | None,
+    now: datetime,
+    *,
+    error: str | None = None,
+    autostart: bool | None = None,
+    notice: str | None = None,
 ) -> TrayView:
-    return TrayView(icon_state(status, now), tooltip(status, now, error), build_menu(status, now, autostart=autostart))
+    """`notice`: the latest notification, shown atop the menu where the tray cannot notify (macOS)."""
+    menu = build_menu(status, now, autostart=autostart)
+    if notice:
+        menu = (MenuItem(notice, enabled=False), SEPARATOR, *menu)
+    return TrayView(icon_state(status, now), tooltip(status, now, error), menu)
 
 
 @dataclass
