@@ -255,6 +255,8 @@ def parse_listen(value: str, *, field: str, source: str, line: int | None = None
     """Parse "127.0.0.1:8443", "[::1]:8443", "localhost:0" or "unix:/abs/path.sock"."""
     try:
         if value.startswith("unix:"):
+            if sys.platform == "win32":  # Python has no AF_UNIX there
+                raise _Invalid("unix sockets are not available on Windows", "listen on 127.0.0.1:PORT instead")
             return ListenAddress("unix", path=_unix_path(value[len("unix:") :]))
         host, port = _split_host_port(value, "127.0.0.1:PORT, [::1]:PORT or unix:/path")
         return ListenAddress("tcp", host, _port(port, low=0))

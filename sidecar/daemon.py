@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -43,6 +42,7 @@ from sidecar.renewal.providers.base import ProviderContext, ProviderError
 from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
+from sidecar.stopsignals import on_stop_signals
 from sidecar.tlsctx import ContextCache, check_trust_files
 from sidecar.tunnel import PEER_CHECK, AcceptGuard, ConnectionBudget, RouteListener
 from sidecar.units import rfc3339
@@ -172,11 +172,8 @@ class Daemon:
         A second SIGINT during the shutdown cuts the open connections at once (as uvicorn does);
         a second SIGTERM changes nothing.
         """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Not possible off the main thread (tests) or on Windows: then request_stop() it is.
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._signalled, sig)
+        # SIGINT and SIGTERM (Windows: Ctrl-C and Ctrl-Break); off the main thread, request_stop() it is.
+        on_stop_signals(asyncio.get_running_loop(), self._signalled)
         await self._stop.wait()
         await self.shutdown()
 

@@ -73,7 +73,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, through_symlink:
         path = Path(os.path.realpath(path))
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        if hasattr(os, "fchmod"):  # Windows: the per-user profile folder's inherited ACL guards it instead
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

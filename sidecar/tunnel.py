@@ -76,6 +76,9 @@ log = logging.getLogger("sidecar.tunnel")
 
 PEER_CHECK = describe_peer_check()
 OWN_UID: int | None = os.getuid() if hasattr(os, "getuid") else None
+# Windows' Python has no AF_UNIX: unix-socket routes are refused there by config (ListenAddress), and
+# sockets are never of that family.
+AF_UNIX: int | None = getattr(socket, "AF_UNIX", None)
 
 READ_CHUNK = 64 * 1024
 # Fires when a side of the pair has more than this waiting to be written.
@@ -588,7 +591,7 @@ def refuse_other_user(transport: asyncio.Transport, what: str) -> failures.Failu
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
-    if sock.family == socket.AF_UNIX:
+    if AF_UNIX is not None and sock.family == AF_UNIX:
         if not hasattr(socket, "SO_PEERCRED"):
             return None  # the socket's 0600 mode is the guard there
     else:
@@ -1189,7 +1192,7 @@ class _PlainSide(asyncio.Protocol):
         if self.closed:
             return
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is not None and sock.family != socket.AF_UNIX:
+        if sock is not None and sock.family != AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()

@@ -30,6 +30,7 @@ from sidecar.config import (
 from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
 from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
+from sidecar.stopsignals import on_stop_signals
 from sidecar.tlsctx import ContextCache
 from sidecar.tunnel import AcceptGuard, ConnectionBudget, RouteListener
 from sidecar.units import parse_duration
@@ -318,8 +319,7 @@ async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: boo
     )
     log.info("listening on %s → %s (%s)", listener.bound, listener.target, who)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(loop, lambda _sig: stop.set())  # SIGINT, SIGTERM (Windows: Ctrl-C, Ctrl-Break)
     await stop.wait()
     log.info("stopping: open connections have %.0fs to finish", SHUTDOWN_GRACE)
     if watch is not None:
