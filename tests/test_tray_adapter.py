@@ -22,6 +22,9 @@ from tests.scenario import Pki, mtls_server, route_to, write_config
 from tests.waiting import wait_until
 from tray.model import IconState
 
+# The whole suite once per control transport (issue 19): the Unix socket and the loopback port.
+pytestmark = pytest.mark.usefixtures("control_transport")
+
 
 @pytest.fixture(scope="module")
 def pystray(tmp_path_factory: pytest.TempPathFactory) -> Any:
