@@ -201,3 +201,29 @@ def test_another_user_cannot_read_control_json_and_gets_401(isolated_home: Path)
             timeout=10,
             what="both refusals counted",
         )
+
+
+def test_a_broken_control_json_is_replaced_by_the_next_daemon_and_not_used_before(
+    isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    places = resolve_places()
+    places.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    places.control_file.write_text("not json")
+    assert main(["status"]) == 3
+    assert "not a control file written by mtls-sidecar" in capsys.readouterr().err
+    with DaemonThread(_tcp_config(isolated_home)) as daemon:
+        assert _record()["port"] == daemon.control.port
+
+
+def test_a_unix_daemon_clears_a_control_json_a_killed_tcp_daemon_left(isolated_home: Path) -> None:
+    """Otherwise clients, which try control.json first, would not find the daemon on the socket."""
+    places = resolve_places()
+    places.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    places.control_file.write_text(json.dumps({"port": 1, "token": "t", "pid": 2147483646, "version": "0"}))
+    config = write_config(
+        isolated_home / "config.toml", control="unix", identities={"dev": {"renew": "none"}}, routes={}
+    )
+    with DaemonThread(config) as daemon:
+        assert not places.control_file.exists()
+        assert main(["status"]) == 0
+        assert daemon.client().get("/v1/status")["daemon"]["control"]["transport"] == "unix"

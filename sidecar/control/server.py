@@ -30,7 +30,7 @@ import h11
 
 from sidecar import __version__
 from sidecar.control.api import MAX_BODY, ApiResponse, dispatch
-from sidecar.control.discovery import read_control_file, stale_reason
+from sidecar.control.discovery import BadControlFile, read_control_file, stale_reason
 from sidecar.daemon import Daemon
 from sidecar.errors import LocalSetupError
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
@@ -256,8 +256,13 @@ def _refuse_foreign_folder(folder: Path) -> None:
 
 
 def _clear_stale_control_file(path: Path) -> None:
-    """Refuse a control.json whose daemon still runs; remove one a killed daemon left."""
-    record = read_control_file(path)
+    """Refuse a control.json whose daemon still runs; remove one a killed daemon left (or a broken one)."""
+    try:
+        record = read_control_file(path)
+    except BadControlFile as exc:  # in our own 0700 folder: not a daemon's, nobody can use it
+        log.warning("removing %s: %s", path, exc)
+        path.unlink(missing_ok=True)
+        return
     if record is None:
         return
     why = stale_reason(record)
@@ -273,7 +278,10 @@ def _clear_stale_control_file(path: Path) -> None:
 
 def _remove_own_control_file(path: Path) -> None:
     """Remove control.json on a clean stop, unless another daemon has written its own since."""
-    record = read_control_file(path)
+    try:
+        record = read_control_file(path)
+    except BadControlFile:
+        record = None
     if record is not None and record.pid not in (None, os.getpid()):
         return
     with contextlib.suppress(FileNotFoundError):
