@@ -227,3 +227,21 @@ def test_a_unix_daemon_clears_a_control_json_a_killed_tcp_daemon_left(isolated_h
         assert not places.control_file.exists()
         assert main(["status"]) == 0
         assert daemon.client().get("/v1/status")["daemon"]["control"]["transport"] == "unix"
+
+
+def test_a_tcp_daemon_will_not_start_beside_a_live_unix_one_on_the_same_runtime_folder(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from sidecar.errors import LocalSetupError
+
+    unix = write_config(isolated_home / "config.toml", control="unix", identities={"dev": {"renew": "none"}}, routes={})
+    places = resolve_places()
+    other = replace(places, keystore=tmp_path / "other-data" / "keystore")  # another data folder, the same run/
+    tcp = write_config(tmp_path / "other.toml", control="tcp", identities={"dev": {"renew": "none"}}, routes={})
+    with DaemonThread(unix):
+        with pytest.raises(LocalSetupError, match="another mtls-sidecar daemon is running"), DaemonThread(tcp, other):
+            pass
+        assert not places.control_file.exists()
+        assert main(["status"]) == 0

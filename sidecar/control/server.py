@@ -84,9 +84,12 @@ class ControlServer:
 
     async def start(self) -> None:
         own_private_folder(self.path.parent)
-        own_private_folder(self.control_file.parent)
-        _clear_stale_control_file(self.control_file)
+        if self.control_file.parent != self.path.parent:
+            own_private_folder(self.control_file.parent)
+        _clear_stale_control_file(self.control_file)  # either transport: clients try control.json first
         if self.transport == "tcp":
+            if self.path.exists():  # a daemon of another data folder on this runtime folder's socket stops us too
+                _claim(self.path)
             await self._start_tcp()
         else:
             await self._start_unix()
