@@ -245,3 +245,15 @@ def test_a_tcp_daemon_will_not_start_beside_a_live_unix_one_on_the_same_runtime_
             pass
         assert not places.control_file.exists()
         assert main(["status"]) == 0
+
+
+def test_where_there_are_no_unix_sockets_no_control_json_means_not_running(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    monkeypatch.delattr(socket, "AF_UNIX")  # as on Windows
+    assert main(["status"]) == 3
+    err = capsys.readouterr().err
+    assert f"not running (no control.json at {resolve_places().control_file})" in err
+    assert "start it with `mtls-sidecar run`" in err

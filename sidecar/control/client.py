@@ -204,6 +204,8 @@ class ControlClient:
             if found is not None:
                 conn, token = found
                 return conn, {"authorization": f"Bearer {token}"}
+            if not hasattr(socket, "AF_UNIX"):  # Windows: the loopback transport is the only one
+                raise DaemonNotRunning(self.control_file, "no control.json")
         return _connect(self.path, timeout), {}
 
     def get(self, target: str) -> Any:
