@@ -192,7 +192,11 @@ class ControlServer:
         assert request is not None
         if not self._authorized(request):
             self.unauthorized += 1
-            log.warning("control API: refused a request without the right token (%d so far)", self.unauthorized)
+            if self.unauthorized == 1 or self.unauthorized % 100 == 0:  # told, without letting a flood fill the log
+                log.warning(
+                    "control API: refused a request without the right token (%d so far; status shows the count)",
+                    self.unauthorized,
+                )
             await self._send(conn, writer, ApiResponse(401, {"error": _UNAUTHORIZED}))
             return False
         method, target = request.method.decode(), request.target.decode()
