@@ -88,7 +88,9 @@ def test_unix_status_names_the_socket(isolated_home: Path) -> None:
         assert not resolve_places().control_file.exists()
 
 
-def test_no_token_or_a_wrong_one_gets_401_is_counted_and_changes_nothing(isolated_home: Path) -> None:
+def test_no_token_or_a_wrong_one_gets_401_is_counted_and_changes_nothing(
+    isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with DaemonThread(_tcp_config(isolated_home)) as daemon:
         body = json.dumps({"name": "ci-bot"}).encode()
         wrong = _record()["token"][:-2] + "xx"
@@ -101,6 +103,9 @@ def test_no_token_or_a_wrong_one_gets_401_is_counted_and_changes_nothing(isolate
         assert daemon.status()["active_identity"] == "dev"  # nothing changed
         assert 'active_identity = "dev"' in (isolated_home / "config.toml").read_text()
         assert daemon.client().get("/v1/status")["daemon"]["control"]["unauthorized"] == 4
+        capsys.readouterr()
+        assert main(["status"]) == 0
+        assert f"control API {daemon.address}: refused 4 request(s) without the token" in capsys.readouterr().out
         ok, answer = request(daemon.socket, "POST", "/v1/active-identity", body)  # with the token from the file
         assert ok == 200 and answer["active_identity"] == "ci-bot"
 
