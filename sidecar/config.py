@@ -44,13 +44,16 @@ DEFAULT_PRECONNECT_MAX_IDLE = 20.0
 DEFAULT_EXPIRY_WARNING = 7 * 86400.0
 RENEW_PROVIDERS = tuple(PROVIDERS)  # local-ca, acme, command, step-ca, none
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How the control API is reached: a 0600 Unix socket, or a loopback port with a token in control.json.
+CONTROL_TRANSPORTS = ("unix", "tcp")
+DEFAULT_CONTROL = "tcp" if sys.platform == "win32" else "unix"  # asyncio has no Unix sockets on Windows
 # Open tunnels at most, per route and over all routes: far above a laptop's normal use, low
 # enough that a runaway client (or a loop) meets them before the process runs out of descriptors.
 DEFAULT_ROUTE_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS = 4096
 
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir", "expiry_warning",
-             "max_connections", "demo_service", "identities", "routes", "proxy")  # fmt: skip
+             "max_connections", "control", "demo_service", "identities", "routes", "proxy")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
@@ -240,6 +243,7 @@ class Config:
     expiry_warning: float = DEFAULT_EXPIRY_WARNING  # seconds
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open tunnels over all routes
     proxy: ProxySpec = field(default_factory=ProxySpec)
+    control: str = DEFAULT_CONTROL  # "unix" or "tcp"
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -408,6 +412,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         expiry_warning=top.duration("expiry_warning", DEFAULT_EXPIRY_WARNING, positive=False),
         max_connections=_count(top, "max_connections", DEFAULT_MAX_CONNECTIONS),
         proxy=proxy,
+        control=top.choice("control", CONTROL_TRANSPORTS, "control transport", DEFAULT_CONTROL),
     )
 
 

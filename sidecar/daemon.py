@@ -96,6 +96,8 @@ class Daemon:
         self.renewers: dict[str, IdentityRenewer] = {}
         self.warners: dict[str, ExpiryWarner] = {}
         self.config_error: str | None = None
+        # How the control API is reached ({"transport", "address", ...}), set by the control server.
+        self.control_info: Callable[[], dict[str, Any]] | None = None
         # What events last told about each route's health and each identity's expiry warning.
         self._told_health: dict[str, tuple[str, str | None]] = {}
         self._told_expiry: dict[str, str] = {}
@@ -853,6 +855,7 @@ class Daemon:
                 "pid": os.getpid(),
                 "data_folder": str(self.places.lock_file.parent),
                 "loop": running_loop_name(),  # uvloop where it exists, else asyncio's own
+                "control": self.control_info() if self.control_info is not None else None,
             },
             "generated_at": rfc3339(now),
         }

@@ -73,8 +73,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, through_symlink:
         path = Path(os.path.realpath(path))
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if hasattr(os, "fchmod"):  # Windows: the per-user profile folder's inherited ACL guards it instead
+        if hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
+        else:  # Windows before Python 3.13: chmod sets only the read-only flag; the folder's ACL decides who reads
+            os.chmod(tmp_name, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

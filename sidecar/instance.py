@@ -7,7 +7,9 @@ share, so the lock is there: `daemon.lock`, taken before the daemon opens anythi
 
 The lock is the kernel's (`flock` on POSIX, released when the process ends however it ends);
 the file's content only says who holds it: `{"pid", "control", "config"}` as JSON, so a
-second daemon, the tray or a user can say where the first one answers. The holder empties
+second daemon, the tray or a user can say where the first one answers. `control` is the Unix
+socket, or with the loopback transport the control.json that names its port (rewritten by
+`record_control` once the daemon has read its config and knows which). The holder empties
 the file when it lets go. On Windows `msvcrt.locking` locks one byte past the content, so
 the content stays readable; that path has not been run (the daemon needs a Unix socket).
 """
@@ -62,6 +64,7 @@ class InstanceLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self._config = ""
 
     @property
     def held(self) -> bool:
@@ -81,15 +84,21 @@ class InstanceLock:
         try:
             if not _try_lock(fd):
                 raise AlreadyRunning(self.path, read_holder(self.path))
-            me = {"pid": os.getpid(), "control": str(control), "config": str(config)}
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, json.dumps(me).encode() + b"\n")
-            os.fsync(fd)
+            _write_holder(fd, control, config)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        self._config = str(config)
+
+    def record_control(self, control: Path | str) -> None:
+        """Say where the control API answers, once the transport is known (the socket or control.json)."""
+        if self._fd is None:
+            return
+        try:
+            _write_holder(self._fd, control, self._config)
+        except OSError as exc:
+            raise LocalSetupError(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from exc
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -108,6 +117,14 @@ class InstanceLock:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def _write_holder(fd: int, control: Path | str, config: Path | str) -> None:
+    me = {"pid": os.getpid(), "control": str(control), "config": str(config)}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(me).encode() + b"\n")
+    os.fsync(fd)
 
 
 def read_holder(path: Path) -> Holder | None:

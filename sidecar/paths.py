@@ -27,6 +27,7 @@ HOME_ENV = "MTLS_SIDECAR_HOME"
 CONFIG_ENV = "MTLS_SIDECAR_CONFIG"
 RUNTIME_ENV = "XDG_RUNTIME_DIR"
 CONTROL_SOCKET_NAME = "control.sock"
+CONTROL_FILE_NAME = "control.json"
 LOCK_FILE_NAME = "daemon.lock"
 # Where logind makes each logged-in user's runtime folder, /run/user/<uid>.
 LOGIN_RUNTIME_ROOT = Path("/run/user")
@@ -49,6 +50,11 @@ class Places:
     def control_socket(self) -> Path:
         """The daemon's control API (a Unix socket, 0600, in the 0700 runtime folder)."""
         return self.run / CONTROL_SOCKET_NAME
+
+    @property
+    def control_file(self) -> Path:
+        """With the loopback transport (`control = "tcp"`): the port, token, pid and version (0600)."""
+        return self.run / CONTROL_FILE_NAME
 
     @property
     def scratch(self) -> Path:

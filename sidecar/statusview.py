@@ -47,6 +47,13 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         pid, loop = daemon.get("pid"), daemon.get("loop")
         about = ", ".join(part for part in (f"daemon pid {pid}" if pid else "", f"{loop} loop" if loop else "") if part)
         lines.append(f"config: {config}" + (f" ({about})" if about else ""))
+        control = daemon.get("control") or {}
+        refused = control.get("unauthorized") or 0
+        if refused:  # the loopback transport: some local program tried the port without the token
+            lines.append(
+                f"control API {control.get('address', '?')}: refused {refused} request(s) without the token "
+                "from control.json (a local program that is not your CLI or tray tried it)"
+            )
     lines.append("")
     identities: list[_Row] = [_Row(("IDENTITY", "CERTIFICATE", "RENEWAL"))]
     for name, identity in status.get("identities", {}).items():

@@ -22,6 +22,20 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     yield home
 
 
+@pytest.fixture(params=["unix", "tcp"])
+def control_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per control transport: the Unix socket, and the loopback port with its token.
+
+    Configs written by tests.scenario.write_config say `control = ...`; configs parsed without the
+    key (first-run ones, hand-written ones) get it as their default."""
+    from tests import scenario
+
+    transport: str = request.param
+    monkeypatch.setattr("sidecar.config.DEFAULT_CONTROL", transport)
+    monkeypatch.setattr(scenario, "CONTROL", [transport])
+    return transport
+
+
 @pytest.fixture(autouse=True)
 def sidecar_log_handlers() -> Iterator[None]:
     """`main()` in-process (run, tunnel) sets up logging on the sidecar logger with the stderr of

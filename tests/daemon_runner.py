@@ -21,9 +21,10 @@ T = TypeVar("T")
 
 
 class DaemonThread:
-    def __init__(self, config: Config | Path, places: Places | None = None) -> None:
+    def __init__(self, config: Config | Path, places: Places | None = None, *, transport: str | None = None) -> None:
         self.places = places or resolve_places(config=config if isinstance(config, Path) else None)
         self.config = load_config(config) if isinstance(config, Path) else config
+        self.transport = transport or self.config.control  # as `run` does: config.toml's `control`
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
         self.socket = self.places.control_socket
@@ -45,13 +46,16 @@ class DaemonThread:
             self._started.set_exception(exc)
             return
         with lock:
-            await self._serve_locked()
+            await self._serve_locked(lock)
 
-    async def _serve_locked(self) -> None:
+    async def _serve_locked(self, lock: InstanceLock) -> None:
         self.daemon = Daemon(self.config, self.places)
-        self.control = ControlServer(self.daemon, self.socket)
+        self.control = ControlServer(
+            self.daemon, self.socket, transport=self.transport, control_file=self.places.control_file
+        )
         try:
             await self.control.start()
+            lock.record_control(self.control.address)
             await self.daemon.start()
         except BaseException as exc:
             await self.control.stop()
@@ -85,7 +89,17 @@ class DaemonThread:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
     def client(self) -> ControlClient:
-        return ControlClient(self.socket)
+        return ControlClient.for_places(self.places)
+
+    @property
+    def control_path(self) -> Path:
+        """The file that gives the control API away if others can read it: the socket, or control.json."""
+        return self.places.control_file if self.transport == "tcp" else self.socket
+
+    @property
+    def address(self) -> str:
+        """Where the control API answers, as status and the CLI name it."""
+        return str(self.control.describe()["address"])
 
     def status(self) -> dict[str, Any]:
         return self.call(lambda d: d.status())

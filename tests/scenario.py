@@ -51,6 +51,10 @@ class Pki:
         return leaf
 
 
+# Set by the `control_transport` fixture (tests/conftest.py): written into every config as `control`.
+CONTROL: list[str | None] = [None]
+
+
 def write_config(
     path: Path,
     *,
@@ -60,6 +64,8 @@ def write_config(
     **top: Any,
 ) -> Path:
     doc: dict[str, Any] = {**top}
+    if CONTROL[0] is not None:  # the control_transport fixture's choice, for daemons in this process and in others
+        doc.setdefault("control", CONTROL[0])
     if active:
         doc["active_identity"] = active
     doc["identities"] = identities

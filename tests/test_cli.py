@@ -81,7 +81,18 @@ def sidecar_process(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not exist on Windows: asyncio's loop runs there")
-def test_the_daemon_runs_on_uvloop_and_status_says_so(isolated_home: Path) -> None:
+def default_config_with_control(transport: str) -> None:
+    """The config a first run writes, with `control = TRANSPORT` on top: a `run` subprocess uses that transport."""
+    from sidecar.firstrun import default_config_for
+    from sidecar.paths import resolve_places
+
+    places = resolve_places()
+    places.config_file.write_text(f'control = "{transport}"\n' + default_config_for(places))
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_the_daemon_runs_on_uvloop_and_status_says_so(isolated_home: Path, transport: str) -> None:
+    default_config_with_control(transport)
     with sidecar_process("run") as (proc, log):
         match = log.wait_for(r"try it: curl http://127\.0\.0\.1:(\d+)/")
         assert "hello from the mtls-sidecar demo service" in curl(int(match.group(1))).stdout
@@ -89,6 +100,7 @@ def test_the_daemon_runs_on_uvloop_and_status_says_so(isolated_home: Path) -> No
             [sys.executable, "-m", "sidecar", "status", "--json"], capture_output=True, text=True, timeout=30
         )
         assert json.loads(status.stdout)["daemon"]["loop"] == "uvloop"
+        assert json.loads(status.stdout)["daemon"]["control"]["transport"] == transport
         table = subprocess.run([sys.executable, "-m", "sidecar", "status"], capture_output=True, text=True, timeout=30)
         assert f"(daemon pid {proc.pid}, uvloop loop)" in table.stdout
         forced = {**os.environ, "MTLS_SIDECAR_LOOP": "asyncio"}
@@ -127,7 +139,9 @@ def test_first_run_creates_everything_and_the_demo_route_works(isolated_home: Pa
     assert "PRIVATE KEY" not in log.text and "PRIVATE KEY" not in (isolated_home / "logs" / "daemon.log").read_text()
 
 
-def test_second_run_reuses_the_ca_and_identity(isolated_home: Path) -> None:
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_second_run_reuses_the_ca_and_identity(isolated_home: Path, transport: str) -> None:
+    default_config_with_control(transport)
     for _ in range(2):
         with sidecar_process("run") as (proc, log):
             log.wait_for(r"try it: curl")

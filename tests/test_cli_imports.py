@@ -104,3 +104,18 @@ def test_help_imports_no_command() -> None:
     code, _, loaded = _loads(["--help"])
     assert code == 0
     assert _heavy(loaded, (*HEAVY, "sidecar.cli.control", "sidecar.control", "socket")) == []
+
+
+def test_a_stale_control_json_is_not_running_and_imports_only_json(isolated_home: Path) -> None:
+    """A control.json left by a killed daemon (the loopback transport): exit 3, and json is all it adds."""
+    run = isolated_home / "run"
+    run.mkdir(mode=0o700)
+    control_file = run / "control.json"
+    control_file.write_text('{"port": 1, "token": "x", "pid": 2147483646, "version": "0"}')
+    code, stderr, loaded = _loads(["status"])
+    assert (code, stderr) == (
+        3,
+        "mtls-sidecar: the mtls-sidecar daemon is not running (control.json was left by a daemon that is gone "
+        f"(pid 2147483646) at {control_file}); start it with `mtls-sidecar run`\n",
+    )
+    assert _heavy(loaded) == []

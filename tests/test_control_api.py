@@ -26,6 +26,9 @@ from tests.realservers import free_port, nginx_mtls
 from tests.scenario import Pki, curl, http_get_on, mtls_server, recv_all, route_to, write_config
 from tests.waiting import wait_until
 
+# The whole suite once per control transport (issue 19): the Unix socket and the loopback port.
+pytestmark = pytest.mark.usefixtures("control_transport")
+
 
 def nginx_dn(text: str | bytes) -> str:
     body = text.decode() if isinstance(text, bytes) else text
@@ -56,7 +59,7 @@ def test_switching_identity_through_the_api(pki: Pki, isolated_home: Path, tmp_p
     ) as nginx:
         config = two_identities(isolated_home, pki, nginx.port)
         with DaemonThread(config) as daemon:
-            assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+            assert stat.S_IMODE(daemon.control_path.stat().st_mode) == 0o600
             client = daemon.client()
             seen: list[tuple[float, dict[str, Any]]] = []
             follower = threading.Thread(target=_follow, args=(client, seen), daemon=True)
@@ -406,7 +409,7 @@ def test_status_names_the_daemons_config_and_warns_when_it_is_not_the_clis(
         assert main(["--config", str(other), "status"]) == 0
         mixed = capsys.readouterr()
         assert f"config: {config} (daemon pid {os.getpid()}, asyncio loop)" in mixed.out
-        assert mixed.err.startswith(f"mtls-sidecar: warning: the daemon answering on {daemon.socket} ")
+        assert mixed.err.startswith(f"mtls-sidecar: warning: the daemon answering on {daemon.address} ")
         assert f"runs config {config}, not {other} (this command's)" in mixed.err
         assert main(["--config", str(other), "status", "--json"]) == 0
         as_json = capsys.readouterr()

@@ -23,6 +23,9 @@ from tests.scenario import Pki, one_route_config
 
 ROUNDS = 20
 
+# The whole suite once per control transport (issue 19): the Unix socket and the loopback port.
+pytestmark = pytest.mark.usefixtures("control_transport")
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:

@@ -22,6 +22,9 @@ from tests.scenario import Pki, mtls_server, route_to, write_config
 from tests.waiting import wait_until
 from tray.model import IconState
 
+# The whole suite once per control transport (issue 19): the Unix socket and the loopback port.
+pytestmark = pytest.mark.usefixtures("control_transport")
+
 
 @pytest.fixture(scope="module")
 def pystray(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -381,7 +384,7 @@ def test_start_daemon_reconnects_as_soon_as_it_answers(
 
 
 def test_start_daemon_cannot_start_a_second_one_and_follows_the_running_one(
-    pystray: Any, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pystray: Any, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, control_transport: str
 ) -> None:
     import tray.app
     from sidecar.instance import read_holder
@@ -412,12 +415,14 @@ def test_start_daemon_cannot_start_a_second_one_and_follows_the_running_one(
                 what="the tray to say a daemon already runs",
             )
             first_socket = runtime_a / "mtls-sidecar" / "control.sock"
-            assert f"pid {first.pid}, control API on {first_socket}" in note, note
+            recorded = first_socket.with_name("control.json") if control_transport == "tcp" else first_socket
+            assert f"pid {first.pid}, control API on {recorded}" in note, note
             wait_until(lambda: app.status is not None, timeout=10, what="the tray to follow the running daemon")
             assert app.client.path == first_socket
             holder = read_holder(places.lock_file)
             assert holder is not None and holder.pid == first.pid  # still the only daemon
             assert not (runtime_b / "mtls-sidecar" / "control.sock").exists()
+            assert not (runtime_b / "mtls-sidecar" / "control.json").exists()
         finally:
             app.stop()
             first.send_signal(signal.SIGTERM)  # first: the follower reads its events stream until it goes

@@ -115,7 +115,7 @@ class TrayApp:
         self.places = places
         self.home = home  # passed on to a daemon the tray starts, as `--home`
         self.autostart = autostart  # None: no "Start at login" item (unsupported here)
-        self.client = ControlClient(places.control_socket, timeout=10)
+        self.client = ControlClient.for_places(places, timeout=10)
         self.pystray = pystray
         self.status: dict[str, Any] | None = None
         self.error: str | None = None
@@ -283,7 +283,7 @@ class TrayApp:
 
     def check_route(self, route: str) -> None:
         """Ask the daemon to check a route (what `mtls-sidecar check ROUTE` does) and tell the result."""
-        client = ControlClient(self.client.path, timeout=CHECK_TIMEOUT)
+        client = self.client.with_timeout(CHECK_TIMEOUT)
         try:
             result = client.post(f"/v1/routes/{route}/check")
         except (ApiCallError, DaemonNotRunning, OSError) as exc:
@@ -336,7 +336,7 @@ class TrayApp:
         if said.strip() != b"ready":
             self._daemon_did_not_start(process.wait())
             return
-        self._follow_daemon_at(self.places.control_socket)  # ours: it has our environment and --home
+        self._follow_daemon_at(self.places.control_file)  # ours: it has our environment and --home
         process.wait()  # reap it whenever it ends: no zombie left behind
 
     def _daemon_did_not_start(self, code: int) -> None:
@@ -351,10 +351,10 @@ class TrayApp:
         self._tell("mtls-sidecar", f"a daemon already runs on this keystore ({holder.describe()}): following it")
         self._follow_daemon_at(Path(holder.control))
 
-    def _follow_daemon_at(self, socket_path: Path) -> None:
-        """Connect to the daemon on `socket_path` now, without waiting out the reconnect back-off."""
-        if socket_path != self.client.path:
-            self.client = ControlClient(socket_path, timeout=self.client.timeout)
+    def _follow_daemon_at(self, address: Path) -> None:
+        """Connect to the daemon at `address` (its socket or control.json) now, without waiting out the back-off."""
+        if address.parent != self.client.path.parent:
+            self.client = ControlClient.for_address(address, timeout=self.client.timeout)
         self._wake.set()
 
     def stop(self) -> None:

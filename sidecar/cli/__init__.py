@@ -16,10 +16,14 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar import __version__
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.paths import Places, resolve_places
+
+if TYPE_CHECKING:
+    from sidecar.instance import InstanceLock
 
 # Only what every command needs is imported here: `status` and the other client commands start in
 # a fresh interpreter each time, so asyncio, logging, the daemon, cryptography and the control
@@ -320,11 +324,11 @@ def _cmd_run(places: Places, args: argparse.Namespace) -> int:
 
     # First, before any log, config, socket or port is opened: one daemon per data folder, whatever
     # its runtime folder. A second one stops here (exit 1), naming the first one's pid and address.
-    with InstanceLock(places.lock_file).hold(places.control_socket, places.config_file):
-        return _run_daemon(places, args)
+    with InstanceLock(places.lock_file).hold(places.control_socket, places.config_file) as lock:
+        return _run_daemon(places, args, lock)
 
 
-def _run_daemon(places: Places, args: argparse.Namespace) -> int:
+def _run_daemon(places: Places, args: argparse.Namespace, lock: InstanceLock) -> int:
     import logging
 
     from sidecar import eventloop, logsetup
@@ -352,8 +356,11 @@ def _run_daemon(places: Places, args: argparse.Namespace) -> int:
     async def serve() -> bool:
         """True when a second Ctrl-C cut the shutdown short."""
         daemon = Daemon(config, places)
-        control = ControlServer(daemon, places.control_socket)
+        control = ControlServer(
+            daemon, places.control_socket, transport=config.control, control_file=places.control_file
+        )
         await control.start()  # before any port: a daemon of another data folder on this socket stops here
+        lock.record_control(control.address)
         tell_starter_ready()  # the tray that started us may connect now
         try:
             await daemon.start()

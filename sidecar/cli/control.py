@@ -25,7 +25,8 @@ EXIT_NOT_RUNNING = 3
 
 
 def client_for(places: Places) -> ControlClient:
-    return ControlClient(places.control_socket)
+    """The daemon of this runtime folder, on either transport (control.json first, else the socket)."""
+    return ControlClient.for_places(places)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -72,8 +73,9 @@ def foreign_daemon(status: dict[str, Any], places: Places) -> str | None:
     if not differs:
         return None
     pid = (status.get("daemon") or {}).get("pid")
+    address = ((status.get("daemon") or {}).get("control") or {}).get("address") or places.control_socket
     return (
-        f"the daemon answering on {places.control_socket}"
+        f"the daemon answering on {address}"
         + (f" (pid {pid})" if pid else "")
         + f" runs {' and '.join(differs)} (this command's). It was started with another HOME, MTLS_SIDECAR_HOME "
         "or MTLS_SIDECAR_CONFIG: run this command with the same settings, or give each its own XDG_RUNTIME_DIR"

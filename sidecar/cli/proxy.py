@@ -41,7 +41,7 @@ def cmd_proxy(places: Places, args: argparse.Namespace) -> int:
 def _proxy_spec(places: Places) -> ProxySpec:
     """The running daemon's proxy (its bound port), or config.toml's when no daemon runs."""
     try:
-        status = ControlClient(places.control_socket).get("/v1/proxy")
+        status = ControlClient.for_places(places).get("/v1/proxy")
     except DaemonNotRunning:
         return load_config(places.config_file).proxy
     spec = load_config(places.config_file).proxy

@@ -1,6 +1,10 @@
 """The control API's client, used by the CLI and the tray: blocking, stdlib only.
 
-The socket is connected and checked before anything else is imported: a command that finds no
+`ControlClient.for_places(places)` finds the daemon the same way on every platform, at every
+request: when the runtime folder holds control.json (the loopback transport), its port and
+token; otherwise the Unix socket. A control.json left by a killed daemon is "not running".
+
+The transport is connected and checked before anything else is imported: a command that finds no
 daemon (`mtls-sidecar status` before `run`) says so without loading http.client (and the ssl
 and email packages it imports), json or the peer-credential code.
 """
@@ -14,11 +18,21 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.control.discovery import (
+    LOOPBACK,
+    BadControlFile,
+    ControlRecord,
+    pid_alive,
+    read_control_file,
+    stale_reason,
+)
 from sidecar.errors import SidecarError
-from sidecar.paths import runtime_folder_problem
+from sidecar.paths import CONTROL_FILE_NAME, CONTROL_SOCKET_NAME, runtime_folder_problem
 
 if TYPE_CHECKING:
     import http.client
+
+    from sidecar.paths import Places
 
 
 class DaemonNotRunning(SidecarError):
@@ -43,6 +57,52 @@ class ApiCallError(SidecarError):
         super().__init__(message or f"the daemon answered HTTP {status}")
         self.status = status
         self.body = body
+
+
+def _connect_tcp(control_file: Path, timeout: float | None) -> tuple[http.client.HTTPConnection, str] | None:
+    """A connection to the daemon named by control.json and its token; None when there is no control.json."""
+    problem = runtime_folder_problem(control_file.parent)
+    if problem is not None:
+        raise NotOurDaemon(control_file, problem)
+    try:
+        record = read_control_file(control_file)
+    except BadControlFile as exc:
+        raise DaemonNotRunning(control_file, str(exc)) from None
+    if record is None:
+        return None
+    _check_owner(record)
+    try:
+        sock = socket.create_connection((LOOPBACK, record.port), timeout=timeout)
+    except (ConnectionRefusedError, TimeoutError):
+        raise DaemonNotRunning(control_file, stale_reason(record) or "nobody answers on its port") from None
+    if record.pid is not None and not pid_alive(record.pid):  # whatever answers on that port is not our daemon
+        sock.close()
+        raise DaemonNotRunning(
+            control_file, f"{control_file.name} was left by a daemon that is gone (pid {record.pid})"
+        )
+    try:
+        conn = _tcp_connection_class()(LOOPBACK, record.port, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    conn.sock = sock
+    return conn, record.token
+
+
+def _check_owner(record: ControlRecord) -> None:
+    """A control.json another user wrote (or may read) is not our daemon's: nothing is sent."""
+    if not hasattr(os, "getuid"):
+        return  # Windows: the per-user folder's ACL keeps others out
+    info = record.file.lstat()
+    if info.st_uid != os.getuid():
+        raise NotOurDaemon(record.file, f"{record.file} belongs to another user (uid {info.st_uid})")
+
+
+@functools.cache
+def _tcp_connection_class() -> Callable[[str, int, float | None], http.client.HTTPConnection]:
+    import http.client
+
+    return http.client.HTTPConnection
 
 
 def _connect(path: Path, timeout: float | None) -> http.client.HTTPConnection:
@@ -115,9 +175,38 @@ def _check_peer(sock: socket.socket, path: Path) -> None:
 
 
 class ControlClient:
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    """The daemon's control API. `path` is the Unix socket; with `control_file` (control.json),
+    that file is tried first at every request, so a daemon on either transport is found."""
+
+    def __init__(self, path: Path, timeout: float = 30.0, *, control_file: Path | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.control_file = control_file
+
+    @classmethod
+    def for_places(cls, places: Places, timeout: float = 30.0) -> ControlClient:
+        """The one way to find the daemon, on every platform: its runtime folder."""
+        return cls(places.control_socket, timeout, control_file=places.control_file)
+
+    @classmethod
+    def for_address(cls, address: Path, timeout: float = 30.0) -> ControlClient:
+        """The daemon at a recorded control address (the instance lock's): a socket or a control.json."""
+        folder = address.parent
+        return cls(folder / CONTROL_SOCKET_NAME, timeout, control_file=folder / CONTROL_FILE_NAME)
+
+    def with_timeout(self, timeout: float) -> ControlClient:
+        return ControlClient(self.path, timeout, control_file=self.control_file)
+
+    def _open(self, timeout: float | None) -> tuple[http.client.HTTPConnection, dict[str, str]]:
+        """A connected HTTP connection and the headers every request carries (the token, on tcp)."""
+        if self.control_file is not None:
+            found = _connect_tcp(self.control_file, timeout)
+            if found is not None:
+                conn, token = found
+                return conn, {"authorization": f"Bearer {token}"}
+            if not hasattr(socket, "AF_UNIX"):  # Windows: the loopback transport is the only one
+                raise DaemonNotRunning(self.control_file, "no control.json")
+        return _connect(self.path, timeout), {}
 
     def get(self, target: str) -> Any:
         return self.request("GET", target)
@@ -133,8 +222,9 @@ class ControlClient:
 
     def request(self, method: str, target: str, body: Any = None) -> Any:
         payload = None if body is None else _json_bytes(body)
-        headers = {"content-type": "application/json"} if payload is not None else {}
-        conn = _connect(self.path, self.timeout)
+        conn, headers = self._open(self.timeout)
+        if payload is not None:
+            headers["content-type"] = "application/json"
         try:
             conn.request(method, target, body=payload, headers=headers)
             response = conn.getresponse()
@@ -153,14 +243,19 @@ class ControlClient:
 
     def events(self, timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
         """Follow GET /v1/events: yields each event as it comes, until the daemon goes away."""
-        conn = _connect(self.path, timeout)
+        conn, headers = self._open(timeout)
         import json
 
         try:
-            conn.request("GET", "/v1/events")
+            conn.request("GET", "/v1/events", headers=headers)
             response = conn.getresponse()
             if response.status != 200:
-                raise ApiCallError(response.status, None)
+                data = response.read()
+                try:
+                    body = json.loads(data) if data.strip() else None
+                except ValueError:
+                    body = None
+                raise ApiCallError(response.status, body)
             while line := response.readline():
                 if line.strip():
                     yield json.loads(line)
