@@ -453,12 +453,11 @@ def test_the_tray_runs_pystray_on_the_calling_thread(pystray: Any, isolated_home
 
     app = TrayApp(resolve_places(), pystray, icon_factory=recording_icon_class(pystray))
     seen: list[str] = []
-    original = app.icon.run
 
     def run(setup: Any = None) -> None:
+        # not pystray's own run: its setup thread would wait for a backend that never starts here
         seen.append(threading.current_thread().name)
-        original(setup=None)
 
     app.icon.run = run
     app.run()
-    assert seen == [threading.current_thread().name] and app.icon.calls[-1] == "run"
+    assert seen == [threading.current_thread().name]
