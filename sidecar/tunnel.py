@@ -475,16 +475,17 @@ class RouteListener:
     def adopt(
         self,
         transport: asyncio.Transport,
-        stage: Stage,
+        make_stage: Callable[[], Stage],
         data: bytes = b"",
         eof: bool = False,
         *,
         wrap: Callable[[Stage], Stage] | None = None,
     ) -> None:
         """Take over a local connection another listener accepted (the proxy) and already checked
-        for its owner: `stage` drives it, `data` is what the client sent that `stage` reads first,
-        `eof`: the client has finished sending. With `wrap`, a warm connection may serve it
-        instead: its own stage (made by `stage_factory`), wrapped for this client."""
+        for its owner: the stage `make_stage()` gives drives it, `data` is what the client sent that
+        the stage reads first, `eof`: the client has finished sending. With `wrap`, a warm connection
+        may serve it instead: its own stage (made by `stage_factory`), wrapped for this client, and
+        no new stage is made."""
         conn = None
         if self.warm is not None and wrap is not None:
             side = self.warm.take()
@@ -493,7 +494,7 @@ class RouteListener:
                 conn.stage = wrap(conn.stage)
                 conn._peer_checked = True
         if conn is None:
-            conn = _PlainSide(self, stage, peer_checked=True)
+            conn = _PlainSide(self, make_stage(), peer_checked=True)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         if data and not conn.closed:

@@ -87,6 +87,11 @@ def curl(port: int, path: str = "/", *extra: str, timeout: float = 10) -> subpro
 def http_get_on(sock: socket.socket, path: str = "/") -> bytes:
     """One keep-alive HTTP/1.1 request on an open socket; returns the response body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    return read_response(sock)[1]
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length, read from an open socket: (head, body)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -102,7 +107,7 @@ def http_get_on(sock: socket.socket, path: str = "/") -> bytes:
         if not chunk:
             raise AssertionError("connection closed mid-body")
         body += chunk
-    return body
+    return head, body
 
 
 def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:

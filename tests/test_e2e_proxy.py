@@ -36,6 +36,7 @@ from tests.daemon_runner import DaemonThread
 from tests.postgres import Postgres, postgres_mtls
 from tests.realservers import nginx_mtls, redis_tls, require_binary
 from tests.scenario import Pki, recv_all
+from tests.scenario import read_response as scenario_read_response
 from tests.waiting import wait_until
 
 ONE, TWO = "api.one.test", "api.two.test"
@@ -174,19 +175,7 @@ def test_kept_alive_http_proxy_connection_follows_each_requests_host(two_service
 
 
 def read_response(sock: socket.socket) -> str:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed mid-response: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk
-        body += chunk
+    head, body = scenario_read_response(sock)
     assert head.startswith(b"HTTP/1.1 200"), head
     return body.decode()
 

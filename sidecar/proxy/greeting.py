@@ -65,6 +65,7 @@ class Invalid:
     message: str
     reply: bytes = b""
     cause: Cause = Cause.PROTOCOL_MISMATCH
+    counted: bool = True  # False: nothing was refused (a client that left before it asked)
 
 
 Decision = Asked | ForProxy | Invalid
@@ -109,7 +110,7 @@ class Greeting:
     def receive_eof(self) -> Decision:
         """The client stopped sending before it asked for anything."""
         if self._decided is None:
-            self._decided = Invalid("the client closed the connection before it asked for a destination")
+            self._decided = Invalid("the client closed the connection before it asked for a destination", counted=False)
         return self._decided
 
     # --- SOCKS5

@@ -208,9 +208,11 @@ class ProxyListener:
             return
         known = self._destination(rule, dest, asked.how)
         self.rule_counters[rule.name].connections += 1
-        inner = self._inner_stage(known)
         known.tunnel.adopt(
-            transport, self._wrap(known, asked, inner), asked.leftover, wrap=lambda warm: self._wrap(known, asked, warm)
+            transport,
+            lambda: self._wrap(known, asked, self._inner_stage(known)),
+            asked.leftover,
+            wrap=lambda warm: self._wrap(known, asked, warm),
         )
 
     def take_back(self, transport: asyncio.Transport, data: bytes) -> None:
@@ -450,7 +452,7 @@ class _Front(asyncio.Protocol):
         assert transport is not None
         self._finish()
         if isinstance(decision, Invalid):
-            if decision.message != "the client closed the connection before it asked for a destination":
+            if decision.counted:
                 self.proxy.refused(Failure(decision.cause, f"refused a client: {decision.message}"))
             _answer_and_close(transport, decision.reply)
         elif isinstance(decision, ForProxy):
