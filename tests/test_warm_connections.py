@@ -141,7 +141,8 @@ def test_a_warm_connection_is_never_used_with_a_stale_identity_certificate_or_co
         # the route's settings change (server_name: an IP address, so no SNI at all): the warm one made
         # with the old settings (SNI localhost) is not used
         wait_until(lambda: warm(d)["ready"] == 1, timeout=10, what="a warm connection with the new certificate")
-        assert server.records[-1].sni == "localhost"
+        # the newest connection's handshake (and so its SNI) may still be under way: wait for it
+        wait_until(lambda: server.records[-1].sni == "localhost", timeout=10, what="the warm one's SNI: localhost")
         path = isolated_home / "config.toml"
         doc = tomlkit.parse(path.read_text())
         doc["routes"]["svc"]["server_name"] = "127.0.0.1"  # type: ignore[index]
