@@ -42,7 +42,7 @@ from sidecar.renewal.providers.base import ProviderContext, ProviderError
 from sidecar.renewal.scheduler import ExpiryWarner, IdentityRenewer
 from sidecar.renewal.state import State
 from sidecar.renewal.timing import clock_jumped
-from sidecar.stopsignals import on_stop_signals
+from sidecar.stopsignals import on_reload_signals, on_stop_signals
 from sidecar.tlsctx import ContextCache, check_trust_files
 from sidecar.tunnel import PEER_CHECK, AcceptGuard, ConnectionBudget, RouteListener
 from sidecar.units import rfc3339
@@ -112,7 +112,7 @@ class Daemon:
         self._config_text = _read_text(places.config_file)
         self._config_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._force = asyncio.Event()  # a second Ctrl-C: cut open connections instead of waiting
+        self._force = asyncio.Event()  # a second Ctrl-C or SIGTERM: cut open connections instead of waiting
         self.ready = asyncio.Event()
 
     @property
@@ -165,25 +165,41 @@ class Daemon:
 
     @property
     def forced(self) -> bool:
-        """Whether a second Ctrl-C cut the shutdown short (`run` then exits 130)."""
+        """Whether a second stop signal cut the shutdown short (`run` then exits 130)."""
         return self._force.is_set()
 
     async def run_until_stopped(self) -> None:
         """Serve until SIGINT/SIGTERM (or `request_stop()`), then shut down in stages.
 
-        A second SIGINT during the shutdown cuts the open connections at once (as uvicorn does);
-        a second SIGTERM changes nothing.
+        A second stop signal during the shutdown cuts the open connections at once (as uvicorn
+        and ghostunnel do). SIGHUP and SIGUSR1 reload: config, keystore and trust files.
         """
         # SIGINT and SIGTERM (Windows: Ctrl-C and Ctrl-Break); off the main thread, request_stop() it is.
-        on_stop_signals(asyncio.get_running_loop(), self._signalled)
+        loop = asyncio.get_running_loop()
+        on_stop_signals(loop, self._signalled)
+        on_reload_signals(loop, self._reload_signalled)
         await self._stop.wait()
         await self.shutdown()
 
     def _signalled(self, sig: signal.Signals) -> None:
-        if self._stop.is_set() and sig is signal.SIGINT:
+        if self._stop.is_set():
             self.force_stop()
         else:
             self.request_stop()
+
+    def _reload_signalled(self, sig: signal.Signals) -> None:
+        log.info("%s: reloading config.toml, the keystore and the trust files", sig.name)
+        self.reload_everything()
+
+    def reload_everything(self) -> None:
+        """What a reload signal asks for: re-read config.toml, every identity folder and the trust
+        files now, rather than when a file watch notices (a watch can miss a change on a network
+        folder, and a script that replaced a file wants the new one in use when it returns)."""
+        if self._stop.is_set():
+            return
+        self._spawn(self.reload_config(), "config reload")
+        self.trust_changed()
+        self.keystore_changed()
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -198,7 +214,7 @@ class Daemon:
         """Stop without waiting for open connections: they are cut at once."""
         if self._force.is_set():
             return
-        log.warning("second Ctrl-C: cutting open connections now instead of waiting for them")
+        log.warning("second Ctrl-C (or stop signal): cutting open connections now instead of waiting for them")
         self._force.set()
         self._stop.set()
 
@@ -810,6 +826,8 @@ class Daemon:
         warnings = [
             identity["expiry_warning"] for identity in identities.values() if identity["expiry_warning"] is not None
         ]
+        kept = {name: self.book.selection(name).kept for name in identities}
+        warnings += [last_good.sentence(name) for name, last_good in kept.items() if last_good is not None]
         warnings += [
             f"route {name}: server verification is turned off (unsafe_skip_verify)"
             for name, listener in self.listeners.items()
@@ -866,8 +884,12 @@ class Daemon:
         candidates = [
             {"file": r.candidate.file, "usable": False, "reason": r.reason_at(now)} for r in selection.rejected
         ]
-        if selection.selected is not None:
+        if selection.selected is not None and selection.kept is None:
             candidates.insert(0, {"file": selection.selected.file, "usable": True, "reason": None})
+        elif selection.kept is not None:
+            for candidate in candidates:  # the broken file: shown with its reason, and what is kept from it
+                if candidate["file"] == selection.kept.file:
+                    candidate["kept_last_good"] = True
         return {
             "selected": describe_certificate(selection.selected),
             "candidates": candidates,
@@ -875,6 +897,10 @@ class Daemon:
             "renewal": self._renewal_status(name, selection),
             "problem": selection.why_unusable(now) or None,
             "expiry_warning": self.expiry_warning(name, now),
+            # The file the presented certificate came from is broken now; it is presented from memory.
+            "kept_last_good": {"file": selection.kept.file, "reason": selection.kept.reason}
+            if selection.kept
+            else None,
         }
 
     def _renewal_status(self, name: str, selection: Selection) -> dict[str, Any]:

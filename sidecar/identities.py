@@ -13,7 +13,7 @@ from cryptography import x509
 
 from sidecar.config import IdentitySpec
 from sidecar.credentials import Candidate, Secrets
-from sidecar.keystore import Selection, load_anchor_file, read_identity_folder, select
+from sidecar.keystore import Selection, keep_last_good, load_anchor_file, read_identity_folder, select
 from sidecar.names import inside
 from sidecar.unlock import IN_CHILD
 
@@ -130,6 +130,9 @@ class IdentityBook:
             if self.specs.get(name) != spec:
                 continue  # removed or changed while it was being read: a newer read follows
             before = self._selections.get(name)
+            after = keep_last_good(before, after)
+            if after.kept is not None and (before is None or before.kept != after.kept):
+                log.warning("%s", after.kept.sentence(name))
             self._selections[name] = after
             old = before.selected if before else None
             if _fingerprint(old) != _fingerprint(after.selected):

@@ -45,6 +45,20 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Kept:
+    """A credential still presented from memory: the file it was read from is broken now."""
+
+    file: str
+    reason: str  # what is wrong with the file as it is now
+
+    def sentence(self, identity: str) -> str:
+        return (
+            f"identity {identity!r}: {Path(self.file).name} is broken now ({self.reason}); "
+            "still presenting the certificate last read from it until a good file arrives"
+        )
+
+
+@dataclass(frozen=True)
 class Selection:
     """The outcome of the keystore rule for one identity at one moment."""
 
@@ -52,6 +66,7 @@ class Selection:
     selected: Candidate | None
     rejected: tuple[Rejected, ...]
     evaluated_at: datetime
+    kept: Kept | None = None  # `selected` is the last good credential of a file that is broken now
 
     @property
     def usable(self) -> bool:
@@ -131,6 +146,22 @@ def select(
             rejected.append(Rejected(candidate, reason, timed))
     winner = max(usable, key=_newest_first_key, default=None)
     return Selection(identity, winner, tuple(rejected), now)
+
+
+def keep_last_good(before: Selection | None, after: Selection) -> Selection:
+    """Keep presenting the credential `before` selected when the file it came from is broken now
+    (a half-written or mistyped replacement), as long as it is itself still valid and nothing newer
+    is usable: a bad copy into the keystore must not cut every new connection. A file that is gone
+    (removed on purpose) or readable (its own verdict stands) keeps nothing."""
+    old = before.selected if before is not None else None
+    if old is None or old.cert is None:
+        return after
+    broken = next((r for r in after.rejected if r.candidate.file == old.file and r.candidate.problem is not None), None)
+    if broken is None or validity_problem(old.cert, after.evaluated_at) is not None:
+        return after
+    if after.selected is not None and _newest_first_key(after.selected) >= _newest_first_key(old):
+        return after
+    return replace(after, selected=old, kept=Kept(old.file, broken.reason))
 
 
 def _newest_first_key(candidate: Candidate) -> tuple[datetime, datetime, int]:

@@ -1,4 +1,4 @@
-"""The signals that stop `run` and `tunnel`, on every platform.
+"""The signals that stop `run` and `tunnel` (and, where they exist, reload them), on every platform.
 
 POSIX: SIGINT (Ctrl-C) and SIGTERM (systemd, `kill`), through the event loop's own handlers.
 Windows has no loop signal handlers: Ctrl-C arrives as SIGINT and Ctrl-Break (what
@@ -6,6 +6,9 @@ Windows has no loop signal handlers: Ctrl-C arrives as SIGINT and Ctrl-Break (wh
 console program) as SIGBREAK, both on Python's own handler, which hands them to the loop.
 Off the main thread (the test suite's daemon thread) no handler can be set: the caller stops
 the loop another way (`request_stop()`).
+
+Reload: SIGHUP and SIGUSR1 re-read the keystore, the trust files and the config, as ghostunnel
+does on both (`systemctl reload` sends SIGHUP). Windows has neither: `--timed-reload` there.
 """
 
 from __future__ import annotations
@@ -33,3 +36,16 @@ def on_stop_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[signal.S
                 signal.signal(sig, lambda signum, _frame: loop.call_soon_threadsafe(handler, signal.Signals(signum)))
         except RuntimeError:  # not the main thread
             pass
+
+
+def reload_signals() -> tuple[signal.Signals, ...]:
+    if sys.platform == "win32":
+        return ()
+    return (signal.SIGHUP, signal.SIGUSR1)
+
+
+def on_reload_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[signal.Signals], None]) -> None:
+    """Call `handler(sig)` on the loop for SIGHUP and SIGUSR1; quietly nothing where none can be set."""
+    for sig in reload_signals():
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(sig, handler, sig)

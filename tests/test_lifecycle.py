@@ -71,7 +71,7 @@ def test_a_second_ctrl_c_during_the_grace_cuts_open_connections_and_exits_130(
             held.close()
         warned = [line for line in log.lines if "second Ctrl-C" in line]
         assert len(warned) == 1 and warned[0].rstrip().endswith(
-            "sidecar.daemon: second Ctrl-C: cutting open connections now instead of waiting for them"
+            "sidecar.daemon: second Ctrl-C (or stop signal): cutting open connections now instead of waiting for them"
         ), log.text
         assert "Traceback" not in log.text, log.text
 
