@@ -165,6 +165,11 @@ class RouteSpec:
     # `preconnect`: warm connections kept ready (a number, or "auto"), each used within this many seconds
     preconnect: int | str = 0
     preconnect_max_idle: float = DEFAULT_PRECONNECT_MAX_IDLE
+    # once one side has finished sending, close the tunnel this many seconds later if the other has
+    # not finished too (ghostunnel's --close-timeout; `tunnel` only); None: a half-close may last
+    close_timeout: float | None = None
+    # present no client certificate (`tunnel --disable-authentication`): TLS for a server that needs none
+    client_auth: bool = True
 
     @property
     def target(self) -> str:

@@ -243,12 +243,13 @@ class ContextCache:
         self._sessions.clear()
         self._prepared.clear()
 
-    def peek(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext | None:
+    def peek(self, credential: Candidate | None, policy: ServerPolicy) -> ssl.SSLContext | None:
         """The context a new connection would use now, if it is built (None: it would be a new one)."""
-        return self._contexts.get((credential.fingerprint, policy))
+        return self._contexts.get((credential.fingerprint if credential else "", policy))
 
-    def get(self, credential: Candidate, policy: ServerPolicy) -> ssl.SSLContext:
-        key = (credential.fingerprint, policy)
+    def get(self, credential: Candidate | None, policy: ServerPolicy) -> ssl.SSLContext:
+        """The client context for `credential` (None: present no client certificate) under `policy`."""
+        key = (credential.fingerprint if credential else "", policy)
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = build_client_context(credential, policy)

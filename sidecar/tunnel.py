@@ -35,6 +35,7 @@ from typing import Any, cast
 from sidecar import failures, policy
 from sidecar.causes import Cause, Fault, cause_of, fault_from
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, ListenAddress, RouteSpec
+from sidecar.credentials import Candidate
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
@@ -297,7 +298,7 @@ class RouteListener:
             return "the route's settings changed"
         if conn.closed or conn.remote is None or conn.remote.eof or conn.remote.lost:
             return "closed by the server"
-        if self.current_selection is not None:
+        if self.current_selection is not None and self.route.client_auth:
             selected = self.current_selection(self.route).selected
             if selected is None or self.contexts.peek(selected, self.policy) is not conn.ctx:
                 return "the identity, its certificate or the trust changed"
@@ -423,10 +424,11 @@ class RouteListener:
         self.last_error_at = None
         self.start_warm()
 
-    async def stop(self, grace: float) -> None:
-        """Stop accepting, let open connections finish for up to `grace` seconds, then cut them."""
+    async def stop(self, grace: float) -> bool:
+        """Stop accepting, let open connections finish for up to `grace` seconds, then cut them.
+        True when every one finished by itself."""
         self.close()
-        await self.drain(grace)
+        return await self.drain(grace)
 
     def close(self) -> None:
         """Stop accepting new connections (the address is free again at once)."""
@@ -450,15 +452,20 @@ class RouteListener:
             if (info.st_dev, info.st_ino) == made:
                 os.unlink(path)
 
-    async def drain(self, grace: float) -> None:
-        """Let open connections finish for up to `grace` seconds, then cut them."""
+    async def drain(self, grace: float) -> bool:
+        """Let open connections finish for up to `grace` seconds, then cut them. True when every
+        one finished by itself."""
+        finished = True
         if self._connections:
             log.info(
                 "%s: waiting up to %.0fs for %d connection(s) to finish", self.label, grace, len(self._connections)
             )
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                finished = False
         self.cut()
+        return finished
 
     def cut(self) -> None:
         """End every open connection now (both sides aborted)."""
@@ -723,6 +730,7 @@ class _PlainSide(asyncio.Protocol):
         # `idle_timeout`: when a byte last went either way, and the timer that looks at it
         self.active_at = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # `close_timeout`, once one side finished
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -785,17 +793,20 @@ class _PlainSide(asyncio.Protocol):
         if route.passthrough:
             await self._open_relay()
             return
-        selection = await listener.selection(route)
-        if selection.selected is None:
-            self._fail(
-                failures.Failure(
-                    Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable(datetime.now(UTC))}"
+        credential: Candidate | None = None  # `client_auth = False`: TLS with no client certificate
+        if route.client_auth:
+            selection = await listener.selection(route)
+            if selection.selected is None:
+                self._fail(
+                    failures.Failure(
+                        Cause.NO_USABLE_CERT, f"refused a connection: {selection.why_unusable(datetime.now(UTC))}"
+                    )
                 )
-            )
-            return
+                return
+            credential = selection.selected
         loop = asyncio.get_running_loop()
         try:
-            ctx = self.ctx = listener.contexts.get(selection.selected, listener.policy)
+            ctx = self.ctx = listener.contexts.get(credential, listener.policy)
         except Exception as exc:
             fault = fault_from("setup", exc)
             kind = "config" if isinstance(exc, ConfigError) else "credential"
@@ -853,7 +864,7 @@ class _PlainSide(asyncio.Protocol):
             "%s: connected to %s as serial %x",
             listener.label,
             listener.target,
-            selection.selected.cert.serial_number if selection.selected.cert else 0,
+            credential.cert.serial_number if credential is not None and credential.cert else 0,
         )
         self._after_ready()
 
@@ -1047,6 +1058,22 @@ class _PlainSide(asyncio.Protocol):
             self.write_eof()
         else:
             self._run(self.stage.remote_eof())
+        self._one_side_finished()
+
+    def _one_side_finished(self) -> None:
+        """`close_timeout`: a half-close may last that long, then the tunnel closes."""
+        wait = self.listener.route.close_timeout
+        if wait is None or self._close_timer is not None or self.closed:
+            return
+        self._close_timer = asyncio.get_running_loop().call_later(wait, self._close_timed_out, wait)
+
+    def _close_timed_out(self, wait: float) -> None:
+        if self.closed:
+            return
+        log.info(
+            "%s: one side finished %.0fs ago and the other did not: closing (close_timeout)", self.listener.label, wait
+        )
+        self.close()
 
     # --- asyncio callbacks
 
@@ -1084,6 +1111,7 @@ class _PlainSide(asyncio.Protocol):
         self.eof = True
         if self.ready or not self.stage.transparent:
             self._local_eof()
+        self._one_side_finished()
         return True  # keep our write side open for the server's remaining answer
 
     # --- local TLS (`local_tls`): we are the server, the stage sees plaintext
@@ -1204,6 +1232,9 @@ class _PlainSide(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self.close()
         self.listener._closed(self)
         self.lost = True

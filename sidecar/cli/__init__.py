@@ -108,10 +108,89 @@ def build_parser() -> argparse.ArgumentParser:
         "--keystore",
         help="a keystore folder (newest usable certificate wins), or one PEM bundle / PKCS#12 file",
     )
-    tunnel.add_argument(
+    storepass = tunnel.add_mutually_exclusive_group()
+    storepass.add_argument(
+        "--storepass",
+        metavar="PASS",
+        help="PKCS#12 or key password (ghostunnel's flag; --storepass-env keeps it off ps)",
+    )
+    storepass.add_argument(
         "--storepass-env", metavar="VAR", help="environment variable holding the PKCS#12 or key password"
     )
+    tunnel.add_argument(
+        "--disable-authentication",
+        action="store_true",
+        help="present no client certificate (TLS to a server that asks for none)",
+    )
     tunnel.add_argument("--cacert", help="CA bundle to verify the server (default: system trust)")
+    for flag, what in (
+        ("cn", "subject common name"),
+        ("ou", "subject organizational unit"),
+        ("dns", "DNS subject alternative name"),
+        ("ip", "IP subject alternative name"),
+        ("uri", "URI subject alternative name (* and ** wildcards)"),
+    ):
+        tunnel.add_argument(
+            f"--verify-{flag}",
+            action="append",
+            default=[],
+            metavar=flag.upper(),
+            help=f"accept only a server whose certificate has this {what} (repeatable; any one match passes)",
+        )
+    tunnel.add_argument(
+        "--verify-spki-pin",
+        action="append",
+        default=[],
+        metavar="sha256:BASE64",
+        help="authenticate the server by its key's SPKI SHA-256 alone: no chain, validity or name check (repeatable)",
+    )
+    upstream = tunnel.add_mutually_exclusive_group()
+    upstream.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="reach the target through this proxy: http://HOST:PORT (CONNECT) or socks5://HOST:PORT",
+    )
+    upstream.add_argument("--connect-proxy", metavar="URL", help="the same as --proxy")
+    tunnel.add_argument(
+        "--proxy-auth-env", metavar="VAR", help="environment variable holding the proxy's USER:PASSWORD"
+    )
+    tunnel.add_argument(
+        "--skip-resolve", action="store_true", help="start even when the target's name does not resolve yet"
+    )
+    tunnel.add_argument(
+        "--timed-reload",
+        metavar="DURATION",
+        help="re-read the keystore and --cacert this often (also: SIGHUP, SIGUSR1)",
+    )
+    tunnel.add_argument(
+        "--shutdown-timeout",
+        default="5m",
+        metavar="DURATION",
+        help="at a stop signal, wait this long for open connections to finish, then cut them and exit 1 (default 5m)",
+    )
+    tunnel.add_argument(
+        "--close-timeout",
+        default="60s",
+        metavar="DURATION",
+        help="once one side has finished sending, close the tunnel this long after unless the other has too "
+        "(default 60s; 0: at once)",
+    )
+    tunnel.add_argument(
+        "--status",
+        metavar="ADDRESS",
+        help="serve /_status and /_metrics on [https://|http://]HOST:PORT or unix:PATH "
+        "(HTTPS presents the current client certificate)",
+    )
+    tunnel.add_argument(
+        "--enable-shutdown", action="store_true", help="with --status: POST /_shutdown stops the tunnel gracefully"
+    )
+    tunnel.add_argument(
+        "--quiet",
+        action="append",
+        default=[],
+        choices=("all", "conns", "conn-errs", "handshake-errs"),
+        help="fewer log lines (ghostunnel's values; repeatable): all shows errors only, the others warnings and up",
+    )
     tunnel.add_argument(
         "--server-name",
         "--override-server-name",

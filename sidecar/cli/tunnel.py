@@ -7,18 +7,20 @@ frozen) and everything after reads that.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sidecar import eventloop, logsetup
+from sidecar.cli.tunnelcreds import SOURCE, FlagCredentials
+from sidecar.cli.tunnelrun import ServeOptions, check_trust_and_credential, resolve_target, route_has_proxy, serve
 from sidecar.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PRECONNECT_MAX_IDLE,
@@ -27,19 +29,13 @@ from sidecar.config import (
     parse_listen,
     parse_target,
 )
-from sidecar.credentials import Secrets, candidates_from_files
 from sidecar.errors import ConfigError
-from sidecar.keystore import Selection, read_identity_folder, refuse_loose_key, select
-from sidecar.stopsignals import on_stop_signals
-from sidecar.tlsctx import ContextCache
-from sidecar.tunnel import AcceptGuard, ConnectionBudget, RouteListener
+from sidecar.policyspec import PIN_HINT, check_uri_pattern, parse_pin
+from sidecar.statusport import parse_status_address
 from sidecar.units import parse_duration
-from sidecar.watch import FolderWatch
 
 log = logging.getLogger("sidecar.tunnel")
 
-SOURCE = "command line"
-SHUTDOWN_GRACE = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
 
 
@@ -52,6 +48,7 @@ class TunnelFlags:
     cert: str | None = None
     key: str | None = None
     keystore: str | None = None
+    storepass: str | None = None
     storepass_env: str | None = None
     cacert: str | None = None
     server_name: str | None = None
@@ -65,104 +62,115 @@ class TunnelFlags:
     preconnect: str = "0"
     preconnect_max_idle: str | None = None
     max_connections: int | None = None
+    disable_authentication: bool = False
+    verify_cn: tuple[str, ...] = ()
+    verify_ou: tuple[str, ...] = ()
+    verify_dns: tuple[str, ...] = ()
+    verify_ip: tuple[str, ...] = ()
+    verify_uri: tuple[str, ...] = ()
+    verify_spki_pin: tuple[str, ...] = ()
+    proxy: str | None = None
+    proxy_auth_env: str | None = None
+    skip_resolve: bool = False
+    timed_reload: str | None = None
+    shutdown_timeout: str = "5m"
+    close_timeout: str = "60s"
+    status: str | None = None
+    enable_shutdown: bool = False
+    quiet: tuple[str, ...] = ()
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TunnelFlags:
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> TunnelFlags:
+        """The flags; where one is missing, ghostunnel's environment variable for it (CERT_PATH…)."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(args, name, default)
+
         return cls(
             listen=args.listen,
             target=args.target,
-            cert=args.cert,
-            key=args.key,
-            keystore=args.keystore,
-            storepass_env=args.storepass_env,
-            cacert=args.cacert,
-            server_name=args.server_name,
-            alpn=tuple(args.alpn or ()),
-            connect_timeout=args.connect_timeout,
-            unsafe_listen=bool(args.unsafe_listen),
-            workers=int(getattr(args, "workers", 1) or 1),
-            log_level=getattr(args, "log_level", None),
-            protocol=getattr(args, "protocol", None) or "tcp",
-            host_header=getattr(args, "host_header", None),
-            preconnect=str(getattr(args, "preconnect", "0") or "0"),
-            preconnect_max_idle=getattr(args, "preconnect_max_idle", None),
-            max_connections=getattr(args, "max_connections", None),
+            cert=get("cert") or env.get("CERT_PATH") or None,
+            key=get("key") or env.get("KEY_PATH") or None,
+            keystore=get("keystore") or env.get("KEYSTORE_PATH") or None,
+            storepass=get("storepass") if get("storepass") is not None else env.get("KEYSTORE_PASS"),
+            storepass_env=get("storepass_env"),
+            cacert=get("cacert") or env.get("CACERT_PATH") or None,
+            server_name=get("server_name"),
+            alpn=tuple(get("alpn") or ()),
+            connect_timeout=get("connect_timeout", "10s"),
+            unsafe_listen=bool(get("unsafe_listen")),
+            workers=int(get("workers", 1) or 1),
+            log_level=get("log_level"),
+            protocol=get("protocol") or "tcp",
+            host_header=get("host_header"),
+            preconnect=str(get("preconnect", "0") or "0"),
+            preconnect_max_idle=get("preconnect_max_idle"),
+            max_connections=get("max_connections"),
+            disable_authentication=bool(get("disable_authentication")),
+            verify_cn=tuple(get("verify_cn") or ()),
+            verify_ou=tuple(get("verify_ou") or ()),
+            verify_dns=tuple(get("verify_dns") or ()),
+            verify_ip=tuple(get("verify_ip") or ()),
+            verify_uri=tuple(get("verify_uri") or ()),
+            verify_spki_pin=tuple(get("verify_spki_pin") or ()),
+            proxy=get("proxy") or get("connect_proxy"),
+            proxy_auth_env=get("proxy_auth_env"),
+            skip_resolve=bool(get("skip_resolve")),
+            timed_reload=get("timed_reload"),
+            shutdown_timeout=get("shutdown_timeout") or "5m",
+            close_timeout=get("close_timeout") if get("close_timeout") is not None else "60s",
+            status=get("status"),
+            enable_shutdown=bool(get("enable_shutdown")),
+            quiet=tuple(get("quiet") or ()),
         )
 
+    @property
+    def verify_lists(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "--verify-cn": self.verify_cn,
+            "--verify-ou": self.verify_ou,
+            "--verify-dns": self.verify_dns,
+            "--verify-ip": self.verify_ip,
+            "--verify-uri": self.verify_uri,
+        }
 
-class FlagCredentials:
-    """The identity behind `--cert/--key` or `--keystore`, re-read when its folder changes."""
-
-    def __init__(self, args: TunnelFlags) -> None:
-        password_text = os.environ.get(args.storepass_env) if args.storepass_env else None
-        password = password_text.encode() if password_text is not None else None
-        source = f"environment variable {args.storepass_env}" if args.storepass_env else "--storepass-env"
-        self.secrets = Secrets(password, password, source, source)
-        self.folder: Path | None = None
-        self.files: dict[str, bytes] = {}
-        self.key_file: tuple[Path, int] | None = None  # where the private key is read from, and its mode
-        if args.keystore and (args.cert or args.key):
+    def check_combinations(self) -> None:
+        """Flags that exclude or need each other: a usage error (exit 2) naming both."""
+        credential_flags = {"--keystore": self.keystore, "--cert": self.cert, "--key": self.key}
+        if self.keystore:
+            for flag in ("--cert", "--key"):
+                if credential_flags[flag]:
+                    _exclusive("--keystore", flag, "a keystore holds the certificate and its key already")
+        if self.disable_authentication:
+            for flag, value in {
+                **credential_flags,
+                "--storepass": self.storepass,
+                "--storepass-env": self.storepass_env,
+            }.items():
+                if value:
+                    _exclusive("--disable-authentication", flag, "no client certificate is presented with it")
+        if self.verify_spki_pin:
+            for flag, values in self.verify_lists.items():
+                if values:
+                    _exclusive("--verify-spki-pin", flag, "a pinned server is authenticated by its key alone")
+            if self.cacert:
+                _exclusive("--verify-spki-pin", "--cacert", "a pinned server's chain is not verified")
+        if self.enable_shutdown and not self.status:
             raise ConfigError(
-                "use either --keystore or --cert/--key, not both",
-                source=SOURCE,
-                field="--keystore",
-                value=args.keystore,
+                "needs --status (the port /_shutdown is served on)", source=SOURCE, field="--enable-shutdown"
             )
-        if args.keystore:
-            path = Path(args.keystore).expanduser()
-            if path.is_dir():
-                self.folder = path  # read as the daemon reads an identity folder: loose keys refused there
-            else:
-                data, mode = _read(path, "--keystore")
-                self.files, self.key_file = {path.name: data}, (path, mode)
-        elif args.cert and args.key:
-            # One bundle: candidates_from_files pairs a certificate with a key in the same file.
-            cert, key = Path(args.cert).expanduser(), Path(args.key).expanduser()
-            cert_data, _ = _read(cert, "--cert")
-            key_data, key_mode = _read(key, "--key")
-            self.files = {cert.stem + ".pem": cert_data + b"\n" + key_data}
-            self.key_file = (key, key_mode)
-        else:
-            raise ConfigError(
-                "a client certificate is required",
-                source=SOURCE,
-                field="--cert",
-                hint="give --cert FILE --key FILE, or --keystore PATH",
-            )
-        self.current = self._select()
-        if self.current.selected is None:  # nothing to present at all: a usage error, not a tunnel that refuses
-            flag = "--keystore" if args.keystore else "--cert"
-            value = args.keystore if args.keystore else args.cert
-            reasons = "; ".join(f"{Path(r.candidate.file).name}: {r.reason}" for r in self.current.rejected)
-            raise ConfigError(
-                f"no usable client certificate ({reasons or 'no credential files found'})",
-                source=SOURCE,
-                field=flag,
-                value=value,
-            )
-
-    def refresh(self) -> None:
-        self.current = self._select()
-        if self.current.selected is None:
-            log.warning("%s", self.current.why_unusable())
-
-    def _select(self) -> Selection:
-        if self.folder is not None:
-            candidates = read_identity_folder(self.folder, self.secrets)
-        else:
-            candidates = candidates_from_files(self.files, self.secrets)
-            if self.key_file is not None:  # as the daemon does: a key others can read is refused
-                candidates = [refuse_loose_key(c, *self.key_file) for c in candidates]
-        return select("tunnel", candidates, datetime.now(UTC))
+        if self.proxy_auth_env and not self.proxy:
+            raise ConfigError("needs --proxy (the proxy to authenticate to)", source=SOURCE, field="--proxy-auth-env")
 
 
-def _read(path: Path, flag: str) -> tuple[bytes, int]:
-    """The file's bytes and its mode (a private key others can read is refused)."""
-    try:
-        with path.open("rb") as fh:
-            return fh.read(), os.fstat(fh.fileno()).st_mode
-    except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", source=SOURCE, field=flag, value=str(path)) from exc
+def _exclusive(first: str, second: str, why: str) -> None:
+    raise ConfigError(
+        f"{first} and {second} cannot be used together ({why})",
+        source=SOURCE,
+        field=first,
+        hint=f"drop {second} or {first}",
+    )
 
 
 def route_from_flags(args: TunnelFlags) -> RouteSpec:
@@ -180,7 +188,9 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         timeout = parse_duration(args.connect_timeout) if args.connect_timeout else DEFAULT_CONNECT_TIMEOUT
     except ValueError as exc:
         raise ConfigError(str(exc), source=SOURCE, field="--connect-timeout", value=args.connect_timeout) from exc
+    pins = tuple(_pin_flag(pin) for pin in args.verify_spki_pin)
     return RouteSpec(
+        **_policy_fields(args),
         name="tunnel",
         listen=listen,
         target_host=host,
@@ -196,7 +206,40 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         max_connections=_max_connections_flag(args.max_connections),
         preconnect_max_idle=_duration_flag(args.preconnect_max_idle, "--preconnect-max-idle")
         or DEFAULT_PRECONNECT_MAX_IDLE,
+        # --verify-spki-pin: the server is authenticated by its key alone, as ghostunnel does
+        pin_sha256=pins,
+        unsafe_skip_verify=bool(pins),
+        allowed_uri_sans=_uri_patterns(args.verify_uri),
+        close_timeout=_duration_flag(args.close_timeout, "--close-timeout", zero=True),
+        client_auth=not args.disable_authentication,
     )
+
+
+def _pin_flag(text: str) -> str:
+    try:
+        return parse_pin(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"not a SHA-256 SPKI pin ({exc})",
+            source=SOURCE,
+            field="--verify-spki-pin",
+            value=text,
+            hint=f"sha256:$({PIN_HINT})",
+        ) from exc
+
+
+def _uri_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            check_uri_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=SOURCE, field="--verify-uri", value=pattern) from exc
+    return patterns
+
+
+def _policy_fields(args: TunnelFlags) -> dict[str, Any]:
+    """--verify-cn/-ou/-dns/-ip: the route keys of the same meaning (allowed_common_names…)."""
+    return {}
 
 
 def _preconnect_flag(args: TunnelFlags) -> int | str:
@@ -230,34 +273,68 @@ def _max_connections_flag(value: int | None) -> int:
     return value
 
 
-def _duration_flag(text: str | None, flag: str) -> float | None:
-    if not text:
+def _duration_flag(text: str | None, flag: str, *, zero: bool = False) -> float | None:
+    """A duration flag in seconds (None when not given); `zero`: 0 is allowed (it means "at once")."""
+    if text is None or text == "":
         return None
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
         raise ConfigError(str(exc), source=SOURCE, field=flag, value=text) from exc
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero):
         raise ConfigError("must be longer than zero", source=SOURCE, field=flag, value=text)
     return seconds
 
 
 def run_tunnel(namespace: argparse.Namespace) -> int:
+    """Check everything that can be checked before serving (a usage error exits 2, a target that does
+    not resolve 1), then serve until stopped: 0 when open connections finished, 1 when cut."""
     args = TunnelFlags.from_args(namespace)
+    args.check_combinations()
     route = route_from_flags(args)
     workers = _check_workers(args, route)
-    credentials = FlagCredentials(args)
-    logsetup.configure(args.log_level or "info")  # only once it will run: a usage error changes no global state
-    children = [_fork_worker(route, credentials) for _ in range(workers - 1)]
+    credentials = None if args.disable_authentication else _credentials(args)
+    check_trust_and_credential(route, credentials)
+    if not (args.skip_resolve or route_has_proxy(route)):
+        resolve_target(route)
+    options = ServeOptions(
+        shutdown_timeout=_duration_flag(args.shutdown_timeout, "--shutdown-timeout", zero=True) or 0.0,
+        timed_reload=_duration_flag(args.timed_reload, "--timed-reload"),
+        status=parse_status_address(args.status, source=SOURCE) if args.status else None,
+        enable_shutdown=args.enable_shutdown,
+        cacert=route.ca_file,
+    )
+    logsetup.configure(_log_level(args))  # only once it will run: a usage error changes no global state
+    children = [_fork_worker(route, credentials, options) for _ in range(workers - 1)]
     try:
-        eventloop.run(_serve(route, credentials, reuse_port=workers > 1))
+        return eventloop.run(serve(route, credentials, options, reuse_port=workers > 1, children=children))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for pid in children:
             os.waitpid(pid, 0)
-    return 0
+
+
+def _credentials(args: TunnelFlags) -> FlagCredentials:
+    if args.storepass_env:
+        password, source = os.environ.get(args.storepass_env), f"environment variable {args.storepass_env}"
+    elif args.storepass is not None:
+        password, source = args.storepass, "--storepass"
+    else:
+        password, source = None, "--storepass"
+    return FlagCredentials(
+        keystore=args.keystore, cert=args.cert, key=args.key, password=password, password_source=source
+    )
+
+
+def _log_level(args: TunnelFlags) -> str:
+    """--log-level wins; ghostunnel's --quiet all shows errors only, its other values warnings and up."""
+    if args.log_level:
+        return args.log_level
+    if "all" in args.quiet:
+        return "error"
+    return "warning" if args.quiet else "info"
 
 
 def _check_workers(args: TunnelFlags, route: RouteSpec) -> int:
@@ -275,7 +352,7 @@ def _check_workers(args: TunnelFlags, route: RouteSpec) -> int:
     return workers
 
 
-def _fork_worker(route: RouteSpec, credentials: FlagCredentials) -> int:
+def _fork_worker(route: RouteSpec, credentials: FlagCredentials | None, options: ServeOptions) -> int:
     """A child process serving the same port; it ends when asked or when its parent dies."""
     pid = os.fork()
     if pid:
@@ -286,42 +363,11 @@ def _fork_worker(route: RouteSpec, credentials: FlagCredentials) -> int:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(0)
-        eventloop.run(_serve(route, credentials, reuse_port=True))
+        # The status port is the parent's alone (one address); reloads reach workers through it.
+        code = eventloop.run(serve(route, credentials, replace(options, status=None), reuse_port=True))
     except BaseException:
         log.exception("tunnel worker %d failed", os.getpid())
         code = 1
     finally:
         logging.shutdown()
         os._exit(code)
-
-
-async def _serve(route: RouteSpec, credentials: FlagCredentials, reuse_port: bool = False) -> None:
-    loop = asyncio.get_running_loop()
-
-    async def current(_: RouteSpec) -> Selection:
-        return credentials.current
-
-    AcceptGuard().install(loop)  # out of descriptors: one log line, not a traceback per accept
-    # One route: the process's cap is the route's (--max-concurrent-conns), not the daemon's 4,096 over all routes.
-    listener = RouteListener(route, current, ContextCache(), budget=ConnectionBudget(route.max_connections))
-    listener.current_selection = lambda _route: credentials.current  # warm connections: still this credential?
-    listener.reuse_port = reuse_port
-    await listener.start()
-    watch = None
-    if credentials.folder is not None:
-        watch = FolderWatch(credentials.folder, loop, credentials.refresh)
-        watch.start()
-    selected = credentials.current.selected
-    who = (
-        f"serial {selected.cert.serial_number:x}, expires {selected.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-        if selected and selected.cert
-        else "no usable certificate: connections are refused"
-    )
-    log.info("listening on %s → %s (%s)", listener.bound, listener.target, who)
-    stop = asyncio.Event()
-    on_stop_signals(loop, lambda _sig: stop.set())  # SIGINT, SIGTERM (Windows: Ctrl-C, Ctrl-Break)
-    await stop.wait()
-    log.info("stopping: open connections have %.0fs to finish", SHUTDOWN_GRACE)
-    if watch is not None:
-        watch.stop()
-    await listener.stop(SHUTDOWN_GRACE)
