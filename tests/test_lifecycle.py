@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from sidecar.instance import AlreadyRunning, Holder, InstanceLock, read_holder
 from sidecar.paths import resolve_places
@@ -133,3 +134,58 @@ def test_the_lock_is_per_open_file_so_even_one_process_cannot_take_it_twice(isol
     assert read_holder(places.lock_file) is None
     with second.hold("elsewhere.sock", "other.toml"):  # released: free for the next one
         assert read_holder(places.lock_file) == Holder(os.getpid(), "elsewhere.sock", "other.toml")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX reload signals")
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGUSR1"])
+def test_a_reload_signal_rereads_config_and_keystore_and_the_daemon_keeps_serving(
+    isolated_home: Path, tmp_path: Path, sig: str
+) -> None:
+    """The daemon's reload signals: config.toml is read again at once (a route added to it starts),
+    and the open connection is untouched."""
+    pki = Pki.create(tmp_path / "pki")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with mtls_server(pki, mode="echo") as server:
+        config = one_route_config(isolated_home, pki, server.port)
+        with sidecar_process("run") as (proc, log):
+            port = int(log.wait_for(r"listening on 127\.0\.0\.1:(\d+) → ").group(1))
+            held = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.sendall(b"before\n")
+            assert held.recv(100) == b"before\n"
+            config.write_text(config.read_text().replace("[routes.svc]", '[routes.svc]\nidle_timeout = "1h"', 1))
+            proc.send_signal(getattr(signal, sig))
+            log.wait_for(rf"{sig}: reloading config\.toml, the keystore and the trust files")
+            log.wait_for(r"config reloaded from ")
+            assert proc.poll() is None, log.text
+            held.sendall(b"after\n")
+            assert held.recv(100) == b"after\n"
+            held.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, log.text
+
+
+def test_a_broken_replacement_of_a_credential_file_keeps_the_last_good_one(isolated_home: Path, tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    leaf = pki.enroll(isolated_home / "keystore", "dev", "dev-1")
+    with (
+        mtls_server(pki, mode="echo") as server,
+        DaemonThread(one_route_config(isolated_home, pki, server.port)) as daemon,
+    ):
+        (isolated_home / "keystore" / "dev" / "dev-1.crt").write_text("-----BEGIN CERTIFICATE-----\nbroken\n")
+        daemon.call(lambda d: d.keystore_changed())
+        wait_until(
+            lambda: daemon.status()["identities"]["dev"]["kept_last_good"] is not None,
+            timeout=10,
+            what="the broken file noticed",
+        )
+        status = daemon.status()
+        identity = status["identities"]["dev"]
+        assert identity["kept_last_good"]["file"].endswith("dev-1.crt"), identity
+        assert identity["kept_last_good"]["reason"], identity
+        assert identity["selected"]["serial"] == f"{leaf.cert.serial_number:x}", identity
+        assert any("dev-1.crt is broken now" in w and "still presenting" in w for w in status["warnings"]), status
+        with daemon.connect("svc") as sock:  # new connections still work, with the last good certificate
+            sock.sendall(b"still here\n")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"still here\n"
+        assert server.peer_certs[-1] == leaf.cert.public_bytes(serialization.Encoding.DER)

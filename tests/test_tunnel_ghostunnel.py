@@ -58,6 +58,10 @@ def echo_once(port: int, payload: bytes = b"ping\n") -> bytes:
         return recv_all(sock)
 
 
+def pair_flags(pki: Pki, cert: Path, key: Path) -> list[str]:
+    return ["--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file)]
+
+
 def newer_leaf(pki: Pki, cn: str, days_ago: int) -> Leaf:
     now = datetime.now(UTC)
     return pki.client_ca.client(cn, not_before=now - timedelta(days=days_ago), not_after=now + timedelta(days=30))
@@ -72,9 +76,12 @@ def test_a_reload_signal_rereads_a_single_keystore_file_and_keeps_open_connectio
 ) -> None:
     first = newer_leaf(pki, "me", days_ago=2)
     bundle = first.write_bundle(tmp_path / "ks", "me.pem")
-    with mtls_server(pki) as server, tunnel(
-        "--target", f"127.0.0.1:{server.port}", "--keystore", str(bundle), "--cacert", str(pki.server_ca_file)
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target", f"127.0.0.1:{server.port}", "--keystore", str(bundle), "--cacert", str(pki.server_ca_file)
+        ) as (proc, log, port),
+    ):
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"before\n")
         assert held.recv(100) == b"before\n"
@@ -102,16 +109,19 @@ def test_a_broken_replacement_keeps_the_last_good_certificate_until_a_good_one_a
     good = newer_leaf(pki, "me", days_ago=2)
     bundle = good.write_bundle(tmp_path / "ks", "me.pem")
     status_port = free_port()
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--keystore",
-        str(bundle),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--status",
-        f"http://127.0.0.1:{status_port}",
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--keystore",
+            str(bundle),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--status",
+            f"http://127.0.0.1:{status_port}",
+        ) as (proc, log, port),
+    ):
         bundle.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
         proc.send_signal(signal.SIGHUP)
         log.wait_for(r"me\.pem is broken now \(.*\); still presenting the certificate last read from it")
@@ -133,18 +143,21 @@ def test_a_broken_replacement_keeps_the_last_good_certificate_until_a_good_one_a
 def test_timed_reload_picks_up_a_replaced_cert_and_key_pair(pki: Pki, tmp_path: Path) -> None:
     first = newer_leaf(pki, "me", days_ago=2)
     cert, key = first.write_pair(tmp_path / "pair", "client")
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--timed-reload",
-        "300ms",
-    ) as (_proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--timed-reload",
+            "300ms",
+        ) as (_proc, log, port),
+    ):
         second = newer_leaf(pki, "me", days_ago=1)
         second.write_pair(tmp_path / "pair", "client")
         log.wait_for(r"now presenting serial " + f"{second.cert.serial_number:x}", timeout=10)
@@ -158,16 +171,19 @@ def test_a_reload_rereads_the_cacert(pki: Pki, tmp_path: Path) -> None:
     cacert = tmp_path / "trust.pem"
     cacert.write_bytes(other.server_ca_file.read_bytes())
     pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(tmp_path / "c" / "me.crt"),
-        "--key",
-        str(tmp_path / "c" / "me.key"),
-        "--cacert",
-        str(cacert),
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(tmp_path / "c" / "me.crt"),
+            "--key",
+            str(tmp_path / "c" / "me.key"),
+            "--cacert",
+            str(cacert),
+        ) as (proc, log, port),
+    ):
         assert echo_once(port) == b""  # the server's certificate is not trusted: refused
         cacert.write_bytes(pki.server_ca_file.read_bytes())
         proc.send_signal(signal.SIGUSR1)
@@ -183,17 +199,20 @@ def test_a_server_fin_without_close_notify_stays_a_half_close(pki: Pki, tmp_path
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
     path = tmp_path / "t.sock"
     listen = f"unix:{path}" if listen_kind == "unix" else None
-    with mtls_server(pki, mode="fin_then_read") as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--cacert",
-        str(pki.server_ca_file),
-        listen=listen,
-    ) as (_proc, _log, port):
+    with (
+        mtls_server(pki, mode="fin_then_read") as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            listen=listen,
+        ) as (_proc, _log, port),
+    ):
         if listen_kind == "unix":
             client = socket.socket(socket.AF_UNIX)
             client.settimeout(10)
@@ -266,7 +285,7 @@ def test_an_unresolvable_target_exits_1_unless_skip_resolve(
 @pytest.mark.parametrize(
     ("flags", "pair"),
     [
-        (["--proxy", "http://127.0.0.1:3128", "--connect-proxy", "http://127.0.0.1:3128"], ("--connect-proxy", "--proxy")),
+        (["--proxy", "http://127.0.0.1:1", "--connect-proxy", "http://127.0.0.1:1"], ("--connect-proxy", "--proxy")),
         (["--storepass", "x", "--storepass-env", "X"], ("--storepass-env", "--storepass")),
         (["--keystore", "ks.p12"], ("--keystore", "--cert")),
         (["--disable-authentication"], ("--disable-authentication", "--cert")),
@@ -295,18 +314,21 @@ def test_an_open_connection_at_sigterm_is_cut_after_the_shutdown_timeout_and_the
     pki: Pki, tmp_path: Path
 ) -> None:
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--shutdown-timeout",
-        "1s",
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--shutdown-timeout",
+            "1s",
+        ) as (proc, log, port),
+    ):
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"hi\n")
         assert held.recv(10) == b"hi\n"
@@ -321,9 +343,10 @@ def test_an_open_connection_at_sigterm_is_cut_after_the_shutdown_timeout_and_the
 
 def test_shutdown_ends_as_soon_as_the_open_connection_finishes(pki: Pki, tmp_path: Path) -> None:
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
-    with mtls_server(pki) as server, tunnel(
-        "--target", f"127.0.0.1:{server.port}", "--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file)
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel("--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key)) as (proc, log, port),
+    ):
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"hi\n")
         assert held.recv(10) == b"hi\n"
@@ -339,9 +362,10 @@ def test_shutdown_ends_as_soon_as_the_open_connection_finishes(pki: Pki, tmp_pat
 
 def test_a_second_stop_signal_cuts_at_once(pki: Pki, tmp_path: Path) -> None:
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
-    with mtls_server(pki) as server, tunnel(
-        "--target", f"127.0.0.1:{server.port}", "--cert", str(cert), "--key", str(key), "--cacert", str(pki.server_ca_file)
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel("--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key)) as (proc, log, port),
+    ):
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"hi\n")
         assert held.recv(10) == b"hi\n"
@@ -357,22 +381,25 @@ def test_close_timeout_closes_a_half_closed_tunnel_whose_other_side_stays_open(p
     """The server half-closes (FIN) and then never finishes reading: with --close-timeout 1s the tunnel
     closes a second later; the local client, which never sent its EOF, sees the connection end."""
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
-    with mtls_server(pki, mode="fin_then_read") as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--close-timeout",
-        "1s",
-    ) as (_proc, log, port):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            assert recv_all(client) == b"first part\n"
-            log.wait_for(r"one side finished 1s ago and the other did not: closing \(close_timeout\)")
-            server.wait_closed(1)  # the server side, closed by the tunnel
+    with (
+        mtls_server(pki, mode="fin_then_read") as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--close-timeout",
+            "1s",
+        ) as (_proc, log, port),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as client,
+    ):
+        assert recv_all(client) == b"first part\n"
+        log.wait_for(r"one side finished 1s ago and the other did not: closing \(close_timeout\)")
+        server.wait_closed(1)  # the server side, closed by the tunnel
 
 
 # --- the status port
@@ -424,16 +451,19 @@ def test_status_port_over_https_presents_the_current_client_certificate_and_foll
     first = newer_leaf(pki, "me", days_ago=2)
     bundle = first.write_bundle(tmp_path / "ks", "me.pem")
     status_port = free_port()
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--keystore",
-        str(bundle),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--status",
-        f"127.0.0.1:{status_port}",
-    ) as (proc, log, port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--keystore",
+            str(bundle),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--status",
+            f"127.0.0.1:{status_port}",
+        ) as (proc, log, port),
+    ):
         code, body, der = _request(status_port, "GET", "/_status", tls=True)
         assert code == 200, body
         status = json.loads(body)
@@ -481,19 +511,22 @@ def test_status_reports_a_failing_backend_with_503(pki: Pki, tmp_path: Path) -> 
 def test_post_shutdown_stops_the_tunnel_gracefully(pki: Pki, tmp_path: Path) -> None:
     cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
     status_port = free_port()
-    with mtls_server(pki) as server, tunnel(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--cacert",
-        str(pki.server_ca_file),
-        "--status",
-        f"127.0.0.1:{status_port}",
-        "--enable-shutdown",
-    ) as (proc, log, _port):
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--cacert",
+            str(pki.server_ca_file),
+            "--status",
+            f"127.0.0.1:{status_port}",
+            "--enable-shutdown",
+        ) as (proc, log, _port),
+    ):
         code, _body, _ = _request(status_port, "GET", "/_shutdown", tls=True)
         assert code == 405
         assert proc.poll() is None
