@@ -226,6 +226,14 @@ def _p12_file(scratch: Path) -> None:
     (scratch / "dev.p12").write_bytes(_p12(b"right")["dev.p12"])
 
 
+TUNNEL = ("tunnel", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--cert", "me.crt", "--key", "me.key")
+
+
+def _client_pair(scratch: Path) -> None:
+    CA("Catalogue CA").client("me").write_pair(scratch, "me")
+    (scratch / "notes.txt").write_text("no certificate in here\n")
+
+
 CLI_CASES = [
     Case("cli", "`run` with a broken config.toml", ("exit 2", "config.toml:3"), cli_message("run", setup=_broken_config)),
     Case("cli", "`status` with no daemon running", ("exit 3", "not running"), cli_message("status")),
@@ -236,6 +244,12 @@ CLI_CASES = [
     Case("cli", "`identity import --name ../../x`", ("exit 2", "--name = '../../x': invalid name"), cli_message("identity", "import", "dev.p12", "--name", "../../x", setup=_p12_file)),
     Case("cli", "`ca server ../../x --out D`", ("exit 2", "NAME = '../../x': not a server name", "DNS name"), cli_message("ca", "server", "../../x", "--out", "D")),
     Case("cli", "`tunnel` listening beyond loopback", ("exit 2", "unsafe"), cli_message("tunnel", "--listen", "0.0.0.0:0", "--target", "127.0.0.1:1", "--cert", "c", "--key", "k")),
+    Case("cli", "`tunnel --cacert` naming a file that does not exist", ("exit 2", "--cacert", "missing.pem", "cannot load trusted CA certificates"), cli_message(*TUNNEL, "--cacert", "missing.pem", setup=_client_pair)),
+    Case("cli", "`tunnel --cacert` with a file that holds no certificate", ("exit 2", "--cacert", "notes.txt", "cannot load trusted CA certificates"), cli_message(*TUNNEL, "--cacert", "notes.txt", setup=_client_pair)),
+    Case("cli", "`tunnel --keystore` PKCS#12 with a wrong `--storepass`", ("exit 2", "--keystore", "dev.p12", "password"), cli_message("tunnel", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--keystore", "dev.p12", "--storepass", "wrong", setup=_p12_file)),
+    Case("cli", "`tunnel` to a name that does not resolve", ("exit 1", "no-such-host.invalid", "--skip-resolve"), cli_message("tunnel", "--listen", "127.0.0.1:0", "--target", "no-such-host.invalid:443", "--cert", "me.crt", "--key", "me.key", setup=_client_pair)),
+    Case("cli", "`tunnel --keystore` together with `--cert`", ("exit 2", "--keystore and --cert cannot be used together"), cli_message(*TUNNEL, "--keystore", "dev.p12", setup=_client_pair)),
+    Case("cli", "`tunnel --proxy` together with `--connect-proxy`", ("exit 2", "--connect-proxy", "--proxy", "not allowed with"), cli_message(*TUNNEL, "--proxy", "http://127.0.0.1:1", "--connect-proxy", "http://127.0.0.1:1")),
 ]  # fmt: skip
 
 
