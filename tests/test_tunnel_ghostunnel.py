@@ -555,3 +555,80 @@ def test_disable_authentication_reaches_a_server_that_asks_for_no_certificate(pk
             log.wait_for(r"listening on .*no client certificate \(--disable-authentication\)")
             assert echo_once(port) == b"ping\n"
             wait_until(lambda: server.peer_certs == [None], timeout=5, what="a connection without a certificate")
+
+
+def test_a_broken_replacement_in_a_keystore_folder_keeps_the_last_good_certificate(pki: Pki, tmp_path: Path) -> None:
+    """Folder mode, the watch notices by itself: every new connection keeps working meanwhile."""
+    good = newer_leaf(pki, "me", days_ago=2)
+    cert, _key = good.write_pair(tmp_path / "ks" / "me", "me")
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--keystore",
+            str(tmp_path / "ks" / "me"),
+            "--cacert",
+            str(pki.server_ca_file),
+        ) as (_proc, log, port),
+    ):
+        cert.write_text("-----BEGIN CERTIFICATE-----\nhalf-written\n")
+        log.wait_for(r"me\.crt is broken now \(.*\); still presenting the certificate last read from it")
+        assert echo_once(port) == b"ping\n"
+        assert presented_serial(server) == good.cert.serial_number
+
+
+# --- the server checks ghostunnel's --verify-* flags set
+
+
+def _server_with(pki: Pki, tmp_path: Path, **kwargs: object) -> ScriptedTLSServer:
+    leaf = pki.server_ca.server("localhost", "127.0.0.1", **kwargs)
+    cert, key = leaf.write_pair(tmp_path / "srv", "server")
+    return ScriptedTLSServer(cert=cert, key=key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo")
+
+
+def test_verify_uri_accepts_the_right_server_and_refuses_another(pki: Pki, tmp_path: Path) -> None:
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    with _server_with(pki, tmp_path, uris=["spiffe://example.test/api"]) as server:
+        for pattern, works in (("spiffe://example.test/*", True), ("spiffe://example.test/db", False)):
+            with tunnel(
+                "--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key), "--verify-uri", pattern
+            ) as (_proc, _log, port):
+                assert echo_once(port) == (b"ping\n" if works else b""), pattern
+
+
+def test_verify_spki_pin_authenticates_the_server_by_its_key_alone(pki: Pki, tmp_path: Path) -> None:
+    """The pinned server's certificate is self-issued by an untrusted CA, for another name, and
+    expired: the pin alone decides. The wrong pin is refused."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    stranger = Pki.create(tmp_path / "stranger", "elsewhere.example")
+    now = datetime.now(UTC)
+    leaf = stranger.server_ca.server(
+        "elsewhere.example", not_before=now - timedelta(days=10), not_after=now - timedelta(days=1)
+    )
+    srv_cert, srv_key = leaf.write_pair(tmp_path / "srv", "server")
+    spki = leaf.cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pin = "sha256:" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    wrong = "sha256:" + base64.b64encode(hashlib.sha256(b"another key").digest()).decode()
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    with ScriptedTLSServer(
+        cert=srv_cert, key=srv_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
+    ) as server:
+        for given, works in ((pin, True), (wrong, False)):
+            with tunnel(
+                "--target",
+                f"127.0.0.1:{server.port}",
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--verify-spki-pin",
+                given,
+            ) as (_proc, _log, port):
+                assert echo_once(port) == (b"ping\n" if works else b""), given
