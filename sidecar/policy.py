@@ -173,7 +173,7 @@ class ServerNames:
         )
 
     def describe(self) -> str:
-        """"CN api; OU payments; DNS SANs api.example.test; IP SANs none; URI SANs none"."""
+        """ "CN api; OU payments; DNS SANs api.example.test; IP SANs none; URI SANs none"."""
         parts = (
             ("CN", self.common_names),
             ("OU", self.ous),
