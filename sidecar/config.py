@@ -976,9 +976,11 @@ ca_file = {ca}
 # alpn = ["h2", "http/1.1"]
 # connect_timeout = "10s"
 # pin_sha256 = ["base64 SHA-256 of the server's public key"]
-# allowed_uri_sans = ["spiffe://example.test/api/*"]
-# allowed_common_names = ["api.example.test"]   # or allowed_ous, allowed_dns_sans, allowed_ip_sans:
-#                                  # the server passes when any one entry of any of these lists matches
+# allowed_uri_sans = ["spiffe://example.test/api/*"]   # the allowed_* lists are one allow-list:
+# allowed_common_names = ["api.example.test"]          # any one entry of any of them lets the server in
+# allowed_ous = ["Payments"]
+# allowed_dns_sans = ["api.example.test"]
+# allowed_ip_sans = ["10.0.0.5", "::1"]
 # revocation = "soft"              # off, soft (warn when unknown) or hard (refuse when unknown)
 # crl_file = "/path/to/issuer.crl"
 """

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar.control.client import ApiCallError
 from sidecar.policy import spki_sha256
 from tests.daemon_runner import DaemonThread
 from tests.pki import CA, Leaf
@@ -265,3 +266,24 @@ def test_a_pin_alone_lets_in_only_the_pinned_key(lab: Lab) -> None:
     assert set(failures) <= {"server_untrusted", "server_certificate_expired", "name_mismatch"} and failures, failures
     assert checked(daemon, "pinned")["ok"] is True
     assert checked(daemon, "wrong_pin")["cause"] == "pin_mismatch"
+
+
+# --- the control API takes the same keys --------------------------------------------------------
+
+
+def test_routes_added_through_the_control_api_take_the_allow_list(lab: Lab) -> None:
+    server = lab.serve("api", server_leaf(lab.server_ca, "api", dns=("localhost",), ips=("127.0.0.1",)))
+    lab.route("seed", server)
+    daemon = lab.daemon()
+    client = daemon.client()
+    base = {"listen": "127.0.0.1:0", "target": f"127.0.0.1:{server.port}", "server_name": "localhost",
+            "ca_file": str(lab.server_ca_file)}  # fmt: skip
+    with pytest.raises(ApiCallError) as bad:
+        client.post("/v1/routes", {"name": "bad", **base, "allowed_ip_sans": ["127.0.0.1/8"]})
+    assert bad.value.status == 400 and "allowed_ip_sans" in str(bad.value) and "not an IP address" in str(bad.value)
+    added = client.post("/v1/routes", {"name": "by_ip", **base, "allowed_ip_sans": ["::ffff:127.0.0.1"]})
+    assert added["policy"]["allowed_ip_sans"] == ["127.0.0.1"]
+    assert_passes(daemon, "by_ip")
+    changed = client.patch("/v1/routes/by_ip", {"allowed_ip_sans": None, "allowed_common_names": ["someone-else"]})
+    assert changed["policy"]["allowed_common_names"] == ["someone-else"] and changed["policy"]["allowed_ip_sans"] == []
+    assert_refused(daemon, lab, "by_ip", "api", "server_not_allowed", "allowed_common_names = ['someone-else']")
