@@ -23,7 +23,7 @@ def parse_pin(text: str) -> str:
     """Normalise a pin to plain base64 of 32 bytes. ValueError if not.
 
     Accepts curl's "sha256//" prefix, "sha256/" (how `check` and the refusals print a key) and
-    ghostunnel's "sha256:" (its --verify-spki-pin). Base64 has no "/" run nor ":" at the start.
+    ghostunnel's "sha256:" (its --verify-spki-pin; base64 never holds a ":").
     """
     body = text.strip()
     for prefix in ("sha256//", "sha256/", "sha256:"):
