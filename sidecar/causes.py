@@ -46,6 +46,8 @@ class Cause(StrEnum):
     # The route's own checks after the handshake (sidecar/policy.py, sidecar/revocation.py).
     PIN_MISMATCH = "pin_mismatch"
     URI_SAN_NOT_ALLOWED = "uri_san_not_allowed"
+    # The allow-list with more than URI SANs: allowed_common_names, _ous, _dns_sans, _ip_sans.
+    SERVER_NOT_ALLOWED = "server_not_allowed"
     SERVER_CERT_REVOKED = "server_certificate_revoked"
     REVOCATION_UNKNOWN = "revocation_unknown"
     # Only a running tunnel sees these: a local client from another OS user, refused before any
@@ -153,6 +155,11 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
     Cause.URI_SAN_NOT_ALLOWED: (
         "the server certificate holds no URI SAN that `allowed_uri_sans` allows",
         "check the route's target, or extend allowed_uri_sans",
+    ),
+    Cause.SERVER_NOT_ALLOWED: (
+        "the server certificate's CN, OUs and SANs match none of the route's `allowed_common_names`, "
+        "`allowed_ous`, `allowed_dns_sans`, `allowed_ip_sans` or `allowed_uri_sans`",
+        "check the route's target, or add one of the server's names to the route's allow-list",
     ),
     Cause.SERVER_CERT_REVOKED: (
         "OCSP or a CRL says the server certificate is revoked",

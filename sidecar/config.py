@@ -19,7 +19,16 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.policyspec import PIN_HINT, REVOCATION_MODES, check_uri_pattern, parse_pin
+from sidecar.policyspec import (
+    PIN_HINT,
+    REVOCATION_MODES,
+    ServerAllowList,
+    check_name_value,
+    check_uri_pattern,
+    parse_dns_san,
+    parse_ip_san,
+    parse_pin,
+)
 from sidecar.proxy.hosts import PATTERN_RULE, HostPattern, parse_host_pattern
 from sidecar.renewal.settings import (
     PROVIDER_KEYS,
@@ -59,7 +68,8 @@ _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_pa
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
 ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity", "alpn",
                "connect_timeout", "unsafe_listen", "unsafe_skip_verify",
-               "pin_sha256", "allowed_uri_sans", "revocation", "crl_file",
+               "pin_sha256", "allowed_uri_sans", "allowed_common_names", "allowed_ous",
+               "allowed_dns_sans", "allowed_ip_sans", "revocation", "crl_file",
                "protocol", "postgres_negotiation", "local_tls", "host_header",
                "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
 # What a route's local client speaks (sidecar/protocols/): how its bytes become an mTLS conversation.
@@ -71,7 +81,8 @@ _PROXY_KEYS = ("listen", "unsafe_listen", "max_connections", "rules")
 # own (the client names the destination) and no local_tls or host_header (the destination decides).
 PROXY_RULE_KEYS = ("name", "hosts", "ports", "identity", "protocol", "tls_port", "connect", "passthrough",
                    "ca_file", "ca_dir", "alpn", "connect_timeout", "unsafe_skip_verify", "pin_sha256",
-                   "allowed_uri_sans", "revocation", "crl_file", "postgres_negotiation",
+                   "allowed_uri_sans", "allowed_common_names", "allowed_ous", "allowed_dns_sans",
+                   "allowed_ip_sans", "revocation", "crl_file", "postgres_negotiation",
                    "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
 DEFAULT_PROXY_LISTEN = "127.0.0.1:18888"
 
@@ -147,6 +158,11 @@ class RouteSpec:
     unsafe_skip_verify: bool = False
     pin_sha256: tuple[str, ...] = ()
     allowed_uri_sans: tuple[str, ...] = ()
+    # the rest of the server allow-list (sidecar/policy.py): any one entry of any list lets the server in
+    allowed_common_names: tuple[str, ...] = ()
+    allowed_ous: tuple[str, ...] = ()
+    allowed_dns_sans: tuple[str, ...] = ()
+    allowed_ip_sans: tuple[str, ...] = ()
     revocation: str = "off"
     crl_file: Path | None = None
     protocol: str = "tcp"
@@ -178,9 +194,22 @@ class RouteSpec:
         return f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
 
     @property
+    def server_allow_list(self) -> ServerAllowList:
+        """The allow-list's five keys as one (empty: any server the handshake accepted)."""
+        return ServerAllowList(
+            common_names=self.allowed_common_names,
+            ous=self.allowed_ous,
+            dns_sans=self.allowed_dns_sans,
+            ip_sans=self.allowed_ip_sans,
+            uri_sans=self.allowed_uri_sans,
+        )
+
+    @property
     def checks_after_handshake(self) -> bool:
-        """Pins, URI SANs or revocation: checks the tunnel runs before it forwards a byte."""
-        return bool(self.pin_sha256 or self.allowed_uri_sans or self.revocation != "off")
+        """Pins, the allow-list or revocation: checks the tunnel runs before it forwards a byte."""
+        allow_list = (self.allowed_uri_sans, self.allowed_common_names, self.allowed_ous, self.allowed_dns_sans,
+                      self.allowed_ip_sans)  # fmt: skip
+        return bool(self.pin_sha256 or any(allow_list) or self.revocation != "off")
 
 
 @dataclass(frozen=True)
@@ -205,6 +234,10 @@ class ProxyRuleSpec:
     unsafe_skip_verify: bool = False
     pin_sha256: tuple[str, ...] = ()
     allowed_uri_sans: tuple[str, ...] = ()
+    allowed_common_names: tuple[str, ...] = ()
+    allowed_ous: tuple[str, ...] = ()
+    allowed_dns_sans: tuple[str, ...] = ()
+    allowed_ip_sans: tuple[str, ...] = ()
     revocation: str = "off"
     crl_file: Path | None = None
     postgres_negotiation: str = "sslrequest"
@@ -551,6 +584,10 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
         pin_sha256=_pins(t),
         allowed_uri_sans=_uri_patterns(t),
+        allowed_common_names=_names(t, "allowed_common_names", '["api.example.test"]'),
+        allowed_ous=_names(t, "allowed_ous", '["Payments"]'),
+        allowed_dns_sans=_dns_names(t),
+        allowed_ip_sans=_ip_addresses(t),
         revocation=t.choice("revocation", REVOCATION_MODES, "revocation mode", "off"),
         crl_file=t.file("crl_file"),
         protocol=protocol,
@@ -676,6 +713,44 @@ def _uri_patterns(t: Table) -> tuple[str, ...]:
                 hint='for example "spiffe://example.test/api/*"; * matches within one path segment, ** across',
             ) from None
     return tuple(patterns)
+
+
+def _names(t: Table, key: str, example: str) -> tuple[str, ...]:
+    """A list of subject CNs or OUs, compared as equal strings."""
+    names = t.strings(key, example)
+    for item in names:
+        try:
+            check_name_value(item)
+        except ValueError as exc:
+            raise t.error(key, str(exc), item, hint=f"for example {key} = {example}") from None
+    return tuple(names)
+
+
+def _dns_names(t: Table) -> tuple[str, ...]:
+    example = '["api.example.test"]'
+    names = []
+    for item in t.strings("allowed_dns_sans", example):
+        try:
+            names.append(parse_dns_san(item))
+        except ValueError as exc:
+            raise t.error(
+                "allowed_dns_sans",
+                str(exc),
+                item,
+                hint=f"for example allowed_dns_sans = {example}; a name matches a DNS SAN that is equal to it",
+            ) from None
+    return tuple(names)
+
+
+def _ip_addresses(t: Table) -> tuple[str, ...]:
+    example = '["10.0.0.5", "::1"]'
+    addresses = []
+    for item in t.strings("allowed_ip_sans", example):
+        try:
+            addresses.append(parse_ip_san(item))
+        except ValueError as exc:
+            raise t.error("allowed_ip_sans", str(exc), item, hint=f"for example allowed_ip_sans = {example}") from None
+    return tuple(addresses)
 
 
 def _parse_demo(top: Table) -> DemoServiceSpec:
@@ -838,6 +913,10 @@ def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> Proxy
         unsafe_skip_verify=t.boolean("unsafe_skip_verify"),
         pin_sha256=_pins(t),
         allowed_uri_sans=_uri_patterns(t),
+        allowed_common_names=_names(t, "allowed_common_names", '["api.example.test"]'),
+        allowed_ous=_names(t, "allowed_ous", '["Payments"]'),
+        allowed_dns_sans=_dns_names(t),
+        allowed_ip_sans=_ip_addresses(t),
         revocation=t.choice("revocation", REVOCATION_MODES, "revocation mode", "off"),
         crl_file=t.file("crl_file"),
         postgres_negotiation=negotiation,
@@ -902,7 +981,11 @@ ca_file = {ca}
 # alpn = ["h2", "http/1.1"]
 # connect_timeout = "10s"
 # pin_sha256 = ["base64 SHA-256 of the server's public key"]
-# allowed_uri_sans = ["spiffe://example.test/api/*"]
+# allowed_uri_sans = ["spiffe://example.test/api/*"]   # the allowed_* lists are one allow-list:
+# allowed_common_names = ["api.example.test"]          # any one entry of any of them lets the server in
+# allowed_ous = ["Payments"]
+# allowed_dns_sans = ["api.example.test"]
+# allowed_ip_sans = ["10.0.0.5", "::1"]
 # revocation = "soft"              # off, soft (warn when unknown) or hard (refuse when unknown)
 # crl_file = "/path/to/issuer.crl"
 """

@@ -360,7 +360,7 @@ class RouteListener:
             "last_warning": counters.last_warning,
             "policy": {
                 "pins": len(route.pin_sha256),
-                "allowed_uri_sans": list(route.allowed_uri_sans),
+                **{key: list(values) for key, values in route.server_allow_list.by_key().items()},
                 "revocation": route.revocation,
                 "crl_file": str(route.crl_file) if route.crl_file else None,
             },
@@ -541,7 +541,7 @@ class RouteListener:
             self._drained.set()
 
     async def check_server(self, route: RouteSpec, tls: ssl.SSLObject) -> policy.Verdict:
-        """Pins, URI SANs and revocation, after the handshake and before any byte is forwarded."""
+        """Pins, the allow-list and revocation, after the handshake and before any byte is forwarded."""
         verified = not route.unsafe_skip_verify
         chain = policy.peer_chain(tls, verified=verified)
         if chain and tls.session_reused:  # no chain in a resumed session: the one from its full handshake

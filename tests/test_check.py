@@ -681,7 +681,7 @@ def test_every_cause_key_is_reachable_and_stable() -> None:
         "server_certificate_expired", "server_certificate_not_yet_valid", "server_rejected_certificate",
         "no_usable_certificate", "alpn_refused", "tls_error", "config",
         "pin_mismatch", "uri_san_not_allowed", "server_certificate_revoked", "revocation_unknown",
-        "protocol_mismatch", "server_offers_no_tls", "server_rejected_certificate_http",
+        "protocol_mismatch", "server_offers_no_tls", "server_rejected_certificate_http", "server_not_allowed",
     }  # fmt: skip
 
 

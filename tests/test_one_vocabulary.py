@@ -42,6 +42,7 @@ EXPECTED = {
     "rejected_tls13": Cause.SERVER_REJECTED_CERT,
     "pin_mismatch": Cause.PIN_MISMATCH,
     "uri_san_not_allowed": Cause.URI_SAN_NOT_ALLOWED,
+    "server_not_allowed": Cause.SERVER_NOT_ALLOWED,
     "no_usable_certificate": Cause.NO_USABLE_CERT,
     "tls_error": Cause.TLS_ERROR,
 }
@@ -101,6 +102,7 @@ def routes(pki: Pki, s: dict[str, ScriptedTLSServer], closed_port: int, rogue_ca
         "rejected_tls13": route_to(pki, s["rejecting13"].port),
         "pin_mismatch": route_to(pki, s["good"].port, pin_sha256=[spki_sha256(CA("Other").server("x").cert)]),
         "uri_san_not_allowed": route_to(pki, s["good"].port, allowed_uri_sans=["spiffe://example.test/api/*"]),
+        "server_not_allowed": route_to(pki, s["good"].port, allowed_common_names=["someone-else"]),
         "no_usable_certificate": {**route_to(pki, s["good"].port), "identity": "empty"},
         "tls_error": route_to(pki, s["tls11_only"].port),
     }

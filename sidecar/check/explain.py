@@ -29,7 +29,7 @@ from sidecar.causes import (
     quoted,
     quoted_all,
 )
-from sidecar.policy import Verdict, spki_sha256, uri_sans
+from sidecar.policy import ServerNames, Verdict, spki_sha256, uri_sans
 from sidecar.units import human_duration, rfc3339
 
 OK = Cause.OK
@@ -50,6 +50,7 @@ TLS_ERROR = Cause.TLS_ERROR
 CONFIG = Cause.CONFIG
 PIN_MISMATCH = Cause.PIN_MISMATCH
 URI_SAN_NOT_ALLOWED = Cause.URI_SAN_NOT_ALLOWED
+SERVER_NOT_ALLOWED = Cause.SERVER_NOT_ALLOWED
 SERVER_CERT_REVOKED = Cause.SERVER_CERT_REVOKED
 REVOCATION_UNKNOWN = Cause.REVOCATION_UNKNOWN
 PROTOCOL_MISMATCH = Cause.PROTOCOL_MISMATCH
@@ -60,7 +61,7 @@ CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
     PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN, PROTOCOL_MISMATCH, SERVER_NO_TLS,
-    SERVER_REJECTED_CERT_HTTP,
+    SERVER_REJECTED_CERT_HTTP, SERVER_NOT_ALLOWED,
 )  # fmt: skip
 
 EXPIRY_WARNING = timedelta(days=14)
@@ -326,6 +327,8 @@ def _policy_refused(obs: Observation, verdict: Verdict, details: dict[str, Any])
             if held
             else f"check target for route {obs.route}: this server's certificate carries no URI SAN (SPIFFE ID)"
         )
+    elif cause == SERVER_NOT_ALLOWED:
+        fix = _not_allowed_fix(obs.route, leaf, details)
     elif cause == SERVER_CERT_REVOKED:
         fix = "the service needs a new certificate from its CA; nothing to change on this side"
     else:
@@ -334,6 +337,35 @@ def _policy_refused(obs: Observation, verdict: Verdict, details: dict[str, Any])
             f'or set revocation = "soft" for route {obs.route}'
         )
     return CheckResult(False, cause, f"{obs.target}: {verdict.message}", fix, details)
+
+
+def _not_allowed_fix(route: str, leaf: x509.Certificate | None, details: dict[str, Any]) -> str:
+    """For server_not_allowed: which key would take which of the server's names (the first it holds)."""
+    if leaf is None:
+        return f"check target for route {route}: the server sent no certificate"
+    names = ServerNames.of(leaf)
+    details["server_names"] = {
+        "common_names": list(names.common_names),
+        "ous": list(names.ous),
+        "dns_sans": list(names.dns_sans),
+        "ip_sans": [str(ip) for ip in names.ip_sans],
+        "uri_sans": list(names.uri_sans),
+    }
+    offers = [
+        (key, values[0])
+        for key, values in (
+            ("allowed_dns_sans", names.dns_sans),
+            ("allowed_uri_sans", names.uri_sans),
+            ("allowed_ip_sans", tuple(str(ip) for ip in names.ip_sans)),
+            ("allowed_common_names", names.common_names),
+            ("allowed_ous", names.ous),
+        )
+        if values
+    ]
+    if not offers:
+        return f"check target for route {route}: this server's certificate has no CN, OU or SAN to allow"
+    add = " or ".join(f'"{value}" to {key}' for key, value in offers[:2])
+    return f"if this is the service you meant, add {add} for route {route}; otherwise check target for route {route}"
 
 
 def _not_tls(obs: Observation, details: dict[str, Any]) -> CheckResult:

@@ -249,8 +249,8 @@ async def check_server_policy(
     now: datetime,
     verified: bool = True,
 ) -> Verdict:
-    """A route's checks after the handshake: pins, then URI SANs, then revocation."""
-    verdict = check_identity(chain, pins=route.pin_sha256, allowed_uri_sans=route.allowed_uri_sans, verified=verified)
+    """A route's checks after the handshake: pins, then the allow-list, then revocation."""
+    verdict = check_identity(chain, pins=route.pin_sha256, allow=route.server_allow_list, verified=verified)
     if verdict.ok and route.revocation != "off":
         verdict = await checker.check(
             chain,
