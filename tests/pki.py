@@ -135,6 +135,7 @@ class CA:
         rsa_key: bool = False,
         serial: int | None = None,
         digital_signature: bool = True,
+        ou: str | None = None,
     ) -> Leaf:
         leaf_key: Key = key or (
             rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -145,7 +146,12 @@ class CA:
         end = not_after or start + lifetime
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(
+                x509.Name(
+                    [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+                    + ([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou)] if ou else [])
+                )
+            )
             .issuer_name(self.signing_cert.subject)
             .public_key(leaf_key.public_key())
             .serial_number(serial or x509.random_serial_number())

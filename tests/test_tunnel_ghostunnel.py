@@ -632,3 +632,40 @@ def test_verify_spki_pin_authenticates_the_server_by_its_key_alone(pki: Pki, tmp
                 given,
             ) as (_proc, _log, port):
                 assert echo_once(port) == (b"ping\n" if works else b""), given
+
+
+@pytest.mark.parametrize(
+    ("flag", "right", "wrong", "server"),
+    [
+        ("--verify-cn", "api-server", "db-server", {"cn": "api-server"}),
+        ("--verify-ou", "payments", "billing", {"ou": "payments"}),
+        ("--verify-dns", "api.internal.test", "db.internal.test", {"dns": ["localhost", "api.internal.test"]}),
+        ("--verify-ip", "0:0::1", "10.9.9.9", {"ips": ["127.0.0.1", "::1"]}),
+    ],
+)
+def test_each_verify_flag_accepts_the_right_server_and_refuses_another(
+    pki: Pki, tmp_path: Path, flag: str, right: str, wrong: str, server: dict[str, object]
+) -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    leaf = pki.server_ca.issue(
+        str(server.get("cn", "localhost")),
+        dns=list(server.get("dns", ["localhost"])),  # type: ignore[call-overload]
+        ips=list(server.get("ips", ["127.0.0.1"])),  # type: ignore[call-overload]
+        ou=server.get("ou"),  # type: ignore[arg-type]
+        eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    )
+    srv_cert, srv_key = leaf.write_pair(tmp_path / "srv", "server")
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    with ScriptedTLSServer(
+        cert=srv_cert, key=srv_key, client_ca=pki.client_ca_file, require_client_cert=True, mode="echo"
+    ) as srv:
+        for value, works in ((right, True), (wrong, False)):
+            with tunnel("--target", f"127.0.0.1:{srv.port}", *pair_flags(pki, cert, key), flag, value) as (
+                _proc,
+                log,
+                port,
+            ):
+                assert echo_once(port) == (b"ping\n" if works else b""), (flag, value)
+                if not works:
+                    log.wait_for(r"matches nothing the route allows")

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from sidecar.config import (
     parse_target,
 )
 from sidecar.errors import ConfigError
-from sidecar.policyspec import PIN_HINT, check_uri_pattern, parse_pin
+from sidecar.policyspec import PIN_HINT, check_name_value, check_uri_pattern, parse_dns_san, parse_ip_san, parse_pin
 from sidecar.statusport import parse_status_address
 from sidecar.units import parse_duration
 
@@ -209,7 +209,6 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         # --verify-spki-pin: the server is authenticated by its key alone, as ghostunnel does
         pin_sha256=pins,
         unsafe_skip_verify=bool(pins),
-        allowed_uri_sans=_uri_patterns(args.verify_uri),
         close_timeout=_duration_flag(args.close_timeout, "--close-timeout", zero=True),
         client_auth=not args.disable_authentication,
     )
@@ -228,18 +227,27 @@ def _pin_flag(text: str) -> str:
         ) from exc
 
 
-def _uri_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    for pattern in patterns:
+def _checked(flag: str, values: tuple[str, ...], check: Callable[[str], Any]) -> tuple[str, ...]:
+    """Each value as `check` normalises it (returning None: kept as given); a bad one names its flag."""
+    out = []
+    for value in values:
         try:
-            check_uri_pattern(pattern)
+            normal = check(value)
         except ValueError as exc:
-            raise ConfigError(str(exc), source=SOURCE, field="--verify-uri", value=pattern) from exc
-    return patterns
+            raise ConfigError(str(exc), source=SOURCE, field=flag, value=value) from exc
+        out.append(value if normal is None else normal)
+    return tuple(out)
 
 
 def _policy_fields(args: TunnelFlags) -> dict[str, Any]:
-    """--verify-cn/-ou/-dns/-ip: the route keys of the same meaning (allowed_common_names…)."""
-    return {}
+    """--verify-cn/-ou/-dns/-ip/-uri: the route keys of the same meaning, one allow-list (any match passes)."""
+    return {
+        "allowed_common_names": _checked("--verify-cn", args.verify_cn, check_name_value),
+        "allowed_ous": _checked("--verify-ou", args.verify_ou, check_name_value),
+        "allowed_dns_sans": _checked("--verify-dns", args.verify_dns, parse_dns_san),
+        "allowed_ip_sans": _checked("--verify-ip", args.verify_ip, parse_ip_san),
+        "allowed_uri_sans": _checked("--verify-uri", args.verify_uri, check_uri_pattern),
+    }
 
 
 def _preconnect_flag(args: TunnelFlags) -> int | str:
