@@ -708,9 +708,8 @@ def _metrics_listen(top: Table) -> ListenAddress | None:
         return None
     listen = top.address("metrics_listen", parse_listen, "127.0.0.1:9464")
     if listen.kind != "tcp":
-        raise top.error(
-            "metrics_listen", "the metrics listen on TCP only", raw, hint='for example metrics_listen = "127.0.0.1:9464"'
-        )
+        example = 'for example metrics_listen = "127.0.0.1:9464"'
+        raise top.error("metrics_listen", "the metrics listen on TCP only", raw, hint=example)
     if not listen.is_loopback and not top.boolean("metrics_unsafe_listen"):
         hint = "use 127.0.0.1:PORT or [::1]:PORT, or set metrics_unsafe_listen = true to let other machines scrape"
         raise top.error("metrics_listen", "not a loopback address", raw, hint=hint)
