@@ -37,6 +37,14 @@ class Durations:
         self.count += 1
         self.total += seconds
 
+    def add(self, other: Durations) -> None:
+        """Count `other`'s observations in here too (same bounds)."""
+        if other.bounds != self.bounds:
+            raise ValueError("cannot add durations counted in other buckets")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.count += other.count
+        self.total += other.total
+
     def to_json(self) -> dict[str, Any]:
         """{"count", "sum", "buckets": [[bound, observations <= bound], ..., ["+Inf", count]]} (cumulative)."""
         buckets: list[list[Any]] = []

@@ -7,7 +7,8 @@
   handshake_seconds); every key is optional.
 - `identities`: {name: an identity's status}, as `Daemon.status()["identities"]` gives it (keys
   used: selected.not_after, renewal.state, renewal.consecutive_failures, renewal.next_renewal_at);
-  an identity with only {"selected": {"not_after": "…Z"}} (the `tunnel` command's) is fine.
+  an identity with only {"selected": {"not_after": "…Z"}} (the `tunnel` command's, which
+  `identity_sample(selection)` makes) is fine.
 - `proxy`: the proxy's status (`Daemon.proxy_status()`), or None. Its rules become routes named
   `proxy:RULE` (route names cannot hold a colon, so they never clash with a route's), and the
   proxy port itself gets `mtls_sidecar_proxy_*` families.
@@ -34,7 +35,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import CollectorRegistry
 
 from sidecar import __version__
+from sidecar.keystore import Selection
 from sidecar.renewal.state import State
+from sidecar.units import rfc3339
 
 # The classic text format, which every Prometheus, Grafana Agent and Alloy reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -75,6 +78,15 @@ def render_status(status: Mapping[str, Any], now: datetime) -> str:
         version=str(status.get("version") or __version__),
         config_error=bool((status.get("config") or {}).get("error")),
     )
+
+
+def identity_sample(selection: Selection) -> dict[str, Any]:
+    """What `render` needs of an identity with no renewal of its own (the `tunnel` command's):
+    {"selected": {"not_after": "…Z"}} or {"selected": None}."""
+    selected = selection.selected
+    if selected is None or selected.cert is None:
+        return {"selected": None}
+    return {"selected": {"not_after": rfc3339(selected.cert.not_valid_after_utc)}}
 
 
 class _Snapshot:
@@ -249,6 +261,7 @@ def _rule_as_route(rule: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_in": rule.get("bytes_in"),
         "bytes_out": rule.get("bytes_out"),
         "failures": rule.get("failures"),
+        "handshake_seconds": rule.get("handshake_seconds"),
     }
 
 

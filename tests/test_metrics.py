@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 import socket
@@ -22,13 +23,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import parse_config
+from sidecar.control.client import ApiCallError
 from sidecar.durations import Durations
 from sidecar.errors import ConfigError
 from sidecar.metrics import CONTENT_TYPE, render, render_status
 from sidecar.metricsserver import metrics_answer
 from tests.daemon_runner import DaemonThread
 from tests.realservers import free_port
-from tests.scenario import Pki, mtls_server, recv_all, route_to, write_config
+from tests.scenario import Pki, mtls_server, read_response, recv_all, route_to, write_config
 from tests.waiting import wait_until
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -392,3 +394,90 @@ def test_expiry_seconds_follow_the_certificate_not_the_clock_of_the_render(pki: 
     at_later = value(parse(render_status(status, later))[1], "mtls_sidecar_certificate_expiry_seconds", identity="dev")
     assert at_now - at_later == pytest.approx(3600)
     assert at_now == (leaf.cert.not_valid_after_utc - now).total_seconds()
+
+
+def test_a_proxy_rule_is_a_route_named_proxy_colon_rule_and_refusals_are_counted(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    pki = Pki.create(tmp_path / "pki-svc", "svc.test")
+    pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
+    with mtls_server(pki, mode="echo") as server:
+        rule = {
+            "name": "svc",
+            "hosts": ["svc.test"],
+            "ca_file": str(pki.server_ca_file),
+            "connect": f"127.0.0.1:{server.port}",
+        }
+        config = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={},
+            proxy={"listen": "127.0.0.1:0", "rules": [rule]},
+        )
+        with DaemonThread(config) as daemon:
+            port = int(daemon.status()["proxy"]["listen"].rsplit(":", 1)[1])
+            assert connect_through(port, "svc.test:443", b"via the proxy\n") == (200, b"via the proxy\n")
+            assert connect_through(port, "elsewhere.example:443", b"")[0] == 403
+            wait_until(lambda: daemon.status()["proxy"]["refused"], timeout=10, what="the refusal")
+            _, samples = parse(daemon.client().get_text("/v1/metrics"))
+    assert value(samples, "mtls_sidecar_connections_total", route="proxy:svc") == 1
+    # the echo, and the proxy's own "200 Connection established" before it
+    assert value(samples, "mtls_sidecar_bytes_total", route="proxy:svc", direction="received") > len(b"via the proxy\n")
+    assert value(samples, "mtls_sidecar_bytes_total", route="proxy:svc", direction="sent") >= len(b"via the proxy\n")
+    assert value(samples, "mtls_sidecar_handshake_seconds_count", route="proxy:svc") == 1
+    assert value(samples, "mtls_sidecar_proxy_connections_total") == 2
+    assert value(samples, "mtls_sidecar_proxy_refused_total", cause="proxy_not_allowed") == 1
+
+
+def connect_through(proxy_port: int, destination: str, data: bytes) -> tuple[int, bytes]:
+    """HTTP CONNECT to `destination` through the proxy; then `data`, a half-close, and what comes back."""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: {destination}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            return status, b""
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return status, recv_all(sock)
+
+
+def control_get(daemon: DaemonThread, target: str, *, token: str | None = None) -> tuple[int, str, str]:
+    """GET on the control transport as any client would send it: (status, content type, body)."""
+    if daemon.transport == "tcp":
+        record = json.loads(daemon.places.control_file.read_text())
+        sock = socket.create_connection(("127.0.0.1", record["port"]), timeout=10)
+        token = record["token"] if token is None else token
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+    authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+    with sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n{authorization}Connection: close\r\n\r\n".encode())
+        head, body = read_response(sock)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ", 2)[1]), headers["content-type"], body.decode()
+
+
+def test_v1_metrics_is_text_on_either_control_transport_and_needs_the_token_on_tcp(
+    control_transport: str, isolated_home: Path
+) -> None:
+    config = write_config(isolated_home / "config.toml", identities={"dev": {"renew": "none"}}, routes={})
+    with DaemonThread(config) as daemon:
+        status, content_type, body = control_get(daemon, "/v1/metrics")
+        assert (status, content_type) == (200, "text/plain; version=0.0.4; charset=utf-8")
+        assert value(parse(body)[1], "mtls_sidecar_identity_usable", identity="dev") == 0  # an empty keystore
+        refused = control_get(daemon, "/v1/metrics", token="") if control_transport == "tcp" else None
+        posted = daemon.client()
+        with pytest.raises(ApiCallError) as wrong_method:
+            posted.post("/v1/metrics")
+    if refused is not None:
+        assert refused[:2] == (401, "application/json") and "control token" in refused[2]
+    assert wrong_method.value.status == 405
