@@ -284,8 +284,9 @@ class Daemon:
                     await self._start_route(route)
         if new.proxy != old.proxy:
             await self._apply_proxy(new.proxy)
-        if new.metrics_listen != old.metrics_listen:
-            await self._apply_metrics_listen(new.metrics_listen)
+        metrics = self.metrics_server
+        if new.metrics_listen != old.metrics_listen or (metrics is not None and not metrics.is_running):
+            await self._apply_metrics_listen(new.metrics_listen)  # a port that was taken is tried again too
         if new.demo_service != old.demo_service:
             if self.demo is not None:
                 await self.demo.stop()

@@ -126,13 +126,15 @@ class MetricsServer:
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
         request: h11.Request | None = None
+        body = 0  # bytes of a request body: nothing here takes one, so it is read past, up to a limit
         while True:
             event = await next_event(conn, reader, _READ_CHUNK, _REQUEST_TIMEOUT)
             if isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.Data):
-                if len(event.data) > _MAX_REQUEST:
-                    break
+                body += len(event.data)
+                if body > _MAX_REQUEST:
+                    return
             elif isinstance(event, h11.EndOfMessage):
                 break
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:

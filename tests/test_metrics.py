@@ -310,20 +310,32 @@ def test_the_daemon_counts_traffic_failures_handshakes_and_expiry_on_both_endpoi
 
 def test_a_taken_metrics_port_is_an_error_in_status_and_the_routes_still_serve(pki: Pki, isolated_home: Path) -> None:
     pki.enroll(isolated_home / "keystore", "dev", "dev-1", cn="dev")
-    with socket.socket() as holder, mtls_server(pki, mode="echo") as server:
+    holder = socket.socket()
+    with contextlib.closing(holder), mtls_server(pki, mode="echo") as server:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        config = write_config(
-            isolated_home / "config.toml",
-            identities={"dev": {"renew": "none"}},
-            routes={"svc": route_to(pki, server.port)},
-            metrics_listen=f"127.0.0.1:{taken}",
-        )
-        with DaemonThread(config) as daemon:
+
+        def config(log_level: str) -> Path:
+            return write_config(
+                isolated_home / "config.toml",
+                identities={"dev": {"renew": "none"}},
+                routes={"svc": route_to(pki, server.port)},
+                metrics_listen=f"127.0.0.1:{taken}",
+                log_level=log_level,
+            )
+
+        with DaemonThread(config("info")) as daemon:
             status = daemon.status()
             assert exchange(daemon, "svc", b"still here\n") == b"still here\n"
             assert "# TYPE mtls_sidecar_connections_total counter" in daemon.client().get_text("/v1/metrics")
+            # the other program lets go; the next reload (any edit) tries the port again
+            holder.close()
+            config("debug")
+            assert daemon.daemon is not None
+            asyncio.run_coroutine_threadsafe(daemon.daemon.reload_config(), daemon.loop).result(timeout=10)
+            assert scrape(taken)[0] == 200
+            assert daemon.status()["daemon"]["metrics"]["state"] == "up"
     metrics = status["daemon"]["metrics"]
     assert metrics["state"] == "error"
     assert metrics["error"] == (
