@@ -44,11 +44,14 @@ class Answer:
 Answerer = Callable[[str, str], Answer]
 
 
-def metrics_answer(method: str, target: str, render: Callable[[], str]) -> Answer:
-    """`GET /metrics` (or `/v1/metrics`): the Prometheus text `render()` gives; 404 elsewhere, 405 for other methods."""
+def metrics_answer(
+    method: str, target: str, render: Callable[[], str], *, paths: tuple[str, ...] = METRICS_PATHS
+) -> Answer:
+    """`GET /metrics` (or another of `paths`): the Prometheus text `render()` gives; 404 elsewhere,
+    405 for methods other than GET and HEAD."""
     path = target.split("?", 1)[0]
-    if path not in METRICS_PATHS:
-        return error_answer(404, f"no such path: {path}; the metrics are at /metrics")
+    if path not in paths:
+        return error_answer(404, f"no such path: {path}; the metrics are at {paths[0]}")
     if method not in ("GET", "HEAD"):
         return error_answer(405, f"{method} is not allowed on {path}; use GET", allow="GET, HEAD")
     return Answer(200, CONTENT_TYPE, render().encode("utf-8"))

@@ -187,6 +187,8 @@ def test_the_metrics_port_answers_get_and_head_404_elsewhere_405_for_other_metho
     wrong = metrics_answer("POST", "/metrics", text)
     assert (wrong.status, wrong.allow) == (405, "GET, HEAD")
     assert len(calls) == 4  # rendered only for what is answered with the text
+    elsewhere = metrics_answer("GET", "/_metrics", text, paths=("/_metrics",))
+    assert elsewhere.status == 200 and metrics_answer("GET", "/metrics", text, paths=("/_metrics",)).status == 404
 
 
 # --- config
