@@ -62,7 +62,8 @@ DEFAULT_ROUTE_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS = 4096
 
 _TOP_KEYS = ("active_identity", "log_level", "shutdown_grace", "keystore_dir", "expiry_warning",
-             "max_connections", "control", "demo_service", "identities", "routes", "proxy")  # fmt: skip
+             "max_connections", "control", "metrics_listen", "metrics_unsafe_listen",
+             "demo_service", "identities", "routes", "proxy")  # fmt: skip
 _IDENTITY_KEYS = ("renew", "subject", "lifetime", "pkcs12_password_env", "key_password_env",
                   "pkcs12_password_keyring", "key_password_keyring",
                   "issuer_ca_file", *TIMING_KEYS, *PROVIDER_KEYS)  # fmt: skip
@@ -282,6 +283,9 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open tunnels over all routes
     proxy: ProxySpec = field(default_factory=ProxySpec)
     control: str = DEFAULT_CONTROL  # "unix" or "tcp"
+    # Prometheus text over plain HTTP (GET /metrics) for a local scraper; None: not served.
+    metrics_listen: ListenAddress | None = None
+    metrics_unsafe_listen: bool = False  # metrics_listen may be a non-loopback address
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -436,7 +440,10 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         )
     demo = _parse_demo(top)
     proxy = _parse_proxy(top, identities)
+    metrics_listen = _metrics_listen(top)
     _check_clashes(doc, routes, demo, proxy)
+    if metrics_listen is not None:
+        _check_metrics_clash(doc, metrics_listen, routes, demo, proxy)
     _check_self_targets(doc, routes, demo, proxy)
     return Config(
         source=source,
@@ -451,6 +458,8 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
         max_connections=_count(top, "max_connections", DEFAULT_MAX_CONNECTIONS),
         proxy=proxy,
         control=top.choice("control", CONTROL_TRANSPORTS, "control transport", DEFAULT_CONTROL),
+        metrics_listen=metrics_listen,
+        metrics_unsafe_listen=top.boolean("metrics_unsafe_listen"),
     )
 
 
@@ -770,6 +779,39 @@ def _parse_demo(top: Table) -> DemoServiceSpec:
             hint="use 127.0.0.1:PORT or [::1]:PORT",
         )
     return DemoServiceSpec(enabled=t.boolean("enabled"), listen=listen)
+
+
+def _metrics_listen(top: Table) -> ListenAddress | None:
+    """`metrics_listen = "127.0.0.1:PORT"`: loopback TCP, unless `metrics_unsafe_listen = true`."""
+    raw = top.data.get("metrics_listen")
+    if raw is None:
+        return None
+    listen = top.address("metrics_listen", parse_listen, "127.0.0.1:9464")
+    if listen.kind != "tcp":
+        example = 'for example metrics_listen = "127.0.0.1:9464"'
+        raise top.error("metrics_listen", "the metrics listen on TCP only", raw, hint=example)
+    if not listen.is_loopback and not top.boolean("metrics_unsafe_listen"):
+        hint = "use 127.0.0.1:PORT or [::1]:PORT, or set metrics_unsafe_listen = true to let other machines scrape"
+        raise top.error("metrics_listen", "not a loopback address", raw, hint=hint)
+    return listen
+
+
+def _check_metrics_clash(
+    doc: Document, listen: ListenAddress, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec, proxy: ProxySpec
+) -> None:
+    taken = [(f"route {route.name}", route.listen) for route in routes.values()]
+    if proxy.enabled:
+        taken.append(("the proxy", proxy.listen))
+    if demo.enabled:
+        taken.append(("the demo service", demo.listen))
+    for owner, other in taken:
+        if _clash(listen, other):
+            raise doc.error(
+                ("metrics_listen",),
+                f"metrics_listen and {owner} both listen on {other}",
+                str(listen),
+                hint="give the metrics a port of their own",
+            )
 
 
 def _check_clashes(doc: Document, routes: Mapping[str, RouteSpec], demo: DemoServiceSpec, proxy: ProxySpec) -> None:

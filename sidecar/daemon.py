@@ -15,7 +15,7 @@ from typing import Any
 
 from sidecar import __version__, config_edit
 from sidecar.causes import quoted
-from sidecar.config import Config, ProxyRuleSpec, ProxySpec, RouteSpec, parse_config
+from sidecar.config import Config, ListenAddress, ProxyRuleSpec, ProxySpec, RouteSpec, parse_config
 from sidecar.credentials import Candidate
 from sidecar.demo import DemoService, build_server_context
 from sidecar.devca import DevCA, ca_paths, load_or_create_ca
@@ -34,6 +34,8 @@ from sidecar.files import (
 from sidecar.identities import IdentityBook, SelectionChange
 from sidecar.keystore import Selection
 from sidecar.localtls import LocalServerContext
+from sidecar.metrics import render_status
+from sidecar.metricsserver import MetricsServer, metrics_answer
 from sidecar.paths import Places
 from sidecar.policy import ChainMemory
 from sidecar.proxy.listener import ProxyListener
@@ -90,6 +92,7 @@ class Daemon:
         self.accept_guard = AcceptGuard()  # out of descriptors: one log line, not a traceback per accept
         self.demo: DemoService | None = None
         self.proxy: ProxyListener | None = None  # `[proxy]`, once a rule exists
+        self.metrics_server: MetricsServer | None = None  # `metrics_listen`, when set
         self.ca: DevCA | None = None
         self._local_server: LocalServerContext | None = None
         self.events = EventBus()
@@ -138,6 +141,7 @@ class Daemon:
             await self._start_route(route)
         if self.config.proxy.enabled:
             await self._start_proxy(self.config.proxy)
+        await self._apply_metrics_listen(self.config.metrics_listen)
         loop = asyncio.get_running_loop()
         self._watches = [
             FolderWatch(self.keystore, loop, self.keystore_changed),
@@ -229,6 +233,7 @@ class Daemon:
             watch.stop()
         self._watches = []
         self._trust_watches = {}
+        await self._apply_metrics_listen(None)
         await self._stop_listeners()
         if self.demo is not None:
             await self.demo.stop()
@@ -295,6 +300,9 @@ class Daemon:
                     await self._start_route(route)
         if new.proxy != old.proxy:
             await self._apply_proxy(new.proxy)
+        metrics = self.metrics_server
+        if new.metrics_listen != old.metrics_listen or (metrics is not None and not metrics.is_running):
+            await self._apply_metrics_listen(new.metrics_listen)  # a port that was taken is tried again too
         if new.demo_service != old.demo_service:
             if self.demo is not None:
                 await self.demo.stop()
@@ -474,6 +482,47 @@ class Daemon:
             log.info("proxy: stopped listening on %s", proxy.bound or proxy.spec.listen)
         if spec.enabled:
             await self._start_proxy(spec)
+
+    async def _apply_metrics_listen(self, listen: ListenAddress | None) -> None:
+        """Serve the metrics on `listen` (None: nowhere): a moved address stops the old server first.
+
+        A port that cannot be bound is an error in the log and in status, as for a route: the
+        daemon goes on serving its routes."""
+        if self.metrics_server is not None:
+            if listen is not None and self.metrics_server.listen == listen and self.metrics_server.is_running:
+                return
+            await self.metrics_server.stop()
+            log.info("metrics: stopped listening on %s", self.metrics_server.bound or self.metrics_server.listen)
+            self.metrics_server = None
+        if listen is None:
+            return
+        server = MetricsServer(listen, lambda method, target: metrics_answer(method, target, self.metrics_text))
+        self.metrics_server = server
+        try:
+            await server.start()
+        except LocalSetupError as exc:
+            log.error("%s", exc)
+            self.events.publish("metrics.error", error=str(exc))
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of the status now (`/v1/metrics` and `metrics_listen` serve it)."""
+        now = datetime.now(UTC)
+        return render_status(self.status(now), now)
+
+    def metrics_status(self) -> dict[str, Any] | None:
+        """`metrics_listen` as status shows it; None when it is not set."""
+        server = self.metrics_server
+        if server is None:
+            return None
+        state = "up" if server.is_running else "error"
+        return {
+            "listen": str(server.bound or server.listen),
+            "url": f"http://{server.bound or server.listen}/metrics",
+            "state": state,
+            "error": server.last_error,
+            "served": server.served,
+            "refused": server.refused,
+        }
 
     def _proxy_failed(self, rule: str | None, destination: str | None, failure: Failure) -> None:
         self.events.publish(
@@ -859,6 +908,13 @@ class Daemon:
             )
         if self.proxy is not None and self.proxy.last_error:
             warnings.append(self.proxy.last_error)
+        if self.metrics_server is not None and self.metrics_server.last_error:
+            warnings.append(self.metrics_server.last_error)
+        if self.config.metrics_listen is not None and not self.config.metrics_listen.is_loopback:
+            warnings.append(
+                f"the metrics listen on {self.config.metrics_listen}, which other machines can reach "
+                "(metrics_unsafe_listen): they show route and identity names"
+            )
         if self.config_error:
             warnings.append(f"config.toml was not applied: {self.config_error}")
         return {
@@ -874,6 +930,7 @@ class Daemon:
                 "data_folder": str(self.places.lock_file.parent),
                 "loop": running_loop_name(),  # uvloop where it exists, else asyncio's own
                 "control": self.control_info() if self.control_info is not None else None,
+                "metrics": self.metrics_status(),
             },
             "generated_at": rfc3339(now),
         }

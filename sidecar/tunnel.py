@@ -36,6 +36,7 @@ from sidecar import failures, policy
 from sidecar.causes import Cause, Fault, cause_of, fault_from
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, ListenAddress, RouteSpec
 from sidecar.credentials import Candidate
+from sidecar.durations import Durations
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
@@ -170,6 +171,9 @@ class RouteCounters:
     # Connections let through with a warning (revocation = "soft" and no answer), by reason.
     warnings: Counter[str] = field(default_factory=Counter)
     last_warning: str | None = None
+    # TLS handshakes with the target (warm connections' too): from the ClientHello to the
+    # handshake's end, so neither the TCP connect nor a protocol's prelude counts.
+    handshakes: Durations = field(default_factory=Durations)
 
     def fail(self, failure: Failure, now: datetime, *, outcome: bool = True) -> None:
         """Count a failure; `outcome`: it decided a connection's outcome (the route is failing)."""
@@ -358,6 +362,8 @@ class RouteListener:
             # connections let through despite a problem (revocation = "soft"), by reason, and the latest
             "warnings": {str(cause): n for cause, n in counters.warnings.items()},
             "last_warning": counters.last_warning,
+            # TLS handshakes with the target: how many, their total seconds, cumulative buckets
+            "handshake_seconds": counters.handshakes.to_json(),
             "policy": {
                 "pins": len(route.pin_sha256),
                 **{key: list(values) for key, values in route.server_allow_list.by_key().items()},
@@ -1261,6 +1267,7 @@ class _RemoteSide(asyncio.Protocol):
         self._closing = False
         # Nothing the server sends reaches the local client before the server policy passed.
         self._approved = False
+        self._tls_started = 0.0  # time.monotonic() when our ClientHello went out
 
     # --- asyncio callbacks
 
@@ -1342,6 +1349,7 @@ class _RemoteSide(asyncio.Protocol):
         session = self.sessions.session(self.ctx, self.server_name, target)
         prepared = self.sessions.take_prepared(self.ctx, self.server_name, target) if session is not None else None
         self.pipe = TLSPipe(self.ctx, self.server_name, session=session, prepared=prepared)
+        self._tls_started = time.monotonic()
         if session is not None:  # the next connection's SSLObject, made once the loop has nothing more urgent
             asyncio.get_running_loop().call_soon(self.sessions.prepare, self.ctx, self.server_name, target)
         if leftover:
@@ -1437,6 +1445,7 @@ class _RemoteSide(asyncio.Protocol):
                     self.peer.from_remote(event.data)
             elif isinstance(event, HandshakeDone):
                 if not self.handshake_done.done():
+                    listener.counters.handshakes.observe(time.monotonic() - self._tls_started)
                     self.handshake_done.set_result(None)
             elif isinstance(event, CloseNotify | Truncated):
                 if isinstance(event, Truncated) and self.pipe is not None and Flow.CAN_SEND in self.pipe.flow:

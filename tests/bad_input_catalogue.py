@@ -93,6 +93,8 @@ CONFIG_CASES = [
     Case("config", "a [[proxy.rules]] host that is no pattern (the second rule)", ("config.toml:8", "proxy.rules[1].hosts = '*.com'", "one left-most label"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n\n[[proxy.rules]]\nhosts = ["*.com"]\n')),
     Case("config", "a proxy rule whose connect is the proxy's own port", ("config.toml:6", "proxy.rules[0].connect", "tunnel into itself"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\nconnect = "127.0.0.1:18888"\n')),
     Case("config", "the proxy listening beyond loopback", ("proxy.listen = '0.0.0.0:3128'", "unsafe_listen = true in [proxy]"), config_message('[identities.dev]\nrenew = "none"\n\n[proxy]\nlisten = "0.0.0.0:3128"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n')),
+    Case("config", "metrics_listen beyond loopback", ("config.toml:1", "metrics_listen = '0.0.0.0:9464'", "metrics_unsafe_listen = true"), config_message('metrics_listen = "0.0.0.0:9464"\n' + MINIMAL_ROUTE)),
+    Case("config", "metrics_listen on a route's port", ("config.toml:1", "metrics_listen", "route api both listen on", "a port of their own"), config_message('metrics_listen = "127.0.0.1:8443"\n' + MINIMAL_ROUTE)),
 ]  # fmt: skip
 
 

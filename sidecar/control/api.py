@@ -15,6 +15,7 @@
 | GET | /v1/proxy/pac | | the PAC file (JSON: {"pac": TEXT}) |
 | POST | /v1/proxy/check | {"destination": "HOST[:PORT]"} | the diagnosis of what its rule would do |
 | GET | /v1/events | | newline-delimited JSON events, until the client goes |
+| GET | /v1/metrics | | Prometheus text (`text/plain; version=0.0.4`), not JSON |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sidecar.causes import Cause
 from sidecar.config import ROUTE_KEYS, RouteSpec
 from sidecar.daemon import Daemon, NotFound
 from sidecar.errors import ConfigError, LocalSetupError
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.names import name_problem
 
 MAX_BODY = 1 << 20
@@ -60,9 +62,12 @@ class EventFeed:
 
 @dataclass(frozen=True)
 class ApiResponse:
+    """`body` is sent as JSON; with `content_type`, `body` is text sent as it is, in that type."""
+
     status: int
     body: Any = None
     stream: EventFeed | None = None
+    content_type: str | None = None
 
 
 class ApiError(Exception):
@@ -312,6 +317,10 @@ async def _events(daemon: Daemon, params: dict[str, str], body: Any) -> ApiRespo
     return ApiResponse(200, stream=EventFeed(daemon))
 
 
+async def _metrics(daemon: Daemon, params: dict[str, str], body: Any) -> ApiResponse:
+    return ApiResponse(200, daemon.metrics_text(), content_type=METRICS_CONTENT_TYPE)
+
+
 _NAME = r"(?P<name>[A-Za-z0-9_.-]+)"
 
 _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
@@ -328,4 +337,5 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
     ("GET", re.compile(r"/v1/proxy/pac"), _proxy_pac),
     ("POST", re.compile(r"/v1/proxy/check"), _proxy_check),
     ("GET", re.compile(r"/v1/events"), _events),
+    ("GET", re.compile(r"/v1/metrics"), _metrics),
 ]

@@ -221,25 +221,29 @@ class ControlClient:
         return self.request("PATCH", target, body)
 
     def request(self, method: str, target: str, body: Any = None) -> Any:
-        payload = None if body is None else _json_bytes(body)
+        status, data = self._exchange(method, target, None if body is None else _json_bytes(body))
+        decoded = _decoded(data)
+        if status >= 400:
+            raise ApiCallError(status, decoded)
+        return decoded
+
+    def get_text(self, target: str) -> str:
+        """GET an answer that is text, not JSON (`/v1/metrics`)."""
+        status, data = self._exchange("GET", target, None)
+        if status >= 400:
+            raise ApiCallError(status, _decoded(data))
+        return data.decode("utf-8")
+
+    def _exchange(self, method: str, target: str, payload: bytes | None) -> tuple[int, bytes]:
         conn, headers = self._open(self.timeout)
         if payload is not None:
             headers["content-type"] = "application/json"
         try:
             conn.request(method, target, body=payload, headers=headers)
             response = conn.getresponse()
-            data = response.read()
+            return response.status, response.read()
         finally:
             conn.close()
-        import json
-
-        try:
-            decoded = json.loads(data) if data.strip() else None
-        except ValueError:
-            decoded = {"error": data.decode(errors="replace")[:200]}
-        if response.status >= 400:
-            raise ApiCallError(response.status, decoded)
-        return decoded
 
     def events(self, timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
         """Follow GET /v1/events: yields each event as it comes, until the daemon goes away."""
@@ -261,6 +265,15 @@ class ControlClient:
                     yield json.loads(line)
         finally:
             conn.close()
+
+
+def _decoded(data: bytes) -> Any:
+    import json
+
+    try:
+        return json.loads(data) if data.strip() else None
+    except ValueError:
+        return {"error": data.decode(errors="replace")[:200]}
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -208,8 +208,13 @@ class ControlServer:
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: ApiResponse) -> None:
-        payload = json.dumps(response.body, indent=None).encode() + b"\n"
-        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        if response.content_type is not None:  # text as it is (the Prometheus metrics)
+            payload = str(response.body).encode("utf-8")
+            content_type = response.content_type
+        else:
+            payload = json.dumps(response.body, indent=None).encode() + b"\n"
+            content_type = "application/json"
+        headers = [("content-type", content_type), ("content-length", str(len(payload)))]
         await send_response(conn, writer, response.status, headers, payload)
 
     async def _stream(

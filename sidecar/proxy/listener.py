@@ -22,6 +22,7 @@ from typing import Any, cast
 from sidecar import policy
 from sidecar.causes import Cause
 from sidecar.config import ListenAddress, ProxyRuleSpec, ProxySpec, RouteSpec
+from sidecar.durations import Durations
 from sidecar.errors import LocalSetupError
 from sidecar.failures import Failure
 from sidecar.keystore import Selection
@@ -48,9 +49,10 @@ class RuleCounters:
     failures: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
     last_error_at: datetime | None = None
-    # bytes of destinations no longer remembered (MAX_DESTINATIONS)
+    # bytes and TLS handshakes of destinations no longer remembered (MAX_DESTINATIONS)
     bytes_in: int = 0
     bytes_out: int = 0
+    handshakes: Durations = field(default_factory=Durations)
 
 
 @dataclass
@@ -284,6 +286,7 @@ class ProxyListener:
                 if counters is not None:
                     counters.bytes_in += known.tunnel.counters.bytes_in
                     counters.bytes_out += known.tunnel.counters.bytes_out
+                    counters.handshakes.add(known.tunnel.counters.handshakes)
                 del self._destinations[key]
                 excess -= 1
         self._retired = [t for t in self._retired if t.counters.active]
@@ -312,6 +315,11 @@ class ProxyListener:
             for rule in spec.rules
             if (c := self.rule_counters.get(rule.name)) is not None
         }
+        handshakes: dict[str, Durations] = {}  # per rule: its destinations' TLS handshakes, and the forgotten ones'
+        for rule in spec.rules:
+            handshakes[rule.name] = times = Durations()
+            if (c := self.rule_counters.get(rule.name)) is not None:
+                times.add(c.handshakes)
         for known in reversed(self._destinations.values()):  # the most recent first
             tunnel, counters = known.tunnel, known.tunnel.counters
             identity = identity_of(known.rule.identity)
@@ -320,6 +328,7 @@ class ProxyListener:
                 sums["active"] += counters.active
                 sums["bytes_in"] += counters.bytes_in
                 sums["bytes_out"] += counters.bytes_out
+                handshakes[known.rule.name].add(counters.handshakes)
             destinations.append({
                 "host": known.dest.host,
                 "port": known.dest.port,
@@ -338,6 +347,7 @@ class ProxyListener:
                 "last_error_at": rfc3339(counters.last_error_at) if counters.last_error_at else None,
                 "last_success": rfc3339(counters.last_success_at) if counters.last_success_at else None,
                 "warm": tunnel.warm_status(),
+                "handshake_seconds": counters.handshakes.to_json(),
             })  # fmt: skip
         rules = []
         for rule in spec.rules:
@@ -359,6 +369,7 @@ class ProxyListener:
                 "failures": {str(cause): n for cause, n in tally.failures.items()},
                 "last_error": tally.last_error,
                 "last_error_at": rfc3339(tally.last_error_at) if tally.last_error_at else None,
+                "handshake_seconds": handshakes[rule.name].to_json(),
             })  # fmt: skip
         url = f"http://{listen.host if ':' not in listen.host else '[' + listen.host + ']'}:{listen.port}"
         return {
