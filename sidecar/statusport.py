@@ -31,12 +31,12 @@ import h11
 from sidecar.config import ListenAddress, parse_listen
 from sidecar.errors import ConfigError
 from sidecar.h11io import next_event, send_response
+from sidecar.metrics import CONTENT_TYPE
 
 log = logging.getLogger("sidecar.status")
 
 _READ_CHUNK = 16 * 1024
 _REQUEST_TIMEOUT = 30.0
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE = "application/json"
 
 
@@ -101,7 +101,7 @@ async def answer(method: str, target: str, figures: Figures, *, shutdown_enabled
         wants_json = path == "/_metrics/json" or query.get("format", [""])[0] == "json"
         if wants_json:
             return _json(200, figures.metrics_json())
-        return Reply(200, PROMETHEUS_TYPE, figures.metrics_text().encode())
+        return Reply(200, CONTENT_TYPE, figures.metrics_text().encode())
     return _json(404, {"error": f"no such page {path}: try /_status, /_metrics or /_shutdown"})
 
 

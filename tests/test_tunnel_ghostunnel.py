@@ -669,3 +669,44 @@ def test_each_verify_flag_accepts_the_right_server_and_refuses_another(
                 assert echo_once(port) == (b"ping\n" if works else b""), (flag, value)
                 if not works:
                     log.wait_for(r"matches nothing the route allows")
+
+
+def test_metrics_on_the_status_port_parse_as_prometheus_text(pki: Pki, tmp_path: Path) -> None:
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    leaf = pki.client_ca.client("me")
+    cert, key = leaf.write_pair(tmp_path / "c", "me")
+    status_port = free_port()
+    with (
+        mtls_server(pki) as server,
+        tunnel(
+            "--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key), "--status", f"127.0.0.1:{status_port}"
+        ) as (_proc, _log, port),
+    ):
+        for _ in range(3):
+            assert echo_once(port) == b"ping\n"
+        wait_until(
+            lambda: (
+                json.loads(_request(status_port, "GET", "/_metrics/json", tls=True)[1])["route"]["active_connections"]
+                == 0
+            ),
+            timeout=10,
+            what="the three connections closed",
+        )
+        code, body, _ = _request(status_port, "GET", "/_metrics", tls=True)
+        assert code == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        assert samples[("mtls_sidecar_connections_total", (("route", "tunnel"),))] == 3
+        assert samples[("mtls_sidecar_bytes_total", (("direction", "sent"), ("route", "tunnel")))] == 15
+        assert samples[("mtls_sidecar_handshake_seconds_count", (("route", "tunnel"),))] >= 1
+        expiry = samples[("mtls_sidecar_certificate_expiry_seconds", (("identity", "tunnel"),))]
+        left = (leaf.cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()
+        assert abs(expiry - left) < 60, (expiry, left)
+        code, body, _ = _request(status_port, "GET", "/_metrics?format=json", tls=True)
+        assert code == 200 and json.loads(body)["route"]["total_connections"] == 3

@@ -29,6 +29,7 @@ from sidecar.cli.tunnelcreds import SOURCE, FlagCredentials
 from sidecar.config import RouteSpec
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.keystore import Selection
+from sidecar.metrics import identity_sample, render
 from sidecar.statusport import Figures, StatusAddress, StatusPort
 from sidecar.stopsignals import on_reload_signals, on_stop_signals
 from sidecar.tlsctx import ContextCache, ServerPolicy, build_client_context, load_credential
@@ -294,9 +295,9 @@ class RunningTunnel:
         return None if result.ok else result.message
 
     def metrics_text(self) -> str:
-        from sidecar.metrics import render_tunnel
-
-        return render_tunnel(self.route_status(), self._certificate())
+        """The daemon's metric families for this one route (named `tunnel`) and its certificate."""
+        identities = {"tunnel": identity_sample(self.credentials.current)} if self.credentials is not None else {}
+        return render({"tunnel": self.route_status()}, identities, now=datetime.now(UTC))
 
     def metrics_json(self) -> dict[str, Any]:
         return {"route": self.route_status(), "certificate": self._certificate()}
