@@ -710,3 +710,26 @@ def test_metrics_on_the_status_port_parse_as_prometheus_text(pki: Pki, tmp_path:
         assert abs(expiry - left) < 60, (expiry, left)
         code, body, _ = _request(status_port, "GET", "/_metrics?format=json", tls=True)
         assert code == 200 and json.loads(body)["route"]["total_connections"] == 3
+
+
+def test_a_status_port_already_taken_exits_1_naming_it(pki: Pki, tmp_path: Path) -> None:
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        port = free_port()
+        with sidecar_process(
+            "tunnel",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            "127.0.0.1:9",
+            *pair_flags(pki, cert, key),
+            "--status",
+            f"127.0.0.1:{busy}",
+        ) as (proc, log):
+            assert proc.wait(timeout=20) == 1, log.text
+            log.join()
+            assert f"--status https://127.0.0.1:{busy}: cannot listen there" in log.text, log.text
+            assert "Traceback" not in log.text
