@@ -1,9 +1,10 @@
-"""A tiny plain-HTTP server for a local scraper (`metrics_listen`): h11 frames it, `answer` decides.
+"""A tiny HTTP server for a local scraper (`metrics_listen`) and `tunnel --status`: h11 frames
+it, `answer` decides.
 
 `metrics_answer(method, target, render)` is the pure part: which status, content type and body
 a request gets. `MetricsServer(listen, answer)` is the socket part, and serves any `answer`
-function (the `tunnel` command's status port can reuse it with its own): one request per
-connection, GET and HEAD, other OS users' connections refused as routes refuse them.
+function (sync or async; `tunnel --status` gives its own, and a TLS context): one request per
+connection, other OS users' connections refused as routes refuse them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import json
 import logging
-from collections.abc import Callable
+import os
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,9 +43,10 @@ class Answer:
     content_type: str
     body: bytes
     allow: str | None = None  # the Allow header of a 405
+    after: Callable[[], None] | None = None  # called once the answer is sent (POST /_shutdown)
 
 
-Answerer = Callable[[str, str], Answer]
+Answerer = Callable[[str, str], Answer | Awaitable[Answer]]
 
 
 def metrics_answer(
@@ -63,14 +68,22 @@ def error_answer(status: int, message: str, *, allow: str | None = None) -> Answ
 
 
 class MetricsServer:
-    """start(), stop(), is_running, bound, last_error; `what` names it in messages (the config key)."""
+    """start(), stop(), is_running, bound, last_error; `what` names it in messages (the config key
+    or flag). With `ssl_context`, TCP connections speak HTTPS (a certificate loaded into that
+    context later is what the next handshake presents); a unix socket is plain HTTP, mode 0600."""
 
-    def __init__(self, listen: ListenAddress, answer: Answerer, *, what: str = "metrics_listen") -> None:
-        if listen.kind != "tcp":
-            raise ValueError(f"{what} listens on TCP only, not {listen}")
+    def __init__(
+        self,
+        listen: ListenAddress,
+        answer: Answerer,
+        *,
+        what: str = "metrics_listen",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.listen = listen
         self.answer = answer
         self.what = what
+        self.ssl_context = ssl_context if listen.kind == "tcp" else None
         self.bound: ListenAddress | None = None
         self.last_error: str | None = None
         self.served = 0
@@ -86,14 +99,32 @@ class MetricsServer:
         """Bind and serve; LocalSetupError naming the key and address when it cannot."""
         listen = self.listen
         try:
-            self._server = await asyncio.start_server(self._serve, listen.host, listen.port, reuse_address=True)
+            if listen.kind == "unix":
+                assert listen.path is not None
+                self._server = await asyncio.start_unix_server(self._serve, path=listen.path)
+                os.chmod(listen.path, 0o600)
+            else:
+                self._server = await asyncio.start_server(
+                    self._serve, listen.host, listen.port, reuse_address=True, ssl=self.ssl_context
+                )
         except OSError as exc:
             why = "the port is taken (another program listens there)" if _taken(exc) else (exc.strerror or str(exc))
-            self.last_error = f"{self.what}: cannot listen on {listen}: {why}; pick another port in config.toml"
+            fix = "pick another port in config.toml" if self.what == "metrics_listen" else "pick another address"
+            self.last_error = f"{self.what}: cannot listen on {listen}: {why}; {fix}"
             raise LocalSetupError(self.last_error) from exc
-        self.bound = ListenAddress("tcp", listen.host, int(self._server.sockets[0].getsockname()[1]))
+        if listen.kind == "unix":
+            self.bound = listen
+        else:
+            self.bound = ListenAddress("tcp", listen.host, int(self._server.sockets[0].getsockname()[1]))
         self.last_error = None
-        log.info("%s: serving metrics on http://%s/metrics", self.what, self.bound)
+        log.info("%s: serving on %s", self.what, self.url)
+
+    @property
+    def url(self) -> str:
+        where = self.bound or self.listen
+        if where.kind == "unix":
+            return f"unix:{where.path}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{where}"
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -116,7 +147,7 @@ class MetricsServer:
                 transport.abort()
                 return
             await self._one_request(reader, writer)
-        except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
+        except (h11.RemoteProtocolError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
             log.debug("%s: a connection ended: %s", self.what, exc)
         except asyncio.CancelledError:
             pass  # stop() cancels these; ending normally keeps asyncio from logging a false error
@@ -146,7 +177,8 @@ class MetricsServer:
             return
         method = request.method.decode("ascii", "replace")
         try:
-            answer = self.answer(method, request.target.decode("ascii", "replace"))
+            given = self.answer(method, request.target.decode("ascii", "replace"))
+            answer = await given if inspect.isawaitable(given) else given
         except Exception:  # a bug of ours: the scraper still gets an answer, the log the traceback
             log.exception("%s: answering %s failed", self.what, method)
             answer = error_answer(500, "the sidecar failed to answer (see its log)")
@@ -160,6 +192,8 @@ class MetricsServer:
         if answer.allow:
             headers.append(("allow", answer.allow))
         await send_response(conn, writer, answer.status, headers, None if method == "HEAD" else answer.body)
+        if answer.after is not None:
+            answer.after()
 
 
 def _taken(exc: OSError) -> bool:

@@ -435,10 +435,11 @@ def _request(port: int, method: str, path: str, *, tls: bool) -> tuple[int, byte
         conn: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=ctx)
     else:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn.connect()
+    der = conn.sock.getpeercert(binary_form=True) if isinstance(conn.sock, ssl.SSLSocket) else None
     conn.request(method, path)
     answer = conn.getresponse()
     body = answer.read()
-    der = conn.sock.getpeercert(binary_form=True) if tls and isinstance(conn.sock, ssl.SSLSocket) else None
     conn.close()
     return answer.status, body, der
 
@@ -533,7 +534,7 @@ def test_post_shutdown_stops_the_tunnel_gracefully(pki: Pki, tmp_path: Path) -> 
         code, _body, _ = _request(status_port, "POST", "/_shutdown", tls=True)
         assert code == 200
         assert proc.wait(timeout=20) == 0, log.text
-        assert "asked by POST /_shutdown" in log.text
+        assert "stopping (POST /_shutdown)" in log.text
 
 
 # --- authentication off
@@ -731,5 +732,5 @@ def test_a_status_port_already_taken_exits_1_naming_it(pki: Pki, tmp_path: Path)
         ) as (proc, log):
             assert proc.wait(timeout=20) == 1, log.text
             log.join()
-            assert f"--status https://127.0.0.1:{busy}: cannot listen there" in log.text, log.text
+            assert f"--status https://127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: the port is taken" in log.text, log.text
             assert "Traceback" not in log.text

@@ -30,7 +30,8 @@ from sidecar.config import RouteSpec
 from sidecar.errors import ConfigError, LocalSetupError
 from sidecar.keystore import Selection
 from sidecar.metrics import identity_sample, render
-from sidecar.statusport import Figures, StatusAddress, StatusPort
+from sidecar.metricsserver import MetricsServer
+from sidecar.statusport import Figures, StatusAddress, answer
 from sidecar.stopsignals import on_reload_signals, on_stop_signals
 from sidecar.tlsctx import ContextCache, ServerPolicy, build_client_context, load_credential
 from sidecar.tunnel import AcceptGuard, ConnectionBudget, RouteListener
@@ -116,7 +117,7 @@ class RunningTunnel:
         self.last_reload = datetime.now(UTC)
         self._trust_digest = _digest(options.cacert)
         self._status_fingerprint = ""
-        self.status_port: StatusPort | None = None
+        self.status_port: MetricsServer | None = None
         self._watch: FolderWatch | None = None
 
     async def _selection(self, _route: RouteSpec) -> Selection:
@@ -335,29 +336,19 @@ class RunningTunnel:
             self.listener.close()
 
     async def _start_status_port(self) -> None:
-        if self.options.status is None:
+        address = self.options.status
+        if address is None:
             return
         figures = Figures(status=self.status_document, metrics_text=self.metrics_text, metrics_json=self.metrics_json)
-        self.status_port = StatusPort(
-            self.options.status,
-            figures,
-            ssl_context=self._status_tls() if self.options.status.tls else None,
-            on_shutdown=lambda: self.request_stop("POST /_shutdown"),
-            shutdown_enabled=self.options.enable_shutdown,
+        shutdown = (lambda: self.request_stop("POST /_shutdown")) if self.options.enable_shutdown else None
+        port = MetricsServer(
+            address.listen,
+            lambda method, target: answer(method, target, figures, shutdown=shutdown),
+            what=f"--status {address}",
+            ssl_context=self._status_tls() if address.tls else None,
         )
-        try:
-            await self.status_port.start()
-        except OSError as exc:
-            self.status_port = None
-            raise LocalSetupError(
-                f"command line: --status {self.options.status}: cannot listen there: {exc.strerror or exc}; "
-                "pick another address"
-            ) from exc
-        log.info(
-            "status port on %s (/_status, /_metrics%s)",
-            self.status_port.bound,
-            ", /_shutdown" if self.options.enable_shutdown else "",
-        )
+        await port.start()  # LocalSetupError naming the flag and address: exit 1
+        self.status_port = port
 
     def _who(self) -> str:
         if self.credentials is None:
