@@ -732,5 +732,6 @@ def test_a_status_port_already_taken_exits_1_naming_it(pki: Pki, tmp_path: Path)
         ) as (proc, log):
             assert proc.wait(timeout=20) == 1, log.text
             log.join()
-            assert f"--status https://127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: the port is taken" in log.text, log.text
+            expected = f"--status https://127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: the port is taken"
+            assert expected in log.text, log.text
             assert "Traceback" not in log.text
