@@ -735,3 +735,23 @@ def test_a_status_port_already_taken_exits_1_naming_it(pki: Pki, tmp_path: Path)
             expected = f"--status https://127.0.0.1:{busy}: cannot listen on 127.0.0.1:{busy}: the port is taken"
             assert expected in log.text, log.text
             assert "Traceback" not in log.text
+
+
+def test_a_unix_status_socket_speaks_plain_http_to_its_owner_only(pki: Pki, tmp_path: Path) -> None:
+    import json
+    import stat
+
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    path = tmp_path / "status.sock"
+    with (
+        mtls_server(pki) as server,
+        tunnel("--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key), "--status", f"unix:{path}"),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(20)
+            sock.connect(str(path))
+            sock.sendall(b"GET /_status HTTP/1.1\r\nHost: status\r\n\r\n")
+            head, _, body = recv_all(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(body)["backend_ok"] is True
