@@ -70,6 +70,7 @@ from sidecar.tlspipe import (
     Truncated,
 )
 from sidecar.units import rfc3339
+from sidecar.upstreamdial import open_to_target
 from sidecar.warm import WarmPool
 
 log = logging.getLogger("sidecar.tunnel")
@@ -793,7 +794,6 @@ class _PlainSide(asyncio.Protocol):
                 )
             )
             return
-        loop = asyncio.get_running_loop()
         try:
             ctx = self.ctx = listener.contexts.get(selection.selected, listener.policy)
         except Exception as exc:
@@ -804,10 +804,8 @@ class _PlainSide(asyncio.Protocol):
         remote: _RemoteSide | None = None
         try:
             async with asyncio.timeout(route.connect_timeout):
-                _, remote = await loop.create_connection(
-                    lambda: _RemoteSide(self, ctx, route.server_name, listener.contexts),
-                    route.target_host,
-                    route.target_port,
+                _, remote = await open_to_target(
+                    route, lambda: _RemoteSide(self, ctx, route.server_name, listener.contexts)
                 )
                 self.remote = remote
                 self._run(self.stage.connected())
@@ -827,6 +825,7 @@ class _PlainSide(asyncio.Protocol):
                 connected=remote is not None,
                 timeout=route.connect_timeout,
                 first_bytes=remote.first_bytes() if remote is not None else b"",
+                via=route.upstream_proxy,
             )
             self._fail(failure)
             return
@@ -864,10 +863,8 @@ class _PlainSide(asyncio.Protocol):
         remote: _RemoteSide | None = None
         try:
             async with asyncio.timeout(route.connect_timeout):
-                _, remote = await asyncio.get_running_loop().create_connection(
-                    lambda: _RemoteSide(self, None, route.server_name, listener.contexts),
-                    route.target_host,
-                    route.target_port,
+                _, remote = await open_to_target(
+                    route, lambda: _RemoteSide(self, None, route.server_name, listener.contexts)
                 )
         except Exception as exc:
             failure = failures.classify(
@@ -878,6 +875,7 @@ class _PlainSide(asyncio.Protocol):
                 connected=False,
                 timeout=route.connect_timeout,
                 first_bytes=b"",
+                via=route.upstream_proxy,
             )
             self._fail(failure)
             return
