@@ -90,6 +90,9 @@ CONFIG_CASES = [
     Case("config", "max_connections that is not a whole number", ("routes.api.max_connections", "1 to 1000000"), config_message(MINIMAL_ROUTE + "max_connections = 0\n")),
     Case("config", "a [[proxy.rules]] host that is no pattern (the second rule)", ("config.toml:8", "proxy.rules[1].hosts = '*.com'", "one left-most label"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n\n[[proxy.rules]]\nhosts = ["*.com"]\n')),
     Case("config", "a proxy rule whose connect is the proxy's own port", ("config.toml:6", "proxy.rules[0].connect", "tunnel into itself"), config_message('[identities.dev]\nrenew = "none"\n\n[[proxy.rules]]\nhosts = ["a.example"]\nconnect = "127.0.0.1:18888"\n')),
+    Case("config", "an upstream proxy URL with the user and password in it", ("config.toml:7", "routes.api.upstream_proxy", "credentials do not belong in the config file", "upstream_proxy_auth_env"), config_message(MINIMAL_ROUTE + 'upstream_proxy = "http://alice:hunter2@proxy.corp.example:3128"\n')),
+    Case("config", "an upstream proxy of a scheme we do not speak", ("routes.api.upstream_proxy = 'socks4://proxy.corp.example'", "http://, socks5:// or socks5h://"), config_message(MINIMAL_ROUTE + 'upstream_proxy = "socks4://proxy.corp.example"\n')),
+    Case("config", "the proxy's user:password written where its variable's name goes", ("routes.api.upstream_proxy_auth_env", "not an environment variable name (value not shown)"), config_message(MINIMAL_ROUTE + 'upstream_proxy = "http://proxy.corp.example"\nupstream_proxy_auth_env = "alice:hunter2"\n')),
     Case("config", "the proxy listening beyond loopback", ("proxy.listen = '0.0.0.0:3128'", "unsafe_listen = true in [proxy]"), config_message('[identities.dev]\nrenew = "none"\n\n[proxy]\nlisten = "0.0.0.0:3128"\n\n[[proxy.rules]]\nhosts = ["a.example"]\n')),
 ]  # fmt: skip
 

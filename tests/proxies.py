@@ -109,7 +109,7 @@ class UpstreamProxyServer:
             return
         if self.credentials is not None and given != ":".join(self.credentials):
             writer.write(
-                b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"test\"\r\n"
+                b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="test"\r\n'
                 b"Content-Length: 0\r\n\r\n"
             )
             await writer.drain()
@@ -132,7 +132,8 @@ class UpstreamProxyServer:
 
     async def _socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         version, count = await reader.readexactly(2)
-        assert version == 5
+        if version != 5:  # not SOCKS5 (an HTTP client, say): hang up, as real ones do
+            return
         methods = await reader.readexactly(count)
         given: str | None = None
         if self.credentials is not None:
