@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,10 @@ def test_a_proxy_rule_reaches_its_destinations_through_the_upstream_proxy(isolat
         assert recv_all(sock) == b"through two proxies\n"
         assert proxy.requests == [f"localhost:{server.port}"]
         assert server.records[-1].peer_cert is not None  # our certificate, added inside the upstream tunnel
+        # `mtls-sidecar proxy check` goes the same way
+        checked = daemon.client().post("/v1/proxy/check", {"destination": f"localhost:{server.port}"})
+        assert checked["ok"] is True, checked
+        assert len(proxy.requests) >= 2
 
 
 def test_a_passthrough_rule_keeps_what_the_proxy_sent_with_its_answer(isolated_home: Path, pki: Pki) -> None:
@@ -332,8 +337,12 @@ def spec(port: int, **fields: Any) -> RouteSpec:
     return RouteSpec("flags", ListenAddress("tcp", "127.0.0.1", 0), "127.0.0.1", port, "localhost", **fields)
 
 
+@pytest.mark.parametrize(
+    "loop", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(sys.platform == "win32", reason="no uvloop"))]
+)
 @pytest.mark.parametrize("kind", ["http", "socks5"])
-def test_open_to_target_hands_over_the_bytes_past_the_proxy_answer(kind: str) -> None:
+def test_open_to_target_hands_over_the_bytes_past_the_proxy_answer(kind: str, loop: str) -> None:
+    """On both event loops the daemon may run (uvloop by default)."""
     with banner_server(b"hello first\n") as port, UpstreamProxyServer(kind, coalesce=True) as proxy:
 
         async def run() -> bytes:
@@ -343,7 +352,13 @@ def test_open_to_target_hands_over_the_bytes_past_the_proxy_answer(kind: str) ->
             transport.close()
             return protocol.data
 
-        assert asyncio.run(run()) == b"hello first\n"
+        factory = asyncio.new_event_loop
+        if loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            assert runner.run(run()) == b"hello first\n"
         assert proxy.tunnels == 1
 
 
@@ -399,3 +414,77 @@ def test_a_proxy_rule_checks_its_upstream_proxy_too(isolated_home: Path, pki: Pk
         load_config(path)
     assert caught.value.field == "proxy.rules[0].upstream_proxy" or "upstream_proxy" in str(caught.value.field)
     assert "unsupported proxy scheme" in str(caught.value)
+
+
+# --- the control API
+
+
+def test_a_route_added_through_the_api_takes_an_upstream_proxy(isolated_home: Path, pki: Pki) -> None:
+    from sidecar.control.client import ApiCallError
+    from tests.realservers import free_port
+
+    with (
+        mtls_server(pki, mode="echo") as server,
+        UpstreamProxyServer("socks5") as proxy,
+        DaemonThread(config(isolated_home, pki, server.port)) as daemon,
+    ):
+        client = daemon.client()
+        port = free_port()
+        added = {"name": "added", "listen": f"127.0.0.1:{port}", "target": f"localhost:{server.port}"}
+        trust = {"server_name": "localhost", "ca_file": str(pki.server_ca_file)}
+        client.post("/v1/routes", {**added, **trust, "upstream_proxy": proxy.url, "upstream_proxy_auth_env": AUTH_ENV})
+        assert echo_once(port) == b"ping\n"
+        assert proxy.requests == [f"localhost:{server.port}"]
+        with pytest.raises(ApiCallError) as caught:
+            client.post(
+                "/v1/routes",
+                {**added, "name": "leaky", "listen": "127.0.0.1:0", "upstream_proxy": "http://alice:s3cret@p:3128"},
+            )
+        assert caught.value.status == 400
+        assert "upstream_proxy" in str(caught.value) and "credentials do not belong" in str(caught.value)
+        assert "s3cret" not in str(caught.value)
+    saved = (isolated_home / "config.toml").read_text()
+    assert f'upstream_proxy_auth_env = "{AUTH_ENV}"' in saved and "s3cret" not in saved
+
+
+# --- the real daemon process (uvloop), nginx behind the proxy, curl in front
+
+
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+def test_curl_through_the_daemon_process_and_the_proxy_to_nginx(
+    isolated_home: Path, pki: Pki, tmp_path: Path, kind: str
+) -> None:
+    from tests.realservers import free_port, nginx_mtls
+    from tests.scenario import curl
+    from tests.test_cli import sidecar_process
+
+    with (
+        nginx_mtls(
+            tmp_path / "nginx", server_cert=pki.server_cert, server_key=pki.server_key, client_ca=pki.client_ca_file
+        ) as nginx,
+        UpstreamProxyServer(kind, credentials=("alice", "s3cret")) as proxy,
+    ):
+        port = free_port()
+        path = write_config(
+            isolated_home / "config.toml",
+            identities={"dev": {"renew": "none"}},
+            routes={
+                "web": route_to(
+                    pki,
+                    nginx.port,
+                    listen=f"127.0.0.1:{port}",
+                    target=f"localhost:{nginx.port}",
+                    upstream_proxy=proxy.url,
+                    upstream_proxy_auth_env=AUTH_ENV,
+                )
+            },
+        )
+        env = {"MTLS_SIDECAR_CONFIG": str(path), AUTH_ENV: "alice:s3cret"}
+        with sidecar_process("run", env=env) as (proc, log):
+            log.wait_for(rf"listening on 127\.0\.0\.1:{port} → localhost:{nginx.port}")
+            result = curl(port)
+            assert "client_dn=CN=dev" in result.stdout, (result.stdout, result.stderr, log.text)
+            assert proxy.requests == [f"localhost:{nginx.port}"]
+            assert "s3cret" not in log.text
+            proc.terminate()
+            proc.wait(timeout=20)
