@@ -194,6 +194,28 @@ def test_a_proxy_speaking_something_else_is_unreachable(isolated_home: Path, pki
         assert "closed the connection before answering CONNECT" in status["last_error"]
 
 
+def test_a_proxy_that_never_answers_times_out_naming_it(isolated_home: Path, pki: Pki) -> None:
+    from tests.tlsserver import ScriptedTLSServer
+
+    with (
+        mtls_server(pki, mode="echo") as server,
+        ScriptedTLSServer(cert=None, key=None, tls=False, mode="stall") as silent,
+        DaemonThread(
+            config(
+                isolated_home, pki, server.port, upstream_proxy=f"http://127.0.0.1:{silent.port}", connect_timeout="1s"
+            )
+        ) as daemon,
+    ):
+        assert echo_once(daemon.port("svc")) == b""
+        status = route_status(daemon)
+        assert status["failures"] == {"timeout": 1}
+        assert f"through the upstream proxy http://127.0.0.1:{silent.port}: no tunnel within 1s" in status["last_error"]
+        assert b"CONNECT 127.0.0.1:" in bytes(silent.records[0].raw)
+        checked = daemon.client().post("/v1/routes/svc/check")
+        assert checked["cause"] == "timeout"
+        assert f"the upstream proxy http://127.0.0.1:{silent.port} gave no tunnel" in checked["message"]
+
+
 def test_check_goes_through_the_proxy(isolated_home: Path, pki: Pki) -> None:
     with (
         mtls_server(pki, mode="echo") as server,
