@@ -342,6 +342,7 @@ class RouteListener:
             "listen": str(self.bound or route.listen),
             "target": self.target,
             "server_name": route.server_name,
+            "upstream_proxy": route.upstream_proxy,  # reached through this HTTP CONNECT or SOCKS5 proxy
             "protocol": route.protocol,
             "identity": identity,
             "state": state,  # the listener's own state (kept for older clients); health says whether it works

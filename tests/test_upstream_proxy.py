@@ -17,6 +17,7 @@ import contextlib
 import socket
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 
 from sidecar.config import ListenAddress, RouteSpec, load_config
 from sidecar.errors import ConfigError
+from sidecar.statusview import render_status
 from sidecar.upstreamdial import open_to_target
 from sidecar.upstreamproxy import UpstreamProxyError
 from tests.daemon_runner import DaemonThread
@@ -90,6 +92,9 @@ def test_a_route_reaches_its_target_through_the_proxy(isolated_home: Path, pki: 
         assert b"ping" not in bytes(record.raw)
         status = route_status(daemon)
         assert status["failures"] == {} and status["total_connections"] == 1
+        assert status["upstream_proxy"] == proxy.url and route_status(daemon, "direct")["upstream_proxy"] is None
+        table = render_status(daemon.status(), datetime.now(UTC))
+        assert f"through the upstream proxy {proxy.url}" in table and table.count("through the upstream proxy") == 1
 
 
 @pytest.mark.parametrize("kind", ["http", "socks5"])
@@ -284,6 +289,7 @@ def test_a_proxy_rule_reaches_its_destinations_through_the_upstream_proxy(isolat
         assert recv_all(sock) == b"through two proxies\n"
         assert proxy.requests == [f"localhost:{server.port}"]
         assert server.records[-1].peer_cert is not None  # our certificate, added inside the upstream tunnel
+        assert daemon.status()["proxy"]["rules"][0]["upstream_proxy"] == proxy.url
         # `mtls-sidecar proxy check` goes the same way
         checked = daemon.client().post("/v1/proxy/check", {"destination": f"localhost:{server.port}"})
         assert checked["ok"] is True, checked
