@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from sidecar.upstreamproxy import UpstreamProxyError
+
 
 class Cause(StrEnum):
     OK = "ok"
@@ -65,6 +67,10 @@ class Cause(StrEnum):
     # inside CONNECT or SOCKS, where our client certificate cannot be added.
     PROXY_NOT_ALLOWED = "proxy_not_allowed"
     CLIENT_SPEAKS_TLS = "client_speaks_tls"
+    # A route's `upstream_proxy` (sidecar/upstreamproxy.py): it answered no to our CONNECT (an HTTP
+    # status, a SOCKS5 reply, credentials it wants or does not accept); or we could not talk to it.
+    UPSTREAM_PROXY_REFUSED = "upstream_proxy_refused"
+    UPSTREAM_PROXY_UNREACHABLE = "upstream_proxy_unreachable"
 
     @property
     def text(self) -> str:
@@ -200,6 +206,17 @@ _ABOUT: dict[Cause, tuple[str, str]] = {
         "have the client use http:// (the sidecar adds the TLS), or set passthrough = true on the rule for "
         "hosts that need no client certificate",
     ),
+    Cause.UPSTREAM_PROXY_REFUSED: (
+        "the route's `upstream_proxy` refused to connect us to the target (HTTP 403, 407 or 502; a SOCKS5 reply "
+        "code; credentials it wants or does not accept)",
+        "407 or a SOCKS5 authentication failure: set the environment variable named by upstream_proxy_auth_env to "
+        '"user:password"; otherwise ask the proxy\'s administrators to allow the target',
+    ),
+    Cause.UPSTREAM_PROXY_UNREACHABLE: (
+        "the route's `upstream_proxy` could not be reached, closed the connection, or did not speak HTTP CONNECT "
+        "or SOCKS5",
+        "check upstream_proxy's host, port and scheme (http://, socks5://), and that the proxy runs",
+    ),
 }
 
 # OpenSSL X509_V_ERR_* codes (SSLCertVerificationError.verify_code).
@@ -220,7 +237,8 @@ NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PA
 
 STAGES = ("setup", "resolve", "connect", "handshake", "after_handshake", "established", "local")
 KINDS = ("config", "credential", "dns", "refused", "timeout", "reset", "closed", "os_error", "tls", "verify",
-         "protocol", "no_tls", "http_refused", "not_allowed", "client_tls")  # fmt: skip
+         "protocol", "no_tls", "http_refused", "not_allowed", "client_tls", "proxy_refused",
+         "proxy_unreachable")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,8 @@ class Fault:
            server offers no TLS in its handshake) or "http_refused" (an HTTP server's answer
            says it does not take our certificate: `http_certificate_refusal`), "not_allowed"
            (the proxy's rules do not cover the destination) or "client_tls" (a proxy client
-           began its own TLS).
+           began its own TLS), "proxy_refused" or "proxy_unreachable" (the route's upstream proxy
+           said no, or could not be talked to: `text` says what it answered, `fix` what to do).
     first_bytes: the start of what the server sent, when it is worth judging (not TLS?).
     """
 
@@ -248,6 +267,7 @@ class Fault:
     verify_code: int | None = None
     verify_message: str | None = None
     first_bytes: bytes = b""
+    fix: str = ""  # what to do, when the fault itself knows it better than its cause (an upstream proxy's)
 
     @property
     def alert(self) -> str:
@@ -265,6 +285,10 @@ def cause_of(fault: Fault) -> Cause:
         return Cause.PROXY_NOT_ALLOWED
     if fault.kind == "client_tls":
         return Cause.CLIENT_SPEAKS_TLS
+    if fault.kind == "proxy_refused":
+        return Cause.UPSTREAM_PROXY_REFUSED
+    if fault.kind == "proxy_unreachable":
+        return Cause.UPSTREAM_PROXY_UNREACHABLE
     if fault.kind == "protocol":
         return Cause.PROTOCOL_MISMATCH
     if fault.kind == "no_tls":
@@ -347,6 +371,8 @@ def _verify_cause(code: int | None) -> Cause:
 
 def fault_from(stage: str, exc: BaseException, *, first_bytes: bytes = b"") -> Fault:
     """A Fault from an exception raised at `stage`."""
+    if isinstance(exc, UpstreamProxyError):
+        return Fault(stage, "proxy_refused" if exc.refused else "proxy_unreachable", exc.message, fix=exc.fix)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Fault(
             stage, "verify", error_text(exc), ssl_reason=ssl_reason(exc), verify_code=exc.verify_code,

@@ -41,6 +41,7 @@ from sidecar.renewal.settings import (
 )
 from sidecar.renewal.timing import RenewalPolicy
 from sidecar.tablereader import Document, Table, toml_key, toml_string
+from sidecar.upstreamproxy import ProxyURLError, parse_proxy_url
 
 DEFAULT_LIFETIME = 7 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -72,7 +73,8 @@ ROUTE_KEYS = ("listen", "target", "server_name", "ca_file", "ca_dir", "identity"
                "pin_sha256", "allowed_uri_sans", "allowed_common_names", "allowed_ous",
                "allowed_dns_sans", "allowed_ip_sans", "revocation", "crl_file",
                "protocol", "postgres_negotiation", "local_tls", "host_header",
-               "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
+               "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle",
+               "upstream_proxy", "upstream_proxy_auth_env")  # fmt: skip
 # What a route's local client speaks (sidecar/protocols/): how its bytes become an mTLS conversation.
 PROTOCOLS = ("tcp", "postgres", "mysql", "http")
 POSTGRES_NEGOTIATIONS = ("sslrequest", "direct")
@@ -84,7 +86,8 @@ PROXY_RULE_KEYS = ("name", "hosts", "ports", "identity", "protocol", "tls_port",
                    "ca_file", "ca_dir", "alpn", "connect_timeout", "unsafe_skip_verify", "pin_sha256",
                    "allowed_uri_sans", "allowed_common_names", "allowed_ous", "allowed_dns_sans",
                    "allowed_ip_sans", "revocation", "crl_file", "postgres_negotiation",
-                   "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle")  # fmt: skip
+                   "max_connections", "idle_timeout", "preconnect", "preconnect_max_idle",
+                   "upstream_proxy", "upstream_proxy_auth_env")  # fmt: skip
 DEFAULT_PROXY_LISTEN = "127.0.0.1:18888"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -182,6 +185,10 @@ class RouteSpec:
     # `preconnect`: warm connections kept ready (a number, or "auto"), each used within this many seconds
     preconnect: int | str = 0
     preconnect_max_idle: float = DEFAULT_PRECONNECT_MAX_IDLE
+    # reach the target through this HTTP CONNECT or SOCKS5 proxy (sidecar/upstreamproxy.py), with
+    # "user:password" from the environment variable named by upstream_proxy_auth_env
+    upstream_proxy: str | None = None
+    upstream_proxy_auth_env: str | None = None
     # once one side has finished sending, close the tunnel this many seconds later if the other has
     # not finished too (ghostunnel's --close-timeout; `tunnel` only); None: a half-close may last
     close_timeout: float | None = None
@@ -247,6 +254,9 @@ class ProxyRuleSpec:
     # warm connections per destination reached (a number, or "auto")
     preconnect: int | str = 0
     preconnect_max_idle: float = DEFAULT_PRECONNECT_MAX_IDLE
+    # the destinations of this rule are reached through an upstream proxy, as a route's are
+    upstream_proxy: str | None = None
+    upstream_proxy_auth_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -530,14 +540,32 @@ def _subject(t: Table) -> str:
     return subject
 
 
-def _env_name(t: Table, key: str) -> str | None:
+def _upstream_proxy(t: Table) -> tuple[str | None, str | None]:
+    """`upstream_proxy` (checked as sidecar/upstreamproxy.py reads it) and `upstream_proxy_auth_env`."""
+    url = t.string("upstream_proxy")
+    auth_env = _env_name(t, "upstream_proxy_auth_env", what="the proxy's user:password")
+    if url is not None:
+        try:
+            parse_proxy_url(url)
+        except ProxyURLError as exc:
+            # A URL with credentials in it is not shown: they are what must not be in a file.
+            shown = url if "@" not in url else None
+            raise t.error("upstream_proxy", exc.message, shown, hint=exc.hint) from None
+    elif auth_env is not None:
+        raise t.error(
+            "upstream_proxy_auth_env", "only used with upstream_proxy", hint="set upstream_proxy too, or remove it"
+        )
+    return url, auth_env
+
+
+def _env_name(t: Table, key: str, *, what: str = "the password") -> str | None:
     value = t.string(key)
     if value is not None and not _ENV_NAME.fullmatch(value):
         # The value is left out of the error: people paste the password itself here.
         raise t.error(
             key,
             "not an environment variable name (value not shown)",
-            hint="name the variable that holds the password, never the password",
+            hint=f"name the variable that holds {what}, never {what}",
         )
     return value
 
@@ -578,6 +606,7 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
     host_header = t.string("host_header")
     if host_header is not None and (not host_header.strip() or any(c in host_header for c in "\r\n\0 ")):
         raise t.error("host_header", "not a host name", host_header, hint='for example "api.example.test"')
+    upstream = _upstream_proxy(t)
     return RouteSpec(
         name=t.path[-1],
         listen=listen,
@@ -607,6 +636,8 @@ def _parse_route(t: Table, identities: Mapping[str, IdentitySpec]) -> RouteSpec:
         idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
         preconnect=_preconnect(t, protocol),
         preconnect_max_idle=t.duration("preconnect_max_idle", DEFAULT_PRECONNECT_MAX_IDLE, positive=True),
+        upstream_proxy=upstream[0],
+        upstream_proxy_auth_env=upstream[1],
     )
 
 
@@ -939,6 +970,7 @@ def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> Proxy
     connect = None
     if "connect" in t.data:
         connect = t.address("connect", parse_target, "127.0.0.1:8443")
+    upstream = _upstream_proxy(t)
     return ProxyRuleSpec(
         name=t.string("name") or hosts[0].text,
         hosts=tuple(hosts),
@@ -966,6 +998,8 @@ def _parse_proxy_rule(t: Table, identities: Mapping[str, IdentitySpec]) -> Proxy
         idle_timeout=t.duration("idle_timeout", 0.0, positive=False),
         preconnect=_preconnect(t, protocol or "tcp", passthrough=t.boolean("passthrough")),
         preconnect_max_idle=t.duration("preconnect_max_idle", DEFAULT_PRECONNECT_MAX_IDLE, positive=True),
+        upstream_proxy=upstream[0],
+        upstream_proxy_auth_env=upstream[1],
     )
 
 

@@ -38,21 +38,35 @@ def classify(
     connected: bool = False,
     timeout: float | None = None,
     first_bytes: bytes = b"",
+    via: str | None = None,
 ) -> Failure:
     """Turn an exception from connecting or handshaking into a cause and a sentence.
 
     `connected`: the TCP connection was made (a timeout then means no TLS answer); `timeout`:
     the route's connect_timeout in seconds, named in the message; `first_bytes`: the start of
-    what the server sent (a plaintext answer means it is not a TLS port).
+    what the server sent (a plaintext answer means it is not a TLS port); `via`: the route's
+    upstream proxy, named in a timeout's sentence (its refusals name it themselves).
     """
     fault = fault_from("handshake" if connected else "connect", exc, first_bytes=first_bytes)
-    return describe(fault, target=target, server_name=server_name, trust=trust, timeout=timeout)
+    failure = describe(fault, target=target, server_name=server_name, trust=trust, timeout=timeout)
+    if via is not None and failure.reason == Cause.TIMEOUT:
+        if connected:
+            return Failure(failure.reason, f"{failure.message}; it is reached through the upstream proxy {via}")
+        within = f" within {timeout:g}s (connect_timeout)" if timeout is not None else ""
+        return Failure(
+            failure.reason,
+            f"timed out connecting to {target} through the upstream proxy {via}: no tunnel{within} "
+            "(is the proxy slow to reach the target, or is a firewall dropping packets to the proxy?)",
+        )
+    return failure
 
 
 def describe(
     fault: Fault, *, target: str, server_name: str = "", trust: str = "", timeout: float | None = None
 ) -> Failure:
     cause = cause_of(fault)
+    if cause in (Cause.UPSTREAM_PROXY_REFUSED, Cause.UPSTREAM_PROXY_UNREACHABLE):
+        return Failure(cause, f"cannot reach {target}: {fault.text}; {fault.fix}" if fault.fix else fault.text)
     if cause == Cause.TIMEOUT:
         within = f" within {timeout:g}s (connect_timeout)" if timeout is not None else ""
         if fault.stage != "connect":

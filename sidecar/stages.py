@@ -23,8 +23,11 @@ through TLS); `remote_failed` instead, when connecting, the handshake or the che
   speak before TLS starts (PostgreSQL's SSLRequest and the `N` a local client is told,
   MySQL's greeting and its in-band SSL switch) and rewrite bytes after (HTTP headers).
 - The **remote stage** sits between the TLS pipe and the remote socket and may speak on the
-  socket before TLS starts (an upstream proxy's CONNECT); its `StartTLS` means "the socket is
-  ready: start the chain above". None is configured today.
+  socket before TLS starts; its `StartTLS` means "the socket is ready: start the chain above".
+  None is configured today. A route's upstream proxy (HTTP CONNECT, SOCKS5) does not need one:
+  its dialogue runs before the chain exists (`sidecar.upstreamdial.open_to_target`, driving the
+  sans-I/O `sidecar.upstreamproxy`), and hands the chain a socket already tunnelled to the
+  target, with the bytes the proxy sent past its answer delivered first.
 
 Once a stage has nothing left to do it sets `transparent`, and from then on the connection
 does not call it: bytes flow untouched and cost nothing extra. `PassThrough`, the `tcp`

@@ -93,6 +93,8 @@ def render_status(status: dict[str, Any], now: datetime, colour: bool = False) -
         warm_line = warm_note(route.get("warm"))
         if warm_line:
             row.notes.append(f"  {paint(warm_line, 'dim')}")
+        if route.get("upstream_proxy"):
+            row.notes.append(f"  {paint('through the upstream proxy ' + route['upstream_proxy'], 'dim')}")
         routes.append(row)
     lines += _table(routes, _ROUTE_WIDTHS, paint)
     proxy = status.get("proxy") or {}

@@ -72,6 +72,7 @@ from sidecar.tlspipe import (
     Truncated,
 )
 from sidecar.units import rfc3339
+from sidecar.upstreamdial import open_to_target
 from sidecar.warm import WarmPool
 
 log = logging.getLogger("sidecar.tunnel")
@@ -346,6 +347,7 @@ class RouteListener:
             "listen": str(self.bound or route.listen),
             "target": self.target,
             "server_name": route.server_name,
+            "upstream_proxy": route.upstream_proxy,  # reached through this HTTP CONNECT or SOCKS5 proxy
             "protocol": route.protocol,
             "identity": identity,
             "state": state,  # the listener's own state (kept for older clients); health says whether it works
@@ -810,7 +812,6 @@ class _PlainSide(asyncio.Protocol):
                 )
                 return
             credential = selection.selected
-        loop = asyncio.get_running_loop()
         try:
             ctx = self.ctx = listener.contexts.get(credential, listener.policy)
         except Exception as exc:
@@ -821,10 +822,8 @@ class _PlainSide(asyncio.Protocol):
         remote: _RemoteSide | None = None
         try:
             async with asyncio.timeout(route.connect_timeout):
-                _, remote = await loop.create_connection(
-                    lambda: _RemoteSide(self, ctx, route.server_name, listener.contexts),
-                    route.target_host,
-                    route.target_port,
+                _, remote = await open_to_target(
+                    route, lambda: _RemoteSide(self, ctx, route.server_name, listener.contexts)
                 )
                 self.remote = remote
                 self._run(self.stage.connected())
@@ -844,6 +843,7 @@ class _PlainSide(asyncio.Protocol):
                 connected=remote is not None,
                 timeout=route.connect_timeout,
                 first_bytes=remote.first_bytes() if remote is not None else b"",
+                via=route.upstream_proxy,
             )
             self._fail(failure)
             return
@@ -881,10 +881,8 @@ class _PlainSide(asyncio.Protocol):
         remote: _RemoteSide | None = None
         try:
             async with asyncio.timeout(route.connect_timeout):
-                _, remote = await asyncio.get_running_loop().create_connection(
-                    lambda: _RemoteSide(self, None, route.server_name, listener.contexts),
-                    route.target_host,
-                    route.target_port,
+                _, remote = await open_to_target(
+                    route, lambda: _RemoteSide(self, None, route.server_name, listener.contexts)
                 )
         except Exception as exc:
             failure = failures.classify(
@@ -895,6 +893,7 @@ class _PlainSide(asyncio.Protocol):
                 connected=False,
                 timeout=route.connect_timeout,
                 first_bytes=b"",
+                via=route.upstream_proxy,
             )
             self._fail(failure)
             return

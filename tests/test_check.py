@@ -682,6 +682,7 @@ def test_every_cause_key_is_reachable_and_stable() -> None:
         "no_usable_certificate", "alpn_refused", "tls_error", "config",
         "pin_mismatch", "uri_san_not_allowed", "server_certificate_revoked", "revocation_unknown",
         "protocol_mismatch", "server_offers_no_tls", "server_rejected_certificate_http", "server_not_allowed",
+        "upstream_proxy_refused", "upstream_proxy_unreachable",
     }  # fmt: skip
 
 

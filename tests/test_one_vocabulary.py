@@ -23,6 +23,7 @@ from sidecar.causes import Cause
 from sidecar.policy import spki_sha256
 from tests.daemon_runner import DaemonThread
 from tests.pki import CA, now
+from tests.proxies import UpstreamProxyServer
 from tests.scenario import Pki, route_to, write_config
 from tests.tlsserver import ScriptedTLSServer
 from tests.waiting import wait_until
@@ -45,6 +46,8 @@ EXPECTED = {
     "server_not_allowed": Cause.SERVER_NOT_ALLOWED,
     "no_usable_certificate": Cause.NO_USABLE_CERT,
     "tls_error": Cause.TLS_ERROR,
+    "upstream_proxy_refused": Cause.UPSTREAM_PROXY_REFUSED,
+    "upstream_proxy_unreachable": Cause.UPSTREAM_PROXY_UNREACHABLE,
 }
 
 
@@ -86,7 +89,9 @@ def servers(pki: Pki, folder: Path) -> Iterator[dict[str, ScriptedTLSServer]]:
         yield running
 
 
-def routes(pki: Pki, s: dict[str, ScriptedTLSServer], closed_port: int, rogue_ca: Path) -> dict[str, dict[str, Any]]:
+def routes(
+    pki: Pki, s: dict[str, ScriptedTLSServer], closed_port: int, rogue_ca: Path, refusing_proxy: str
+) -> dict[str, dict[str, Any]]:
     fast = {"connect_timeout": "1s"}
     return {
         "refused": route_to(pki, closed_port),
@@ -105,6 +110,8 @@ def routes(pki: Pki, s: dict[str, ScriptedTLSServer], closed_port: int, rogue_ca
         "server_not_allowed": route_to(pki, s["good"].port, allowed_common_names=["someone-else"]),
         "no_usable_certificate": {**route_to(pki, s["good"].port), "identity": "empty"},
         "tls_error": route_to(pki, s["tls11_only"].port),
+        "upstream_proxy_refused": route_to(pki, s["good"].port, upstream_proxy=refusing_proxy),
+        "upstream_proxy_unreachable": route_to(pki, s["good"].port, upstream_proxy=f"http://127.0.0.1:{closed_port}"),
     }
 
 
@@ -133,12 +140,12 @@ def test_status_and_check_use_the_same_key_for_the_same_real_failure(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    with servers(pki, tmp_path / "servers") as running:
+    with servers(pki, tmp_path / "servers") as running, UpstreamProxyServer("http", refuse=403) as proxy:
         config = write_config(
             isolated_home / "config.toml",
             identities={"dev": {"renew": "none"}, "empty": {"renew": "none"}},
             active="dev",
-            routes=routes(pki, running, closed_port, rogue_ca),
+            routes=routes(pki, running, closed_port, rogue_ca, proxy.url),
         )
         seen: dict[str, tuple[dict[str, int], str]] = {}
         with DaemonThread(config) as daemon:

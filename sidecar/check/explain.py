@@ -55,13 +55,15 @@ SERVER_CERT_REVOKED = Cause.SERVER_CERT_REVOKED
 REVOCATION_UNKNOWN = Cause.REVOCATION_UNKNOWN
 PROTOCOL_MISMATCH = Cause.PROTOCOL_MISMATCH
 SERVER_NO_TLS = Cause.SERVER_NO_TLS
+UPSTREAM_PROXY_REFUSED = Cause.UPSTREAM_PROXY_REFUSED
+UPSTREAM_PROXY_UNREACHABLE = Cause.UPSTREAM_PROXY_UNREACHABLE
 # The causes `check` can report (the tunnel adds other_user, reset and truncated, which need a
 # local client or an established tunnel).
 CAUSES = (
     OK, DNS, REFUSED, TIMEOUT, CONNECT, NOT_TLS, SERVER_UNTRUSTED, NAME_MISMATCH, SERVER_CERT_EXPIRED,
     SERVER_CERT_NOT_YET_VALID, SERVER_REJECTED_CERT, NO_USABLE_CERT, ALPN_REFUSED, TLS_ERROR, CONFIG,
     PIN_MISMATCH, URI_SAN_NOT_ALLOWED, SERVER_CERT_REVOKED, REVOCATION_UNKNOWN, PROTOCOL_MISMATCH, SERVER_NO_TLS,
-    SERVER_REJECTED_CERT_HTTP, SERVER_NOT_ALLOWED,
+    SERVER_REJECTED_CERT_HTTP, SERVER_NOT_ALLOWED, UPSTREAM_PROXY_REFUSED, UPSTREAM_PROXY_UNREACHABLE,
 )  # fmt: skip
 
 EXPIRY_WARNING = timedelta(days=14)
@@ -140,6 +142,10 @@ class Observation:
     # The daemon's warning about the identity's certificate: it expires soon and will not be
     # renewed in time (sidecar/expiry.py). Shown whatever the connection did.
     identity_warning: str | None = None
+    # The route's upstream proxy (its URL as configured) and its credentials' variable: the
+    # connections are made through it.
+    upstream_proxy: str | None = None
+    upstream_proxy_auth_env: str | None = None
 
     @property
     def target(self) -> str:
@@ -169,6 +175,8 @@ def explain(obs: Observation) -> CheckResult:
     cause = cause_of(replace(failure, first_bytes=obs.first_bytes))
     if obs.prelude_error is not None:
         return CheckResult(False, cause, f"{obs.target}: {obs.prelude_error}", cause.fix, details)
+    if cause in (UPSTREAM_PROXY_REFUSED, UPSTREAM_PROXY_UNREACHABLE):
+        return CheckResult(False, cause, f"{obs.target}: {failure.text}", failure.fix or cause.fix, details)
     if obs.speaks == "postgres" or cause == PROTOCOL_MISMATCH:
         return _wrong_protocol(obs, "postgres" if obs.speaks == "postgres" else "mysql", details)
     if cause == DNS:
@@ -385,6 +393,9 @@ def _timed_out(obs: Observation, failure: Fault, details: dict[str, Any]) -> Che
     if failure.stage == "resolve":
         message = f"{obs.target}: resolving {obs.host} took longer than {limit}"
         fix = f"check your DNS or VPN connection, {raise_it}"
+    elif failure.stage == "connect" and obs.upstream_proxy is not None:
+        message = f"{obs.target}: the upstream proxy {obs.upstream_proxy} gave no tunnel to it within {limit}"
+        fix = f"check that the proxy runs and can reach {obs.host}, {raise_it}"
     elif failure.stage == "connect":
         message = f"{obs.target}: no answer to the TCP connection within {limit}"
         fix = f"check that {obs.host} is reachable from here (VPN, firewall) and the port is right, {raise_it}"
@@ -719,6 +730,8 @@ def _details(obs: Observation) -> dict[str, Any]:
         details["acceptable_issuers_unknown"] = obs.acceptable_issuers_unknown
     if obs.address is not None:
         details["address"] = obs.address
+    if obs.upstream_proxy is not None:
+        details["upstream_proxy"] = obs.upstream_proxy
     if obs.failure is not None:
         details["stage"] = obs.failure.stage
         if obs.failure.ssl_reason:

@@ -55,6 +55,8 @@ from sidecar.tlspipe import (
     TLSPipe,
     Truncated,
 )
+from sidecar.upstreamdial import dial_through
+from sidecar.upstreamproxy import UpstreamProxyError, parse_proxy_url
 
 # How long to listen after our side of the handshake completes: with TLS 1.3 a server
 # rejects our certificate only after that, with an alert on the first read.
@@ -169,6 +171,8 @@ def observe_start(
         protocol=route.protocol,
         local_tls=route.local_tls,
         http_host=http_host(route) if is_http_target(route) else None,
+        upstream_proxy=route.upstream_proxy,
+        upstream_proxy_auth_env=route.upstream_proxy_auth_env,
     )
 
 
@@ -260,6 +264,18 @@ async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]
     raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
 
 
+async def _open(obs: Observation, held: list[socket.socket]) -> tuple[str, bytes]:
+    """A connection to the target, as the tunnel makes it: directly, or through the route's
+    upstream proxy. The socket goes into `held`; returns the address connected to and the bytes
+    the proxy sent past its answer (the target's first words)."""
+    if obs.upstream_proxy is None:
+        return await _connect_first(await _resolve(obs.host, obs.port), held), b""
+    proxy = parse_proxy_url(obs.upstream_proxy, obs.upstream_proxy_auth_env)
+    sock, leftover = await dial_through(proxy, obs.host, obs.port)
+    held.append(sock)
+    return f"{obs.target} through {proxy.url}", leftover
+
+
 async def _handshake(
     obs: Observation, ctx: ssl.SSLContext, after_wait: float, stage: Stage, http_method: str = "HEAD"
 ) -> Observation:
@@ -284,13 +300,17 @@ async def _handshake_on(
     address: str | None = None
     try:
         async with asyncio.timeout(obs.timeout):
-            infos = await _resolve(obs.host, obs.port)
-            stage = "connect"
-            address = await _connect_first(infos, held)
+            if obs.upstream_proxy is None:
+                infos = await _resolve(obs.host, obs.port)
+                stage = "connect"
+                address = await _connect_first(infos, held)
+                leftover = b""
+            else:
+                stage = "connect"
+                address, leftover = await _open(obs, held)
             stage = "handshake"
-            leftover = b""
             if not stage_.transparent:  # the route's protocol speaks before TLS (SSLRequest, a greeting)
-                leftover = await _prelude(held[0], stage_)
+                leftover = await _prelude(held[0], stage_, leftover)
             wire = _Wire(held[0], ctx, obs.server_name, _KEEP_FIRST_BYTES)
             if leftover:
                 wire.pipe.receive_data(leftover)
@@ -345,8 +365,10 @@ async def _probe(obs: Observation) -> Observation:
     error: str | None = None
     try:
         async with asyncio.timeout(obs.timeout):
-            await _connect_first(await _resolve(obs.host, obs.port), held)
+            _, leftover = await _open(obs, held)
             wire = _Wire(held[0], ctx, obs.server_name, _KEEP_PROBE_BYTES)
+            if leftover:
+                wire.pipe.receive_data(leftover)
             await wire.handshake()
             der = wire.tls.getpeercert(binary_form=True)
     except Exception as exc:
@@ -371,11 +393,12 @@ class _PreludeRefused(Exception):
         self.message = message
 
 
-async def _prelude(sock: socket.socket, stage: Stage) -> bytes:
+async def _prelude(sock: socket.socket, stage: Stage, first: bytes = b"") -> bytes:
     """Run the route's protocol up to TLS, as the tunnel would (the same stage), with no local
     client: what it would tell one is dropped, unless the stage knows what a client would
     answer (`check_reply`: MySQL's greeting needs a HandshakeResponse before the stage asks the
-    server for TLS). Returns bytes read past the prelude."""
+    server for TLS). `first`: what the server already sent (past an upstream proxy's answer).
+    Returns bytes read past the prelude."""
     loop = asyncio.get_running_loop()
     commands = stage.connected()
     opening = getattr(stage, "check_opening", None)  # a protocol whose client must speak before TLS
@@ -394,7 +417,7 @@ async def _prelude(sock: socket.socket, stage: Stage) -> bytes:
                 return command.leftover
             elif isinstance(command, Refuse):
                 raise _PreludeRefused(command.fault, command.message)
-        data = await loop.sock_recv(sock, _CHUNK)
+        data, first = first or await loop.sock_recv(sock, _CHUNK), b""
         if not data:
             raise ConnectionResetError("the server closed the connection before TLS started")
         commands = stage.from_remote(data)
@@ -472,8 +495,9 @@ async def _acceptable_issuers(obs: Observation, stage: Stage) -> Observation:
     error: BaseException | None = None
     try:
         async with asyncio.timeout(obs.timeout):
-            await _connect_first(await _resolve(obs.host, obs.port), held)
-            leftover = b"" if stage.transparent else await _prelude(held[0], stage)
+            _, leftover = await _open(obs, held)
+            if not stage.transparent:
+                leftover = await _prelude(held[0], stage, leftover)
             if leftover:
                 tls.bio_write(leftover)
             while not _handshake_step(tls):
@@ -535,11 +559,11 @@ async def _sniff_postgres(obs: Observation) -> str | None:
     held: list[socket.socket] = []
     try:
         async with asyncio.timeout(min(obs.timeout, 2.0)):
-            await _connect_first(await _resolve(obs.host, obs.port), held)
+            _, leftover = await _open(obs, held)
             loop = asyncio.get_running_loop()
             await loop.sock_sendall(held[0], SSL_REQUEST)
-            answer = await loop.sock_recv(held[0], 1)
-    except (OSError, TimeoutError):
+            answer = leftover[:1] or await loop.sock_recv(held[0], 1)
+    except (OSError, TimeoutError, UpstreamProxyError):
         return None
     finally:
         for sock in held:

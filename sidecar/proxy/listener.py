@@ -361,6 +361,7 @@ class ProxyListener:
                 "protocol": rule.protocol,
                 "passthrough": rule.passthrough,
                 "connect": f"{rule.connect[0]}:{rule.connect[1]}" if rule.connect else None,
+                "upstream_proxy": rule.upstream_proxy,
                 "verify": not rule.unsafe_skip_verify,
                 "connections": tally.connections,
                 "active_connections": sums["active"],

@@ -109,6 +109,8 @@ def destination_route(rule: ProxyRuleSpec, dest: Destination, proxy: ProxySpec, 
         idle_timeout=rule.idle_timeout,
         preconnect=rule.preconnect,
         preconnect_max_idle=rule.preconnect_max_idle,
+        upstream_proxy=rule.upstream_proxy,
+        upstream_proxy_auth_env=rule.upstream_proxy_auth_env,
     )
 
 
