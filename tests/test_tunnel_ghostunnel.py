@@ -755,3 +755,70 @@ def test_a_unix_status_socket_speaks_plain_http_to_its_owner_only(pki: Pki, tmp_
             head, _, body = recv_all(sock).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert json.loads(body)["backend_ok"] is True
+
+
+# --- upstream proxies
+
+
+@pytest.mark.parametrize(("kind", "flag"), [("http", "--proxy"), ("socks5", "--connect-proxy")])
+def test_the_tunnel_reaches_its_target_through_a_proxy_with_credentials_from_the_environment(
+    pki: Pki, tmp_path: Path, kind: str, flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.proxies import UpstreamProxyServer
+
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    monkeypatch.setenv("CORP_PROXY_AUTH", "dev:s3cret")
+    with (
+        mtls_server(pki) as server,
+        UpstreamProxyServer(kind, credentials=("dev", "s3cret")) as proxy,
+        tunnel(
+            # a name only the proxy needs to resolve: the tunnel starts without resolving it
+            "--target",
+            f"localhost:{server.port}",
+            *pair_flags(pki, cert, key),
+            flag,
+            proxy.url,
+            "--proxy-auth-env",
+            "CORP_PROXY_AUTH",
+        ) as (_proc, log, port),
+    ):
+        assert echo_once(port) == b"ping\n"
+        assert proxy.requests == [f"localhost:{server.port}"]
+        assert proxy.authorizations == ["dev:s3cret"]
+        assert "s3cret" not in log.text
+
+
+def test_a_proxy_that_refuses_is_named_and_the_tunnel_keeps_serving(pki: Pki, tmp_path: Path) -> None:
+    from tests.proxies import UpstreamProxyServer
+
+    cert, key = pki.client_ca.client("me").write_pair(tmp_path / "c", "me")
+    with (
+        mtls_server(pki) as server,
+        UpstreamProxyServer("http", refuse=403) as proxy,
+        tunnel("--target", f"127.0.0.1:{server.port}", *pair_flags(pki, cert, key), "--proxy", proxy.url) as (
+            proc,
+            log,
+            port,
+        ),
+    ):
+        assert echo_once(port) == b""
+        log.wait_for(rf"127\.0\.0\.1:{proxy.port}.*403")
+        assert echo_once(port) == b""
+        assert proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://proxy.corp:3128", "https"),
+        ("http://user:hunter2@proxy.corp:3128", "--proxy-auth-env"),
+        ("proxy.corp:3128", "not a proxy URL"),
+    ],
+)
+def test_a_bad_proxy_url_exits_2_naming_the_flag(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, says: str
+) -> None:
+    assert main([*_base(pki, tmp_path), "--proxy", url]) == 2
+    err = capsys.readouterr().err
+    assert "--proxy" in err and says in err, err
+    assert "hunter2" not in err, err  # the password is not echoed

@@ -33,6 +33,7 @@ from sidecar.errors import ConfigError
 from sidecar.policyspec import PIN_HINT, check_name_value, check_uri_pattern, parse_dns_san, parse_ip_san, parse_pin
 from sidecar.statusport import parse_status_address
 from sidecar.units import parse_duration
+from sidecar.upstreamproxy import ProxyURLError, parse_proxy_url
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -70,6 +71,7 @@ class TunnelFlags:
     verify_uri: tuple[str, ...] = ()
     verify_spki_pin: tuple[str, ...] = ()
     proxy: str | None = None
+    proxy_was_connect_proxy: bool = False
     proxy_auth_env: str | None = None
     skip_resolve: bool = False
     timed_reload: str | None = None
@@ -115,6 +117,7 @@ class TunnelFlags:
             verify_uri=tuple(get("verify_uri") or ()),
             verify_spki_pin=tuple(get("verify_spki_pin") or ()),
             proxy=get("proxy") or get("connect_proxy"),
+            proxy_was_connect_proxy=bool(get("connect_proxy")),
             proxy_auth_env=get("proxy_auth_env"),
             skip_resolve=bool(get("skip_resolve")),
             timed_reload=get("timed_reload"),
@@ -211,7 +214,28 @@ def route_from_flags(args: TunnelFlags) -> RouteSpec:
         unsafe_skip_verify=bool(pins),
         close_timeout=_duration_flag(args.close_timeout, "--close-timeout", zero=True),
         client_auth=not args.disable_authentication,
+        upstream_proxy=_proxy_flag(args),
+        upstream_proxy_auth_env=args.proxy_auth_env,
     )
+
+
+def _proxy_flag(args: TunnelFlags) -> str | None:
+    """--proxy (or --connect-proxy), checked as config.toml's upstream_proxy is."""
+    if not args.proxy:
+        return None
+    flag = "--connect-proxy" if args.proxy_was_connect_proxy else "--proxy"
+    if "@" in args.proxy.partition("://")[2].partition("/")[0]:  # user:password@ (never repeated back)
+        raise ConfigError(
+            "credentials do not belong on the command line, where `ps` shows them to everyone",
+            source=SOURCE,
+            field=flag,
+            hint='put "user:password" in an environment variable and name it with --proxy-auth-env VAR',
+        )
+    try:
+        parse_proxy_url(args.proxy, args.proxy_auth_env)
+    except ProxyURLError as exc:
+        raise ConfigError(exc.message, source=SOURCE, field=flag, value=args.proxy, hint=exc.hint) from None
+    return args.proxy
 
 
 def _pin_flag(text: str) -> str:

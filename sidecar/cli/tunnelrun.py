@@ -78,7 +78,8 @@ def check_trust_and_credential(route: RouteSpec, credentials: FlagCredentials | 
 
 
 def route_has_proxy(route: RouteSpec) -> bool:
-    return bool(getattr(route, "upstream_proxy", None))
+    """An upstream proxy resolves the target's name itself: ours need not resolve it."""
+    return route.upstream_proxy is not None
 
 
 def resolve_target(route: RouteSpec) -> None:
