@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from sidecar.config import RouteSpec
@@ -77,6 +77,20 @@ async def _connect(proxy: UpstreamProxy) -> socket.socket:
         infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise unreachable(proxy, f"cannot be found: its name does not resolve ({exc.strerror or exc})") from None
+    try:
+        sock = await connect_first(infos)
+    except ConnectionRefusedError:
+        raise unreachable(proxy, "refused the connection: nothing listens there") from None
+    except OSError as exc:
+        raise unreachable(proxy, f"cannot be reached ({exc.strerror or exc})") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def connect_first(infos: Sequence[tuple[Any, ...]]) -> socket.socket:
+    """A connected non-blocking socket to the first of `infos` (getaddrinfo's answer) that answers.
+    OSError when none does: a refusal if any address refused (nothing listens), else the first error."""
+    loop = asyncio.get_running_loop()
     errors: list[OSError] = []
     for family, kind, number, _canon, address in infos:
         sock = socket.socket(family, kind, number)
@@ -90,12 +104,9 @@ async def _connect(proxy: UpstreamProxy) -> socket.socket:
         except BaseException:
             sock.close()
             raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    if any(isinstance(e, ConnectionRefusedError) for e in errors):
-        raise unreachable(proxy, "refused the connection: nothing listens there")
-    first = errors[0] if errors else None
-    raise unreachable(proxy, f"cannot be reached ({first.strerror or first})" if first else "has no address")
+    refused = [e for e in errors if isinstance(e, ConnectionRefusedError)]
+    raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
 
 
 async def open_to_target(route: RouteSpec, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:

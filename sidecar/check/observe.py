@@ -55,7 +55,7 @@ from sidecar.tlspipe import (
     TLSPipe,
     Truncated,
 )
-from sidecar.upstreamdial import dial_through
+from sidecar.upstreamdial import connect_first, dial_through
 from sidecar.upstreamproxy import UpstreamProxyError, parse_proxy_url
 
 # How long to listen after our side of the handshake completes: with TLS 1.3 a server
@@ -244,24 +244,10 @@ async def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
 
 async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]) -> str:
     """Connect to the first address that answers; the socket goes into `held` (the caller closes it)."""
-    loop = asyncio.get_running_loop()
-    errors: list[OSError] = []
-    for family, kind, proto, _canon, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        held.append(sock)
-        return f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6 else f"{address[0]}:{address[1]}"
-    refused = [e for e in errors if isinstance(e, ConnectionRefusedError)]
-    raise (refused[0] if refused else errors[0]) if errors else OSError("the name resolves to no address")
+    sock = await connect_first(infos)
+    held.append(sock)
+    host, port = sock.getpeername()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 async def _open(obs: Observation, held: list[socket.socket]) -> tuple[str, bytes]:
