@@ -40,6 +40,7 @@ class FlagCredentials:
         self.folder: Path | None = None
         self.bundle: Path | None = None  # one file holding certificate and key (PEM or PKCS#12)
         self.pair: tuple[Path, Path] | None = None  # --cert, --key
+        self._parsed: tuple[bytes, list[Candidate]] | None = None  # the bytes last read, and what they held
         self.flag, self.value = ("--keystore", keystore) if keystore else ("--cert", cert)
         if keystore:
             path = Path(keystore).expanduser()
@@ -119,10 +120,12 @@ class FlagCredentials:
                 raise
             # Gone for a moment (a replacement on its way) or unreadable: broken, so the last good stays.
             return select("tunnel", [Candidate(file=name, problem=exc.message)], now)
-        candidates = candidates_from_files({name: data}, self.secrets)
-        if key_file is not None:  # as the daemon does: a key others can read is refused
-            candidates = [refuse_loose_key(c, *key_file) for c in candidates]
-        return select("tunnel", candidates, now)
+        # Parsed again only when the bytes changed: a timed reload or a watch event for another file in
+        # the folder must not run a PKCS#12 key derivation on the event loop each time.
+        if self._parsed is None or self._parsed[0] != data:
+            self._parsed = (data, candidates_from_files({name: data}, self.secrets))
+        # As the daemon does: a key others can read is refused (its mode is looked at every time).
+        return select("tunnel", [refuse_loose_key(c, *key_file) for c in self._parsed[1]], now)
 
 
 def _read(path: Path, flag: str) -> tuple[bytes, int]:
