@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.hostport import host_port
 from sidecar.policyspec import (
     PIN_HINT,
     REVOCATION_MODES,
@@ -109,7 +110,7 @@ class ListenAddress:
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def is_loopback(self) -> bool:
@@ -198,8 +199,7 @@ class RouteSpec:
     @property
     def target(self) -> str:
         """The target as people write it: host:port, [v6]:port."""
-        host = self.target_host
-        return f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
+        return host_port(self.target_host, self.target_port)
 
     @property
     def server_allow_list(self) -> ServerAllowList:

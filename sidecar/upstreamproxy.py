@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sidecar.hostport import host_port
+
 HTTP = "http"
 SOCKS5 = "socks5"
 DEFAULT_PORTS = {"http": 3128, "socks5": 1080, "socks5h": 1080}
@@ -76,7 +78,7 @@ class UpstreamProxy:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def url(self) -> str:
@@ -196,10 +198,6 @@ def _credentials_refusal(proxy: UpstreamProxy, answer: str, sent: bool, **data: 
     )
 
 
-def _target_words(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class HttpConnect:
     """`CONNECT host:port HTTP/1.1` and the proxy's answer: any 2xx opens the tunnel."""
 
@@ -207,7 +205,7 @@ class HttpConnect:
         self, proxy: UpstreamProxy, target_host: str, target_port: int, credentials: tuple[str, str] | None
     ) -> None:
         self.proxy = proxy
-        self.target = _target_words(target_host, target_port)
+        self.target = host_port(target_host, target_port)
         self.credentials = credentials
         self.done = False
         self.leftover = b""
@@ -282,7 +280,7 @@ class Socks5:
         self, proxy: UpstreamProxy, target_host: str, target_port: int, credentials: tuple[str, str] | None
     ) -> None:
         self.proxy = proxy
-        self.target = _target_words(target_host, target_port)
+        self.target = host_port(target_host, target_port)
         self.credentials = credentials
         self.done = False
         self.leftover = b""

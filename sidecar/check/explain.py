@@ -29,6 +29,7 @@ from sidecar.causes import (
     quoted,
     quoted_all,
 )
+from sidecar.hostport import host_port
 from sidecar.policy import ServerNames, Verdict, spki_sha256, uri_sans
 from sidecar.units import human_duration, rfc3339
 
@@ -149,7 +150,7 @@ class Observation:
 
     @property
     def target(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def explain(obs: Observation) -> CheckResult:

@@ -36,6 +36,7 @@ from sidecar.check.dername import name_from_der
 from sidecar.check.explain import CheckResult, Observation, explain, is_ip_address
 from sidecar.config import ListenAddress, RouteSpec
 from sidecar.errors import ConfigError
+from sidecar.hostport import host_port
 from sidecar.keystore import Selection
 from sidecar.policy import peer_chain
 from sidecar.protocols import make_stage
@@ -247,7 +248,7 @@ async def _connect_first(infos: list[tuple[Any, ...]], held: list[socket.socket]
     sock = await connect_first(infos)
     held.append(sock)
     host, port = sock.getpeername()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+    return host_port(host, port)
 
 
 async def _open(obs: Observation, held: list[socket.socket]) -> tuple[str, bytes]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.config import ListenAddress, ProxyRuleSpec, ProxySpec, RouteSpec
+from sidecar.hostport import host_port
 from sidecar.proxy.hosts import ip_literal, normal_name
 
 # How a client asked: an absolute-URI request (the HTTP proxy), CONNECT, or SOCKS 4a/5.
@@ -29,7 +30,7 @@ class Destination:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def normal_host(host: str) -> str:
