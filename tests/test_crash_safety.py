@@ -21,6 +21,42 @@ from tests.waiting import wait_until
 ITERATIONS = 50
 WANTED_INTERRUPTED_WRITES = 3
 TIME_BUDGET_S = 240
+PROBES_PER_HUNT = 200
+
+# The daemon as `python -m sidecar run`, on a simulated slow disk: each fsync waits 20 ms first.
+# On a fast disk (or tmpfs) a credential's temporary file lives for microseconds, and random kill
+# points almost never land inside a write (CI once saw 0 in 398 kills); with the wait, a write is
+# long enough to be caught. The code under test is unchanged: only the disk got slower.
+SLOW_DISK_DAEMON = [
+    sys.executable,
+    "-c",
+    "import os, sys, time\n"
+    "real_fsync = os.fsync\n"
+    "def slow_fsync(fd):\n"
+    "    time.sleep(0.02)\n"
+    "    real_fsync(fd)\n"
+    "os.fsync = slow_fsync\n"
+    "from sidecar.cli import main\n"
+    "sys.argv = ['mtls-sidecar', 'run', '--log-level', 'warning']\n"
+    "sys.exit(main())\n",
+]
+
+
+def _new_temp_files(folder: Path, stale: set[Path]) -> set[Path]:
+    """Temporary files of writes this daemon began (`stale`: left by an earlier kill)."""
+    return set(folder.glob(".*.tmp")) - stale
+
+
+def _stop_inside_a_write(proc: subprocess.Popen[bytes], folder: Path, stale: set[Path], rng: random.Random) -> None:
+    """Freeze the daemon at random moments until one finds a temporary file (a write under way)
+    and leave it frozen there, so the caller's SIGKILL lands inside that write. Gives up after
+    PROBES_PER_HUNT probes (the caller kills it anyway)."""
+    for _ in range(PROBES_PER_HUNT):
+        time.sleep(rng.uniform(0, 0.01))  # the random probe point, not synchronisation
+        proc.send_signal(signal.SIGSTOP)
+        if _new_temp_files(folder, stale):
+            return
+        proc.send_signal(signal.SIGCONT)
 
 
 def test_sigkill_during_renewal_writes_never_loses_the_identity(isolated_home: Path) -> None:
@@ -43,25 +79,27 @@ def test_sigkill_during_renewal_writes_never_loses_the_identity(isolated_home: P
         if time.monotonic() > deadline:
             break
         before = set(folder.glob("*.pem"))
+        stale = set(folder.glob(".*.tmp"))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=os.environ.copy(),
+            SLOW_DISK_DAEMON, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()
         )
         try:
-            # wait until it is renewing (a new certificate appeared), then kill it a random moment later
+            # wait until it is renewing (a new certificate appeared), then kill it: every other
+            # time at a random moment, the other times at a moment found inside a write
             def renewing(before: set[Path] = before, proc: subprocess.Popen[bytes] = proc) -> bool:
                 return bool(set(folder.glob("*.pem")) - before) or proc.poll() is not None
 
             wait_until(renewing, timeout=30, what="the daemon to start renewing")
             assert proc.poll() is None, "the daemon exited on its own"
-            time.sleep(rng.uniform(0, 0.05))  # the random kill point, not synchronisation
+            if kills % 2:
+                _stop_inside_a_write(proc, folder, stale, rng)
+            else:
+                time.sleep(rng.uniform(0, 0.05))  # the random kill point, not synchronisation
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         kills += 1
-        interrupted_writes += len(list(folder.glob(".*.tmp")))
+        interrupted_writes += len(_new_temp_files(folder, stale))
         now = datetime.now(UTC)
         candidates = read_identity_folder(folder, Secrets())
         selection = select("dev", candidates, now)
