@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import h11
 
 from sidecar.hostport import host_port
 
@@ -42,6 +43,7 @@ DEFAULT_PORTS = {"http": 3128, "socks5": 1080, "socks5h": 1080}
 SCHEMES = tuple(DEFAULT_PORTS)
 MAX_ANSWER_HEAD = 16 * 1024  # an HTTP proxy's answer up to its blank line, at most
 _REASON_LIMIT = 120
+_OPENING_KEPT = _REASON_LIMIT + 1  # enough to quote, and to show it went on
 
 # RFC 1928 section 6: what a SOCKS5 server's REP field means.
 SOCKS_REPLIES = {
@@ -55,7 +57,6 @@ SOCKS_REPLIES = {
     0x08: "address type not supported by the proxy",
 }
 _NO_AUTH, _USER_PASSWORD, _NO_ACCEPTABLE = 0x00, 0x02, 0xFF
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: (.*))?")
 
 
 class ProxyURLError(ValueError):
@@ -199,7 +200,7 @@ def _credentials_refusal(proxy: UpstreamProxy, answer: str, sent: bool, **data: 
 
 
 class HttpConnect:
-    """`CONNECT host:port HTTP/1.1` and the proxy's answer: any 2xx opens the tunnel."""
+    """`CONNECT host:port HTTP/1.1` and the proxy's answer, framed by h11: any 2xx opens the tunnel."""
 
     def __init__(
         self, proxy: UpstreamProxy, target_host: str, target_port: int, credentials: tuple[str, str] | None
@@ -211,35 +212,39 @@ class HttpConnect:
         self.leftover = b""
         self.status: int | None = None
         self.reason = ""
-        self._buffer = bytearray()
+        self._opening = b""  # the answer's first bytes, quoted when it is not HTTP
+        self._http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        headers = [("Host", self.target)]
+        if credentials is not None:
+            token = base64.b64encode(":".join(credentials).encode()).decode("ascii")
+            headers.append(("Proxy-Authorization", f"Basic {token}"))
+        self._request = self._http.send(h11.Request(method="CONNECT", target=self.target, headers=headers)) or b""
+        self._http.send(h11.EndOfMessage())  # no body: the tunnel follows the answer
 
     def start(self) -> bytes:
-        lines = [f"CONNECT {self.target} HTTP/1.1", f"Host: {self.target}"]
-        if self.credentials is not None:
-            token = base64.b64encode(":".join(self.credentials).encode()).decode("ascii")
-            lines.append(f"Proxy-Authorization: Basic {token}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        return self._request
 
     def receive(self, data: bytes) -> bytes:
         if self.done:  # the target's bytes: past the answer
             self.leftover += data
             return b""
-        self._buffer += data
-        end, size = self._head_end()
-        if end < 0:
-            if len(self._buffer) > MAX_ANSWER_HEAD:
-                raise unreachable(self.proxy, f"answered CONNECT with more than {MAX_ANSWER_HEAD} bytes of headers")
-            return b""
-        head, self.leftover = bytes(self._buffer[:end]), bytes(self._buffer[end + size :])
-        self._buffer.clear()
-        line = head.split(b"\n", 1)[0].rstrip(b"\r")
-        match = _STATUS_LINE.fullmatch(line)
-        if match is None:
-            raise unreachable(self.proxy, f'did not answer CONNECT in HTTP: "{_printable(line)}"')
-        self.status = int(match.group(1))
-        self.reason = _printable(match.group(2) or b"")
+        self._opening += data[: _OPENING_KEPT - len(self._opening)]
+        self._http.receive_data(data)
+        while True:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise self._not_http(exc) from exc
+            if event is h11.NEED_DATA:
+                return b""
+            if isinstance(event, h11.Response):
+                break
+            # an InformationalResponse (1xx): the answer itself follows
+        self.status = event.status_code
+        self.reason = _printable(event.reason)
         if 200 <= self.status < 300:
             self.done = True
+            self.leftover = self._http.trailing_data[0]
             return b""
         answer = f"HTTP {self.status}{' ' + self.reason if self.reason else ''}"
         if self.status == 407:
@@ -257,12 +262,11 @@ class HttpConnect:
     def receive_eof(self) -> None:
         raise unreachable(self.proxy, f"closed the connection before answering CONNECT to {self.target}")
 
-    def _head_end(self) -> tuple[int, int]:
-        """Where the head ends (the blank line) and the blank line's size; (-1, 0) until it came."""
-        crlf, lf = self._buffer.find(b"\r\n\r\n"), self._buffer.find(b"\n\n")
-        if crlf >= 0 and (lf < 0 or crlf < lf):
-            return crlf, 4
-        return (lf, 2) if lf >= 0 else (-1, 0)
+    def _not_http(self, exc: h11.RemoteProtocolError) -> UpstreamProxyError:
+        if exc.error_status_hint == 431:  # h11's max_incomplete_event_size: no blank line in sight
+            return unreachable(self.proxy, f"answered CONNECT with more than {MAX_ANSWER_HEAD} bytes of headers")
+        line = self._opening.split(b"\n", 1)[0].rstrip(b"\r")
+        return unreachable(self.proxy, f'did not answer CONNECT in HTTP: "{_printable(line)}"')
 
 
 def _refusal_fix(proxy: UpstreamProxy, target: str, status: int) -> str:
