@@ -116,6 +116,12 @@ def test_a_bare_lf_answer_is_understood() -> None:
     assert talk.done and talk.leftover == b"rest"
 
 
+def test_an_informational_answer_before_the_real_one_is_passed_over() -> None:
+    talk = HttpConnect(HTTP_PROXY, "a.example", 443, None)
+    talk.receive(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nearly")
+    assert talk.done and talk.status == 200 and talk.leftover == b"early"
+
+
 @pytest.mark.parametrize(("status", "words"), [(403, "Forbidden"), (502, "Bad Gateway"), (503, "")])
 def test_a_refusal_carries_the_status_and_reason(status: int, words: str) -> None:
     talk = HttpConnect(HTTP_PROXY, "api.corp.example", 443, None)
