@@ -1,9 +1,12 @@
-"""The two steps every small h11 server here repeats: the next request event (reading more
-as needed, with a deadline), and a whole response written at once."""
+"""The steps every small h11 server here repeats: the next request event (reading more as
+needed, with a deadline), a whole response written at once, and, for servers that must end
+their open connections when stopped, the set of their connection tasks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import h11
@@ -31,3 +34,34 @@ async def send_response(
         writer.write(conn.send(h11.Data(data=body)) or b"")
     writer.write(conn.send(h11.EndOfMessage()) or b"")
     await writer.drain()
+
+
+class ConnectionTasks:
+    """The tasks serving one server's open connections, so that stopping it ends them all."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, writer: asyncio.StreamWriter) -> AsyncIterator[None]:
+        """Around one connection's handler: the task is counted while it runs and the writer is
+        closed after. A cancel from `cancel_all` ends it normally, which keeps asyncio's stream
+        server (it calls task.exception() on its handler tasks) from logging a false error."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def cancel_all(self) -> None:
+        """End every open connection and wait until their handlers have finished."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

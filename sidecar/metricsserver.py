@@ -10,7 +10,6 @@ connection, other OS users' connections refused as routes refuse them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import inspect
 import json
@@ -25,7 +24,7 @@ import h11
 
 from sidecar.config import ListenAddress
 from sidecar.errors import LocalSetupError
-from sidecar.h11io import next_event, send_response
+from sidecar.h11io import ConnectionTasks, next_event, send_response
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.tunnel import refuse_other_user
 
@@ -89,7 +88,7 @@ class MetricsServer:
         self.served = 0
         self.refused = 0  # connections from other OS users
         self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks()
 
     @property
     def is_running(self) -> bool:
@@ -130,32 +129,21 @@ class MetricsServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._connections.cancel_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            transport = cast(asyncio.Transport, writer.transport)
-            refusal = refuse_other_user(transport, self.what)
-            if refusal is not None:
-                self.refused += 1
-                log.warning("%s: %s", self.what, refusal.message)
-                transport.abort()
-                return
-            await self._one_request(reader, writer)
-        except (h11.RemoteProtocolError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
-            log.debug("%s: a connection ended: %s", self.what, exc)
-        except asyncio.CancelledError:
-            pass  # stop() cancels these; ending normally keeps asyncio from logging a false error
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        async with self._connections.serving(writer):
+            try:
+                transport = cast(asyncio.Transport, writer.transport)
+                refusal = refuse_other_user(transport, self.what)
+                if refusal is not None:
+                    self.refused += 1
+                    log.warning("%s: %s", self.what, refusal.message)
+                    transport.abort()
+                    return
+                await self._one_request(reader, writer)
+            except (h11.RemoteProtocolError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
+                log.debug("%s: a connection ended: %s", self.what, exc)
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)

@@ -34,7 +34,7 @@ from sidecar.control.discovery import BadControlFile, read_control_file, stale_r
 from sidecar.daemon import Daemon
 from sidecar.errors import LocalSetupError
 from sidecar.files import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
-from sidecar.h11io import next_event, send_response
+from sidecar.h11io import ConnectionTasks, next_event, send_response
 from sidecar.paths import runtime_folder_problem
 
 log = logging.getLogger("sidecar.control")
@@ -64,7 +64,7 @@ class ControlServer:
         self.unauthorized = 0  # requests refused for a missing or wrong token
         self._token: bytes | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks()
 
     @property
     def address(self) -> str:
@@ -128,9 +128,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._connections.cancel_all()
         if self.transport == "tcp":
             if self._token is not None:
                 self._token = None
@@ -151,24 +149,13 @@ class ControlServer:
         return hmac.compare_digest(given, self._token)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
-        try:
-            while await self._one_request(conn, reader, writer):
-                conn.start_next_cycle()
-        except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
-            log.debug("control connection ended: %s", exc)
-        except asyncio.CancelledError:
-            # Our own stop() cancels these tasks; ending normally keeps asyncio's stream server
-            # (which calls task.exception() on its handler tasks) from logging a false error.
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        async with self._connections.serving(writer):
+            try:
+                while await self._one_request(conn, reader, writer):
+                    conn.start_next_cycle()
+            except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
+                log.debug("control connection ended: %s", exc)
 
     async def _one_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
